@@ -1,0 +1,246 @@
+"""convert() / inspect() / verify(): load -> parse -> emit -> verify -> save.
+
+The library never prints, exits or imports click; failures are typed errors (errors.py).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+
+from . import __version__
+from .passes import EMITTERS, PARSERS
+from .errors import UsageError, VerificationFailed
+from .model_io import has_external_data, load_model, save_model, validate_model
+from .report import Report, SiteResult
+from .sites import GraphIndex, Refusal, Site, infer_static_shapes
+from .surgery import Builder, Namer, drop_unused, op_census, splice
+from .verify import compare, derive_tolerance, make_inputs, run_original, run_rewritten, session
+
+FORMS = ("subpixel", "resize", "convtranspose")
+
+
+@dataclass
+class ConvertResult:
+    model: onnx.ModelProto
+    report: Report
+    output: Path | None = None
+
+
+def _open(model, label: str | None = None) -> tuple[onnx.ModelProto, str, tuple[Path, bool] | None]:
+    """(model, label, (path, had external data) or None for an in-memory model)."""
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # never mutate the caller's model
+        name = label or copy.graph.name or "<model>"
+        validate_model(copy, name)
+        if has_external_data(copy):
+            raise UsageError(f"{name}: model has unloaded external data; pass a path or load it first")
+        return copy, name, None
+    path = Path(model)
+    loaded, external = load_model(path)
+    return loaded, str(path), (path, external)
+
+
+def find_sites(model: onnx.ModelProto, shapes: dict | None = None) -> tuple[list[Site], list[Refusal]]:
+    """Every upsampling site of the main graph, parsed, plus refusals (subgraph sites included)."""
+    index = GraphIndex(model, infer_static_shapes(model, shapes))
+    sites, refusals = [], []
+    for node in model.graph.node:
+        for parser in PARSERS:
+            if parser.matches(node):
+                result = parser.parse(node, index)
+                (sites if isinstance(result, Site) else refusals).append(result)
+                break
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                refusals.extend(_subgraph_refusals(g, node))
+    return sites, refusals
+
+
+def _subgraph_refusals(graph: onnx.GraphProto, owner: onnx.NodeProto) -> list[Refusal]:
+    found = []
+    for node in graph.node:
+        for parser in PARSERS:
+            if parser.matches(node):
+                name = node.name or node.output[0]
+                found.append(Refusal(name, parser.SOURCE, f"{node.op_type} '{name}': inside a subgraph of "
+                                     f"{owner.op_type} '{owner.name}'; subgraphs are not rewritten"))
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                found.extend(_subgraph_refusals(g, owner))
+    return found
+
+
+def convert(
+    model,
+    to: str = "subpixel",
+    output: str | os.PathLike | None = None,
+    only=None,
+    inputs: dict[str, np.ndarray] | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    verify: bool = True,
+    seed: int = 0,
+) -> ConvertResult:
+    """Rewrite every upsampling site of ``model`` (path or ModelProto) into form ``to``.
+
+    Verifies in onnxruntime unless ``verify=False`` and writes ``output`` only when given and
+    verification passed.  Raises UsageError, InvalidModelError, VerificationImpossible or
+    VerificationFailed (with ``.report``).
+    """
+    t0 = time.perf_counter()
+    if to not in FORMS:
+        raise UsageError(f"--to {to!r}: expected one of {', '.join(FORMS)}")
+    if to not in EMITTERS:
+        raise UsageError(f"--to {to}: this target form is not implemented yet (available: {', '.join(EMITTERS)})")
+    model, label, src = _open(model)
+    out_path = Path(output) if output is not None else None
+    if out_path is not None and src is not None and _same_file(out_path, src[0]):
+        raise UsageError(f"{out_path}: output would overwrite the input model")
+    external = src is not None and src[1]
+    report = Report(model=label, target=to, versions=_versions())
+    report.ops_before = op_census(model)
+    timings = report.timings
+    timings["load_s"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    sites, refusals = find_sites(model, shapes)
+    if only:
+        wanted = set(only)
+        known = {s.node for s in sites} | {r.node for r in refusals}
+        missing = sorted(wanted - known)
+        if missing:
+            raise UsageError(
+                f"--only: no upsampling site named {', '.join(repr(m) for m in missing)} "
+                f"(sites: {', '.join(sorted(known)) or 'none'})"
+            )
+        sites = [s for s in sites if s.node in wanted]
+        refusals = [r for r in refusals if r.node in wanted]
+    original_bytes = model.SerializeToString() if verify and model.ByteSize() < 1_800_000_000 else None
+    original = None if original_bytes is not None or not verify else _clone(model)
+
+    emitter = EMITTERS[to]
+    parser_of = {p.SOURCE: p for p in PARSERS}
+    namer = Namer(model)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    replacements, candidates, terms = {}, set(), 0
+    for site in sites:
+        builder = Builder(namer, site.node)
+        try:
+            form = emitter.emit(site, builder, opset)
+        except ValueError as exc:
+            refusals.append(Refusal(site.node, site.source, f"{site.source} '{site.node}': {exc}"))
+            continue
+        replacements[site.output] = (site.replaced_outputs, builder.emission)
+        candidates.update(site.weight_tensors)
+        terms += site.terms_per_output
+        report.sites.append(SiteResult(
+            node=site.node, source=site.source, target=to, status="rewritten", form=form,
+            params=site.params(), macs_before=parser_of[site.source].macs(site), macs_after=emitter.macs(site),
+            notes=list(site.notes),
+        ))
+    for r in refusals:
+        report.sites.append(SiteResult(node=r.node, source=r.source, target=None, status="refused", reason=r.reason))
+    splice(model, replacements)
+    drop_unused(model, candidates)
+    report.ops_after = op_census(model)
+    timings["rewrite_s"] = time.perf_counter() - t
+
+    if verify:
+        t = time.perf_counter()
+        _verify(original_bytes if original_bytes is not None else original, model, report, inputs, shapes,
+                seed, atol, rtol, terms)
+        timings["verify_s"] = time.perf_counter() - t
+    else:
+        report.verification = "skipped (--no-verify): the rewritten model was NOT checked"
+
+    if out_path is not None:
+        t = time.perf_counter()
+        report.written = [str(p) for p in save_model(model, out_path, external=external)]
+        timings["save_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+    return ConvertResult(model=model, report=report, output=out_path)
+
+
+def _verify(original, rewritten, report, inputs, shapes, seed, atol, rtol, terms) -> None:
+    reference_model = original if isinstance(original, onnx.ModelProto) else rewritten
+    feeds = make_inputs(reference_model, shapes, inputs, seed)
+    reference = run_original(original, feeds)
+    try:
+        result = run_rewritten(rewritten, feeds)
+    except Exception as exc:
+        report.verification = f"failed: onnxruntime cannot run the rewritten model: {str(exc).splitlines()[0]}"
+        raise VerificationFailed(f"{report.model}: {report.verification}; nothing written", report) from None
+    dtype = next((r.dtype for r in reference.values() if np.issubdtype(r.dtype, np.floating)), np.float32)
+    tol = derive_tolerance(dtype, terms, atol, rtol)
+    report.tolerance = tol.derivation
+    report.outputs = compare(reference, result, tol)
+    bad = [o for o in report.outputs if not o.ok]
+    if bad:
+        report.verification = "failed: " + "; ".join(
+            f"output '{o.name}' max abs error {o.max_abs_error:.3g} > tolerance {o.tolerance:.3g}" for o in bad
+        )
+        raise VerificationFailed(f"{report.model}: verification {report.verification}; nothing written", report)
+    report.verified = True
+    report.verification = "passed"
+
+
+def inspect(model, shapes: dict | None = None) -> dict:
+    """Every site with its canonical parameters and MACs, and every refusal with its reason."""
+    model, label, _ = _open(model)
+    sites, refusals = find_sites(model, shapes)
+    parser_of = {p.SOURCE: p for p in PARSERS}
+    return {
+        "model": label,
+        "sites": [
+            {"node": s.node, "source": s.source, "params": s.params(), "exact_forms": sorted(EMITTERS),
+             "macs": {s.source: parser_of[s.source].macs(s),
+                      **{form: e.macs(s) for form, e in EMITTERS.items()}},
+             "refused": None, "notes": list(s.notes)}
+            for s in sites
+        ] + [
+            {"node": r.node, "source": r.source, "params": None, "exact_forms": [], "macs": {},
+             "refused": r.reason, "notes": []}
+            for r in refusals
+        ],
+    }
+
+
+def verify(a, b, inputs=None, shapes=None, atol: float | None = None, rtol: float | None = None, seed: int = 0):
+    """Compare two models in onnxruntime on the same inputs; returns the per-output checks."""
+    ma, _, _ = _open(a)
+    mb, _, _ = _open(b)
+    feeds = make_inputs(ma, shapes, inputs, seed)
+    ref = run_original(ma, feeds)
+    res = run_original(mb, feeds)
+    dtype = next((r.dtype for r in ref.values() if np.issubdtype(r.dtype, np.floating)), np.float32)
+    tol = derive_tolerance(dtype, 1 << 12, atol, rtol)
+    return compare(ref, res, tol), tol
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def _clone(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _versions() -> dict[str, str]:
+    return {"onnx_uprewrite": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+__all__ = ["convert", "inspect", "verify", "find_sites", "ConvertResult", "session"]

@@ -1,0 +1,31 @@
+"""Typed errors of the library; the CLI maps ``exit_code`` to the process exit status."""
+
+from __future__ import annotations
+
+
+class UprewriteError(Exception):
+    """Base class; ``exit_code`` is the documented CLI exit status for this kind of failure."""
+
+    exit_code = 2
+
+
+class UsageError(UprewriteError):
+    """Bad arguments: unknown node name, unresolvable symbolic dimension, bad --inputs file."""
+
+
+class InvalidModelError(UprewriteError):
+    """The model file cannot be read or is not a valid ONNX model."""
+
+
+class VerificationImpossible(UprewriteError):
+    """onnxruntime cannot run the original model (or the inputs do not fit it)."""
+
+
+class VerificationFailed(UprewriteError):
+    """The rewritten model does not match the original within tolerance; nothing was written."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report

@@ -1,0 +1,167 @@
+"""Loading (validated, external data confined to the model's folder) and atomic saving."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from .errors import InvalidModelError, UsageError
+
+MIN_OPSET = 7
+# onnx refuses to serialize a ModelProto above 2 GiB; stay clearly below it
+INLINE_LIMIT = 1_800_000_000
+
+
+def load_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
+    """Read and validate a model file; external data is read only from inside its folder.
+
+    Returns the model with all weights loaded and whether it had external data.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InvalidModelError(f"{path}: no such file")
+    if path.is_dir():
+        raise InvalidModelError(f"{path}: is a directory, not an ONNX model file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidModelError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if not data:
+        raise InvalidModelError(f"{path}: empty file")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise InvalidModelError(f"{path}: not an ONNX model (truncated or corrupt protobuf: {exc})") from None
+    del data
+    validate_model(model, str(path))
+    external = has_external_data(model)
+    if external:
+        base = path.resolve().parent
+        check_external_data(model, base, str(path))
+        try:
+            external_data_helper.load_external_data_for_model(model, str(base))
+        except Exception as exc:  # onnx raises assorted errors for bad external data
+            raise InvalidModelError(f"{path}: cannot read external data: {exc}") from None
+    return model, external
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(model))
+
+
+def check_external_data(model: onnx.ModelProto, base: Path, label: str) -> None:
+    """Every external-data location must be a relative path to a file inside ``base``, long enough."""
+    base = base.resolve()
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        where = f"{label}: tensor '{tensor.name}' external data location {location!r}"
+        if not location or os.path.isabs(location):
+            raise InvalidModelError(f"{where} must be a relative path inside the model's folder")
+        target = (base / location).resolve()
+        if base != target and base not in target.parents:
+            raise InvalidModelError(f"{where} points outside the model's folder")
+        if not target.is_file():
+            raise InvalidModelError(f"{where}: file not found")
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info["length"]) if "length" in info else None
+        except ValueError:
+            raise InvalidModelError(f"{where}: offset/length are not integers") from None
+        size = target.stat().st_size
+        if offset < 0 or offset > size or (length is not None and (length < 0 or offset + length > size)):
+            raise InvalidModelError(f"{where}: file has {size} bytes, fewer than offset+length requires")
+
+
+def validate_model(model: onnx.ModelProto, label: str) -> None:
+    """Structural checks onnxruntime would also need; not onnx.checker (DESIGN.md §3)."""
+    if not model.HasField("graph") or model.ir_version <= 0:
+        raise InvalidModelError(f"{label}: not an ONNX model (no graph or no IR version)")
+    opset = default_opset(model)
+    if opset is None:
+        raise InvalidModelError(f"{label}: model imports no default-domain (ai.onnx) opset")
+    if opset < MIN_OPSET:
+        raise InvalidModelError(f"{label}: opset {opset} is older than the supported minimum {MIN_OPSET}")
+    graph = model.graph
+    if not graph.output:
+        raise InvalidModelError(f"{label}: graph has no outputs")
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    produced: dict[str, str] = {}
+    for node in graph.node:
+        for out in node.output:
+            if not out:
+                continue
+            if out in produced or out in available:
+                raise InvalidModelError(f"{label}: tensor '{out}' is produced twice (node '{node.name}')")
+            produced[out] = node.name
+    known = available | set(produced)
+    for node in graph.node:
+        for name in node.input:
+            if name and name not in known:
+                raise InvalidModelError(
+                    f"{label}: node '{node.name}' ({node.op_type}) reads tensor '{name}' that nothing produces"
+                )
+    for out in graph.output:
+        if out.name not in known:
+            raise InvalidModelError(f"{label}: graph output '{out.name}' is produced by no node")
+    _check_acyclic(graph, available, label)
+
+
+def _check_acyclic(graph: onnx.GraphProto, available: set[str], label: str) -> None:
+    ready = set(available)
+    pending = list(graph.node)
+    while pending:
+        rest = [n for n in pending if not all(i in ready for i in n.input if i)]
+        if len(rest) == len(pending):
+            raise InvalidModelError(f"{label}: graph has a cycle through node '{rest[0].name}' ({rest[0].op_type})")
+        for n in pending:
+            if n not in rest:
+                ready.update(n.output)
+        pending = rest
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool = False) -> list[Path]:
+    """Write ``model`` atomically: everything goes to a temp folder beside ``path``, then renames.
+
+    With ``external`` (or a model too big to serialize inline) the weights go to
+    ``<name>.data`` beside the model.  Returns the files written.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"{path}: output folder {parent} does not exist")
+    external = external or model.ByteSize() > INLINE_LIMIT
+    tmp = Path(tempfile.mkdtemp(prefix=".uprewrite-", dir=parent))
+    try:
+        written = []
+        if external:
+            data_name = path.name + ".data"
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)  # save_as_external_data mutates the proto it is given
+            onnx.save_model(copy, str(tmp / path.name), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            del copy
+            if (tmp / data_name).exists():
+                os.replace(tmp / data_name, parent / data_name)
+                written.append(parent / data_name)
+        else:
+            with open(tmp / path.name, "wb") as fh:
+                fh.write(model.SerializeToString())
+        os.replace(tmp / path.name, path)
+        written.insert(0, path)
+        return written
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,102 @@
+"""The result of a run: sites, refusals, verification, op census, timings; JSON and text."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from .verify import OutputCheck
+
+
+@dataclass
+class SiteResult:
+    node: str
+    source: str
+    target: str | None
+    status: str  # "rewritten" | "refused"
+    reason: str | None = None
+    form: str | None = None  # description of what was emitted
+    params: dict | None = None
+    macs_before: int | None = None
+    macs_after: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    model: str
+    target: str
+    sites: list[SiteResult] = field(default_factory=list)
+    verified: bool = False
+    verification: str = "not run"
+    tolerance: str | None = None
+    outputs: list[OutputCheck] = field(default_factory=list)
+    ops_before: dict[str, int] = field(default_factory=dict)
+    ops_after: dict[str, int] = field(default_factory=dict)
+    written: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def rewritten(self) -> list[SiteResult]:
+        return [s for s in self.sites if s.status == "rewritten"]
+
+    @property
+    def refused(self) -> list[SiteResult]:
+        return [s for s in self.sites if s.status == "refused"]
+
+    @property
+    def worst_ratio(self) -> float | None:
+        return max((o.ratio for o in self.outputs), default=None)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["outputs"] = [
+            {"name": o.name, "shape": list(o.shape), "max_abs_error": o.max_abs_error,
+             "max_abs_reference": o.max_abs_reference, "tolerance": o.tolerance, "ratio": o.ratio, "ok": o.ok}
+            for o in self.outputs
+        ]
+        d["summary"] = {"sites": len(self.sites), "rewritten": len(self.rewritten), "refused": len(self.refused)}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=_jsonable)
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.model}: {len(self.sites)} upsampling site(s), {len(self.rewritten)} rewritten to "
+            f"{self.target}, {len(self.refused)} refused"
+        ]
+        for s in self.rewritten:
+            macs = ""
+            if s.macs_before and s.macs_after:
+                macs = f" (MACs {s.macs_before:,} -> {s.macs_after:,})"
+            lines.append(f"  rewritten  {s.node}: {s.form}{macs}")
+        for s in self.refused:
+            lines.append(f"  refused    {s.reason}")
+        lines.append(f"  ops before: {_census(self.ops_before)}")
+        lines.append(f"  ops after:  {_census(self.ops_after)}")
+        if self.verified:
+            for o in self.outputs:
+                lines.append(
+                    f"  verified   output '{o.name}': max abs error {o.max_abs_error:.3g} <= tolerance "
+                    f"{o.tolerance:.3g} ({o.ratio:.3f} of it)"
+                )
+            lines.append(f"  tolerance  {self.tolerance}")
+        else:
+            lines.append(f"  verification: {self.verification}")
+        for w in self.written:
+            lines.append(f"  wrote      {w}")
+        return "\n".join(lines)
+
+
+def _census(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "(none)"
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    return str(value)

@@ -1,0 +1,226 @@
+"""Finding upsampling sites in a graph and describing them as canonical transposed convolutions.
+
+A :class:`Site` is a frozen value holding everything an emitter needs (weights in ConvTranspose
+layout, per-axis geometry, tensor names); a :class:`Refusal` names the node and the reason it is
+left alone.  Parsers live in ``onnx_uprewrite.passes``; this module holds what they share: the
+read-only :class:`GraphIndex` (producers, consumers, constants, static shapes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .weights import Axis
+
+
+@dataclass(frozen=True, eq=False)
+class Site:
+    """One learned-upsampling site as a canonical transposed convolution (DESIGN.md §1)."""
+
+    node: str  # name of the node that identifies the site (for --only and reports)
+    source: str  # source form, e.g. "convtranspose"
+    replaced_outputs: tuple[str, ...]  # first output of each node the rewrite removes
+    input: str  # activation tensor entering the site
+    output: str  # tensor the site produces (kept as the output name of the replacement)
+    weight: np.ndarray  # [Cin, Cout/g, K...]
+    bias: np.ndarray | None
+    group: int
+    axes: tuple[Axis, ...]
+    input_lengths: tuple[int | None, ...]  # static spatial input lengths where known
+    weight_tensors: tuple[str, ...]  # constant tensors feeding the site (dropped when unused)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def rank(self) -> int:
+        return len(self.axes)
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[1] * self.group
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def terms_per_output(self) -> int:
+        """Products summed per output value, the size that float rounding grows with."""
+        taps = int(np.prod([a.kernel for a in self.axes]))  # upper bound: every tap overlaps
+        return max(1, (self.in_channels // self.group) * taps)
+
+    def params(self) -> dict:
+        return {
+            "rank": self.rank,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "group": self.group,
+            "strides": [a.stride for a in self.axes],
+            "kernel": [a.kernel for a in self.axes],
+            "dilations": [a.dilation for a in self.axes],
+            "crop_begin": [a.crop_begin for a in self.axes],
+            "extension": [a.extension for a in self.axes],
+            "bias": self.bias is not None,
+            "dtype": str(self.weight.dtype),
+        }
+
+
+@dataclass(frozen=True)
+class Refusal:
+    node: str
+    source: str
+    reason: str
+
+
+class NotConstant(Exception):
+    """A tensor expected to be constant is computed at run time (or fed as a graph input)."""
+
+
+@dataclass
+class GraphIndex:
+    """Read-only lookups over a model's main graph, built once per run."""
+
+    model: onnx.ModelProto
+    static_shapes: dict[str, tuple[int | None, ...]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        graph = self.model.graph
+        self.opset = next(
+            (o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 0
+        )
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.graph_inputs = {i.name for i in graph.input}
+        self.graph_outputs = {o.name for o in graph.output}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for name in _node_input_names(node):
+                self.consumers.setdefault(name, []).append(node)
+        for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+            shape = _static_dims(vi)
+            if shape is not None and vi.name not in self.static_shapes:
+                self.static_shapes[vi.name] = shape
+
+    def constant(self, name: str) -> tuple[np.ndarray, tuple[str, ...]]:
+        """Value of a constant tensor and the names of the tensors in its chain.
+
+        Follows Identity nodes to an initializer or a Constant node; anything else raises
+        NotConstant with the reason.
+        """
+        chain: list[str] = []
+        seen = set()
+        while True:
+            if name in seen:
+                raise NotConstant(f"tensor '{name}' is part of a cycle")
+            seen.add(name)
+            chain.append(name)
+            if name in self.initializers:
+                if name in self.graph_inputs and self.model.ir_version >= 4:
+                    raise NotConstant(
+                        f"tensor '{name}' is a graph input with a default initializer: "
+                        "callers may override it"
+                    )
+                return numpy_helper.to_array(self.initializers[name]), tuple(chain)
+            node = self.producer.get(name)
+            if node is None:
+                what = "a graph input" if name in self.graph_inputs else "produced by no node"
+                raise NotConstant(f"tensor '{name}' is {what}, not a constant")
+            if node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
+                name = node.input[0]
+                continue
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                return _constant_node_value(node), tuple(chain)
+            raise NotConstant(f"tensor '{name}' is computed by {node.op_type} node '{node.name}'")
+
+    def spatial_lengths(self, tensor: str, rank: int) -> tuple[int | None, ...]:
+        shape = self.static_shapes.get(tensor)
+        if shape is None or len(shape) != rank + 2:
+            return (None,) * rank
+        return tuple(shape[2:])
+
+    def uses(self, name: str) -> int:
+        """How many node inputs (subgraphs included) and graph outputs read this tensor."""
+        return len(self.consumers.get(name, ())) + (name in self.graph_outputs)
+
+
+def _node_input_names(node: onnx.NodeProto):
+    yield from (i for i in node.input if i)
+    for attr in node.attribute:
+        for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            yield from _outer_names(g)
+
+
+def _outer_names(graph: onnx.GraphProto):
+    """Names a subgraph reads (conservatively: every input name used anywhere inside it)."""
+    for node in graph.node:
+        yield from _node_input_names(node)
+
+
+def _static_dims(vi: onnx.ValueInfoProto) -> tuple[int | None, ...] | None:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim)
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    raise NotConstant(f"Constant node '{node.name}' has no dense value attribute")
+
+
+def attributes(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def infer_static_shapes(
+    model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, tuple[int | None, ...]]:
+    """Static tensor shapes from onnx shape inference, run on a weightless copy of the graph.
+
+    Weights are replaced by shape-only graph inputs, so inference never serializes them
+    (DESIGN.md §3: inference on a loaded model copies every weight).  Inference problems are
+    not fatal: a missing shape only means a site must use its symbolic form.  ``overrides``
+    (from --shape) replace the declared shapes of graph inputs.
+    """
+    skeleton = onnx.ModelProto()
+    skeleton.ir_version = model.ir_version
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    g = skeleton.graph
+    src = model.graph
+    g.node.extend(src.node)
+    for vi in src.input:
+        if overrides and vi.name in overrides:
+            vi = onnx.helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, list(overrides[vi.name]))
+        g.input.append(vi)
+    g.output.extend(src.output)
+    input_names = {i.name for i in src.input}
+    for t in src.initializer:
+        if t.name not in input_names:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False)
+    except Exception:  # inference is advisory; ORT verification is the judge
+        return {}
+    shapes = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = _static_dims(vi)
+        if dims is not None:
+            shapes[vi.name] = dims
+    return shapes

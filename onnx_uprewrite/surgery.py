@@ -1,0 +1,136 @@
+"""Graph surgery on the ModelProto: splice replacements in place, drop orphaned weights.
+
+Each site's nodes are replaced, at the position of the node they replace, by the emitted nodes,
+whose last node writes the site's original output tensor.  Order stays topological without a
+re-sort, every other node, name and initializer is untouched (external-data references
+included), and nothing is copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+@dataclass
+class Emission:
+    """Nodes and initializers that replace one site."""
+
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    initializers: list[onnx.TensorProto] = field(default_factory=list)
+    form: str = ""  # which target form was emitted, e.g. "subpixel(DepthToSpace CRD)"
+
+
+class Namer:
+    """Fresh tensor and node names derived from a site's node name, unique in the model."""
+
+    def __init__(self, model: onnx.ModelProto):
+        g = model.graph
+        self.taken = {t.name for t in g.initializer} | {i.name for i in g.input} | {o.name for o in g.output}
+        for node in g.node:
+            self.taken.update(node.output)
+            self.taken.add(node.name)
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.taken:
+            name = f"{base}_{i}"
+            i += 1
+        self.taken.add(name)
+        return name
+
+
+class Builder:
+    """Emits nodes and constant initializers for one site, with names under ``prefix``."""
+
+    def __init__(self, namer: Namer, prefix: str):
+        self.namer = namer
+        self.prefix = prefix
+        self.emission = Emission()
+
+    def constant(self, suffix: str, value: np.ndarray) -> str:
+        name = self.namer(f"{self.prefix}/{suffix}")
+        self.emission.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], suffix: str, output: str | None = None, **attrs) -> str:
+        out = output if output is not None else self.namer(f"{self.prefix}/{suffix}_out")
+        self.emission.nodes.append(
+            helper.make_node(op, inputs, [out], name=self.namer(f"{self.prefix}/{suffix}"), **attrs)
+        )
+        return out
+
+
+def splice(model: onnx.ModelProto, replacements: dict[str, tuple[tuple[str, ...], Emission]]) -> None:
+    """Replace nodes in place.
+
+    ``replacements`` maps the first output of a site's last node to (first outputs of every node
+    the site removes, emission).  Emitted nodes go where the site's last node was.
+    """
+    removed = {out for outs, _ in replacements.values() for out in outs}
+    new_nodes = []
+    for node in model.graph.node:
+        key = node.output[0] if node.output else None
+        if key in replacements:
+            new_nodes.extend(replacements[key][1].nodes)
+        elif key not in removed:
+            new_nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    for _, emission in replacements.values():
+        model.graph.initializer.extend(emission.initializers)
+
+
+def drop_unused(model: onnx.ModelProto, candidates: set[str]) -> None:
+    """Remove initializers, Constant and Identity nodes among ``candidates`` that nothing reads.
+
+    Only tensors that fed rewritten sites are candidates: unrelated dead code is not ours to drop.
+    """
+    graph = model.graph
+    while True:
+        used = _used_names(graph)
+        dead_nodes = [
+            n for n in graph.node
+            if n.op_type in ("Constant", "Identity") and n.output and n.output[0] in candidates
+            and n.output[0] not in used
+        ]
+        if not dead_nodes:
+            break
+        for n in dead_nodes:
+            graph.node.remove(n)
+    used = _used_names(graph)
+    inputs = {i.name for i in graph.input}
+    keep = [t for t in graph.initializer if t.name not in candidates or t.name in used]
+    if len(keep) != len(graph.initializer):
+        dropped = {t.name for t in graph.initializer} - {t.name for t in keep}
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        # IR < 4 lists initializers as graph inputs too: drop those entries with them
+        stale = [i for i in graph.input if i.name in dropped and i.name in inputs]
+        for i in stale:
+            graph.input.remove(i)
+
+
+def _used_names(graph: onnx.GraphProto) -> set[str]:
+    used = {o.name for o in graph.output}
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        for node in g.node:
+            used.update(i for i in node.input if i)
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    stack.append(attr.g)
+                stack.extend(attr.graphs)
+    return used
+
+
+def op_census(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))

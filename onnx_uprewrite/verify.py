@@ -1,0 +1,198 @@
+"""onnxruntime sessions, verification inputs, and comparison with a stated tolerance.
+
+Tolerance (per graph output):  ``|rewritten - original| <= atol + rtol * max|original|``.
+A rewrite only reorders the float sums inside each site, so the rounding error of one output
+value is bounded by about ``eps * sqrt(T)`` times its magnitude for T summed products
+(random-walk rounding; the worst case is ``eps * T``).  Default: ``rtol = 8 * eps * sqrt(T)``
+with eps of the output dtype and T the total terms per output over the rewritten sites
+(``Cin/group * prod(K)`` each), and ``atol = 0``; both can be overridden.  A wrong tap or a wrong
+crop gives errors of the order of the output itself, far above this.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from .errors import UsageError, VerificationImpossible
+from .model_io import INLINE_LIMIT
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+    derivation: str
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    name: str
+    shape: tuple[int, ...]
+    max_abs_error: float
+    max_abs_reference: float
+    tolerance: float
+
+    @property
+    def ratio(self) -> float:
+        if self.tolerance > 0:
+            return self.max_abs_error / self.tolerance
+        return 0.0 if self.max_abs_error == 0 else math.inf
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_error <= self.tolerance
+
+
+def derive_tolerance(dtype: np.dtype, terms: int, atol: float | None, rtol: float | None) -> Tolerance:
+    eps = float(np.finfo(dtype).eps) if np.issubdtype(dtype, np.floating) else 0.0
+    derived = 8.0 * eps * math.sqrt(max(terms, 1))
+    text = f"atol + rtol*max|ref|, rtol = 8*eps*sqrt(T) = {derived:.3g} (eps={eps:.3g} {np.dtype(dtype).name}, T={terms})"
+    if rtol is not None or atol is not None:
+        text += "; overridden by the user"
+    return Tolerance(atol=0.0 if atol is None else float(atol), rtol=derived if rtol is None else float(rtol),
+                     derivation=text)
+
+
+def session(model: onnx.ModelProto | bytes) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.log_severity_level = 3
+    if isinstance(model, onnx.ModelProto) and model.ByteSize() > INLINE_LIMIT:
+        with tempfile.TemporaryDirectory(prefix="uprewrite-verify-") as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            onnx.save_model(model, path, save_as_external_data=True, location="model.data")
+            return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def feed_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs a caller must feed (IR < 4 lists initializers as inputs too)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def parse_shape_option(items) -> dict[str, tuple[int, ...]]:
+    """``["x=1x3x64x64", ...]`` -> ``{"x": (1, 3, 64, 64)}``."""
+    shapes = {}
+    for item in items or ():
+        name, sep, dims = str(item).rpartition("=")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or any(d < 0 for d in shape):
+            raise UsageError(f"--shape {item!r}: expected NAME=DIMS like input=1x3x64x64")
+        shapes[name] = shape
+    return shapes
+
+
+def make_inputs(
+    model: onnx.ModelProto,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    given: dict[str, np.ndarray] | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Seeded random inputs (normal for floats, zeros otherwise), or the given arrays, checked."""
+    shapes = dict(shapes or {})
+    given = dict(given or {})
+    inputs = feed_inputs(model)
+    names = {i.name for i in inputs}
+    for extra in sorted((set(shapes) | set(given)) - names):
+        raise UsageError(f"no graph input named '{extra}' (inputs: {', '.join(sorted(names))})")
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for vi in inputs:
+        t = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type"):
+            raise VerificationImpossible(f"graph input '{vi.name}' is not a tensor; cannot build inputs for it")
+        dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
+        declared = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+        if vi.name in given:
+            arr = np.asarray(given[vi.name])
+            if arr.dtype != dtype:
+                raise UsageError(f"input '{vi.name}' has dtype {arr.dtype}, the model expects {np.dtype(dtype).name}")
+            _check_shape(vi.name, arr.shape, declared)
+            feeds[vi.name] = arr
+            continue
+        if vi.name in shapes:
+            shape = shapes[vi.name]
+            _check_shape(vi.name, shape, declared)
+        else:
+            if not t.HasField("shape"):
+                raise UsageError(f"input '{vi.name}' has no declared shape; pass --shape {vi.name}=DIMS")
+            for i, d in enumerate(declared):
+                if not isinstance(d, int) or d <= 0:
+                    label = f" ('{d}')" if isinstance(d, str) else ""
+                    raise UsageError(
+                        f"input '{vi.name}' dimension {i}{label} is symbolic; pass --shape {vi.name}="
+                        + "x".join(str(x) if isinstance(x, int) and x > 0 else "N" for x in declared)
+                    )
+            shape = tuple(declared)
+        if np.issubdtype(dtype, np.floating):
+            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[vi.name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def _check_shape(name: str, shape, declared) -> None:
+    if declared and len(shape) != len(declared):
+        raise UsageError(f"input '{name}' has rank {len(shape)}, the model declares rank {len(declared)}")
+    for i, (got, want) in enumerate(zip(shape, declared)):
+        if isinstance(want, int) and want > 0 and got != want:
+            raise UsageError(f"input '{name}' dimension {i} is {got}, the model declares {want}")
+
+
+def run_original(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    try:
+        sess = session(model)
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(names, feeds)))
+    except Exception as exc:
+        raise VerificationImpossible(
+            f"onnxruntime cannot run the original model: {_first_line(exc)} "
+            "(use --no-verify to rewrite without verification)"
+        ) from None
+
+
+def run_rewritten(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def compare(reference: dict[str, np.ndarray], result: dict[str, np.ndarray], tol: Tolerance) -> list[OutputCheck]:
+    checks = []
+    for name, ref in reference.items():
+        got = result.get(name)
+        if got is None or got.shape != ref.shape:
+            shape = None if got is None else got.shape
+            checks.append(OutputCheck(name, ref.shape, math.inf, 0.0, 0.0))
+            if shape is not None:
+                checks[-1] = OutputCheck(name, tuple(shape), math.inf, 0.0, 0.0)
+            continue
+        r = ref.astype(np.float64) if ref.dtype != np.bool_ else ref.astype(np.float64)
+        g = got.astype(np.float64)
+        same_nan = np.isnan(r) & np.isnan(g)
+        same_inf = np.isinf(r) & (r == g)
+        diff = np.where(same_nan | same_inf, 0.0, np.abs(r - g))
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        finite = np.abs(r[np.isfinite(r)])
+        max_ref = float(finite.max()) if finite.size else 0.0
+        max_err = float(diff.max()) if diff.size else 0.0
+        checks.append(OutputCheck(name, tuple(ref.shape), max_err, max_ref, tol.atol + tol.rtol * max_ref))
+    return checks
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,246 @@
+"""Pure numpy math of transposed convolution and its sub-pixel (polyphase) form.
+
+Per spatial axis a transposed convolution with stride s, dilation d and kernel K computes the
+uncropped signal ``F[o] = sum_{i,k : o = i*s + k*d} x[i] * W[k]`` and returns the crop
+``y[o] = F[o + pb]`` for ``0 <= o < Lout`` (plus bias).  Every learned-upsampling form is
+described by ``(W, bias, group)`` and, per axis, ``(s, d, K, pb, e)`` with ``e = Lout - s*L``
+(``e`` is independent of the input length L for explicit pads and SAME/VALID; for
+``output_shape`` it is resolved from a static L).
+
+No onnx imports here: weights in, weights out, tested alone against the float64 references below.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One spatial axis of a canonical transposed convolution."""
+
+    stride: int
+    dilation: int
+    kernel: int
+    crop_begin: int  # pb: F index of output position 0 (may be negative: leading zeros)
+    extension: int  # e = Lout - stride * L
+
+    @property
+    def effective_kernel(self) -> int:
+        return (self.kernel - 1) * self.dilation + 1
+
+    def output_length(self, length: int) -> int:
+        return self.stride * length + self.extension
+
+
+@dataclass(frozen=True)
+class SubpixelAxis:
+    """How one axis of a transposed convolution becomes a stride-1 Conv + depth-to-space + crop.
+
+    Tap k of the transposed kernel lands in phase ``phase[k]`` at low-resolution kernel index
+    ``tap[k]`` (indices into the compact kernel of length ``kernel``, which the Conv applies
+    with ``dilation``).  The Conv output has ``L + conv_extra`` positions, the depth-to-space
+    output ``stride * (L + conv_extra)``, of which ``[crop_start, len - crop_drop_end)`` is kept.
+    """
+
+    stride: int
+    phase: tuple[int, ...]
+    tap: tuple[int, ...]
+    kernel: int
+    dilation: int
+    pad_begin: int
+    pad_end: int
+    crop_start: int
+    crop_drop_end: int
+
+    @property
+    def effective_kernel(self) -> int:
+        return (self.kernel - 1) * self.dilation + 1
+
+    @property
+    def conv_extra(self) -> int:
+        return self.pad_begin + self.pad_end - self.effective_kernel + 1
+
+
+def plan_subpixel_axis(axis: Axis) -> SubpixelAxis:
+    """Min-align polyphase decomposition of one axis (DESIGN.md §2a).
+
+    With ``a = pb mod s`` and ``B = floor(pb / s)``, tap k (offset ``k*d``) belongs to phase
+    ``r = k*d mod s`` and reads low-resolution input ``m - c - delta_k`` where
+    ``delta_k = floor(k*d / s) - B``; the Conv kernel index is ``j = max(delta) - delta_k``.
+    When s divides d the taps are evenly spaced by d/s, which the Conv expresses as dilation.
+    """
+    s, d, k_len = axis.stride, axis.dilation, axis.kernel
+    pb, e = axis.crop_begin, axis.extension
+    a, big_b = pb % s, pb // s
+    offsets = [k * d for k in range(k_len)]
+    phase = tuple(o % s for o in offsets)
+    deltas = [o // s - big_b for o in offsets]
+    top = max(deltas)  # Pb of DESIGN.md
+    span = top - min(deltas)  # effective low-res kernel minus one
+    if d % s == 0 and k_len > 1:
+        conv_dilation = d // s
+        tap = tuple(k_len - 1 - k for k in range(k_len))
+        compact = k_len
+    else:
+        conv_dilation = 1
+        tap = tuple(top - delta for delta in deltas)
+        compact = span + 1
+    pad_begin = max(top, 0)
+    shift = max(-top, 0)  # low-res positions to drop at the start when Pb < 0
+    crop_start = shift * s + a
+    needed_extra = shift + _ceil_div(a + e, s)  # conv positions beyond L that the crop reads
+    pad_end = max(needed_extra - pad_begin + span, 0)
+    conv_extra = pad_begin + pad_end - span
+    drop_end = s * conv_extra - crop_start - e
+    return SubpixelAxis(s, phase, tap, compact, conv_dilation, pad_begin, pad_end, crop_start, drop_end)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -((-a) // b)
+
+
+def subpixel_weight(weight: np.ndarray, group: int, plans: tuple[SubpixelAxis, ...]) -> np.ndarray:
+    """ConvTranspose weight ``[Cin, Cout/g, K...]`` -> sub-pixel Conv weight ``[Cout*S, Cin/g, Ks...]``.
+
+    Output channel order is CRD: ``c*S + phase`` with ``phase`` the row-major index of the
+    per-axis phases, so the Conv of group g keeps its groups contiguous.  A pure rearrangement
+    by indexing (no arithmetic, so inf/NaN weights and every dtype survive bit for bit):
+    ``V[(g, c), (r0, r1, ...), ci, (j0, j1, ...)] = W[(g, ci), c, (k0, k1, ...)]``.
+    """
+    c_in, c_out_g = weight.shape[:2]
+    rank = len(plans)
+    cig = c_in // group
+    w = weight.reshape((group, cig, c_out_g) + weight.shape[2:])
+    out = np.zeros(
+        (group, c_out_g) + tuple(p.stride for p in plans) + (cig,) + tuple(p.kernel for p in plans),
+        dtype=weight.dtype,
+    )
+    grids = np.meshgrid(*[np.arange(len(p.phase)) for p in plans], indexing="ij")
+    phase_idx = tuple(np.asarray(p.phase)[k] for p, k in zip(plans, grids))
+    tap_idx = tuple(np.asarray(p.tap)[k] for p, k in zip(plans, grids))
+    # advanced indices separated by a slice: numpy puts the broadcast (K...) dims first
+    out[(slice(None), slice(None)) + phase_idx + (slice(None),) + tap_idx] = np.moveaxis(
+        w, [1, 2], [2, 1]
+    ).transpose(tuple(range(3, 3 + rank)) + (0, 1, 2))
+    n_phase = math.prod(p.stride for p in plans)
+    return out.reshape((group * c_out_g * n_phase, cig) + tuple(p.kernel for p in plans))
+
+
+def subpixel_bias(bias: np.ndarray, n_phase: int) -> np.ndarray:
+    """Each output channel's bias repeated for its ``n_phase`` CRD phases."""
+    return np.repeat(bias, n_phase)
+
+
+def crd_to_dcr_permutation(channels: int, n_phase: int) -> np.ndarray:
+    """Index array p with ``dcr[i] = crd[p[i]]``: DCR order is ``phase*C + c``, CRD ``c*S + phase``."""
+    return np.arange(channels * n_phase).reshape(channels, n_phase).T.reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 references (for tests and for per-site checks; slow and simple on purpose)
+
+
+def conv_transpose_reference(
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    axes: tuple[Axis, ...],
+    group: int = 1,
+) -> np.ndarray:
+    """Direct float64 transposed convolution: scatter every input tap, then crop ``[pb, pb+Lout)``."""
+    x = np.asarray(x, dtype=np.float64)
+    weight = np.asarray(weight, dtype=np.float64)
+    n, c_in = x.shape[:2]
+    lengths = x.shape[2:]
+    c_out_g = weight.shape[1]
+    full = [(ln - 1) * a.stride + a.effective_kernel for ln, a in zip(lengths, axes)]
+    f = np.zeros((n, group * c_out_g) + tuple(full))
+    cig = c_in // group
+    for gi in range(group):
+        xs = x[:, gi * cig : (gi + 1) * cig]
+        ws = weight[gi * cig : (gi + 1) * cig]
+        for kidx in np.ndindex(*weight.shape[2:]):
+            contrib = np.einsum("ni...,io->no...", xs, ws[(slice(None), slice(None)) + kidx])
+            sl = tuple(
+                slice(k * a.dilation, k * a.dilation + (ln - 1) * a.stride + 1, a.stride)
+                for k, a, ln in zip(kidx, axes, lengths)
+            )
+            f[(slice(None), slice(gi * c_out_g, (gi + 1) * c_out_g)) + sl] += contrib
+    return _crop(f, axes, lengths, bias)
+
+
+def _crop(f: np.ndarray, axes, lengths, bias) -> np.ndarray:
+    out_len = [a.output_length(ln) for a, ln in zip(axes, lengths)]
+    y = np.zeros(f.shape[:2] + tuple(out_len))
+    src, dst = [], []
+    for a, lo, lf in zip(axes, out_len, f.shape[2:]):
+        begin, end = max(a.crop_begin, 0), min(a.crop_begin + lo, lf)
+        src.append(slice(begin, max(end, begin)))
+        dst.append(slice(begin - a.crop_begin, begin - a.crop_begin + max(end - begin, 0)))
+    y[(slice(None), slice(None)) + tuple(dst)] = f[(slice(None), slice(None)) + tuple(src)]
+    if bias is not None:
+        y += np.asarray(bias, dtype=np.float64).reshape((1, -1) + (1,) * len(axes))
+    return y
+
+
+def conv_reference(
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    pads_begin: tuple[int, ...],
+    pads_end: tuple[int, ...],
+    dilations: tuple[int, ...],
+    group: int = 1,
+) -> np.ndarray:
+    """Direct float64 stride-1 Conv (cross-correlation) with zero padding."""
+    x = np.asarray(x, dtype=np.float64)
+    weight = np.asarray(weight, dtype=np.float64)
+    rank = x.ndim - 2
+    pad = [(0, 0), (0, 0)] + list(zip(pads_begin, pads_end))
+    xp = np.pad(x, pad)
+    ks = weight.shape[2:]
+    out_len = [xp.shape[2 + i] - (ks[i] - 1) * dilations[i] for i in range(rank)]
+    c_out = weight.shape[0]
+    cig, cog = weight.shape[1], c_out // group
+    y = np.zeros((x.shape[0], c_out) + tuple(out_len))
+    for gi in range(group):
+        xs = xp[:, gi * cig : (gi + 1) * cig]
+        ws = weight[gi * cog : (gi + 1) * cog]
+        for kidx in np.ndindex(*ks):
+            sl = tuple(slice(k * dl, k * dl + o) for k, dl, o in zip(kidx, dilations, out_len))
+            y[:, gi * cog : (gi + 1) * cog] += np.einsum(
+                "ni...,oi->no...", xs[(slice(None), slice(None)) + sl], ws[(slice(None), slice(None)) + kidx]
+            )
+    if bias is not None:
+        y += np.asarray(bias, dtype=np.float64).reshape((1, -1) + (1,) * rank)
+    return y
+
+
+def depth_to_space_crd(y: np.ndarray, strides: tuple[int, ...]) -> np.ndarray:
+    """Rearrange ``[N, C*S, Q...]`` (CRD channel order) into ``[N, C, Q0*s0, Q1*s1, ...]``."""
+    n, cs = y.shape[:2]
+    q = y.shape[2:]
+    rank = len(strides)
+    c = cs // math.prod(strides)
+    z = y.reshape((n, c) + tuple(strides) + tuple(q))
+    order = [0, 1] + [x for i in range(rank) for x in (2 + rank + i, 2 + i)]
+    return z.transpose(order).reshape((n, c) + tuple(qi * si for qi, si in zip(q, strides)))
+
+
+def subpixel_reference(x: np.ndarray, weight, bias, axes: tuple[Axis, ...], group: int = 1) -> np.ndarray:
+    """The sub-pixel form computed with the float64 references: Conv -> depth-to-space -> crop."""
+    plans = tuple(plan_subpixel_axis(a) for a in axes)
+    n_phase = math.prod(a.stride for a in axes)
+    v = subpixel_weight(np.asarray(weight, dtype=np.float64), group, plans)
+    b = None if bias is None else subpixel_bias(np.asarray(bias, dtype=np.float64), n_phase)
+    y = conv_reference(
+        x, v, b, tuple(p.pad_begin for p in plans), tuple(p.pad_end for p in plans),
+        tuple(p.dilation for p in plans), group,
+    )
+    z = depth_to_space_crd(y, tuple(a.stride for a in axes))
+    sl = tuple(slice(p.crop_start, z.shape[2 + i] - p.crop_drop_end) for i, p in enumerate(plans))
+    return z[(slice(None), slice(None)) + sl]

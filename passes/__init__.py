@@ -1,0 +1,16 @@
+"""The catalogue of rewrites: one module per source parser (``from_*``) and target emitter (``to_*``).
+
+Explicit, ordered registries; ``onnx_uprewrite.api`` runs every parser over the graph and
+hands each site to the emitter of the requested form.
+"""
+
+from . import from_convtranspose, to_subpixel
+
+#: parsers, tried in order on every node; each has ``matches(node)``, ``parse(node, index)``
+#: and ``macs(site)``
+PARSERS = (from_convtranspose,)
+
+#: emitters by target form; each has ``emit(site, builder, opset)`` and ``macs(site)``
+EMITTERS = {to_subpixel.FORM: to_subpixel}
+
+__all__ = ["PARSERS", "EMITTERS"]

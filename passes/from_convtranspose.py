@@ -1,0 +1,166 @@
+"""Parser: ``ConvTranspose`` -> canonical site.
+
+Padding attributes are resolved exactly as onnxruntime 1.31 computes them (DESIGN.md §3,
+re-measured by tests/test_from_convtranspose.py), never from the spec text alone:
+
+- explicit pads (NOTSET): ``pb = pads_begin``, ``Lout = s(L-1) + Keff + op - pb - pe``;
+- VALID: ``pb = 0``, ``Lout = s(L-1) + Keff + op``;
+- SAME_UPPER / SAME_LOWER: ``total = max(0, Keff - s + op)``, ``pb = floor(total/2)`` (UPPER)
+  or ``ceil(total/2)`` (LOWER), ``Lout = s(L-1) + Keff + op - total`` (shorter than ``s*L``
+  when ``Keff + op < s``);
+- ``output_shape`` (pads ignored): ``total = max(0, s(L-1) + Keff + op - Lout)``, SAME_UPPER puts
+  ``floor(total/2)`` first, NOTSET/SAME_LOWER/VALID ``ceil(total/2)``.  Needs a static L.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import NodeProto
+
+from onnx_uprewrite.sites import GraphIndex, NotConstant, Refusal, Site, attributes
+from onnx_uprewrite.weights import Axis
+
+SOURCE = "convtranspose"
+FLOAT_TYPES = ("float32", "float16", "float64", "bfloat16")
+
+
+def matches(node: NodeProto) -> bool:
+    return node.op_type == "ConvTranspose" and node.domain in ("", "ai.onnx")
+
+
+def resolve_axis(
+    length: int | None,
+    stride: int,
+    kernel: int,
+    dilation: int,
+    output_padding: int,
+    auto_pad: str,
+    pad_begin: int,
+    pad_end: int,
+    output_size: int | None,
+) -> tuple[int, int]:
+    """``(pb, e)`` of one axis, with ``e = Lout - stride * L``; raises ValueError with a reason."""
+    keff = (kernel - 1) * dilation + 1
+    grow = keff - stride + output_padding  # full + op - s*L, independent of L
+    if output_size is not None:
+        if length is None:
+            raise ValueError("output_shape needs a static input length (pass --shape)")
+        total = max(0, stride * (length - 1) + keff + output_padding - output_size)
+        pb = total // 2 if auto_pad == "SAME_UPPER" else -(-total // 2)
+        return pb, output_size - stride * length
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        total = max(0, grow)
+        pb = total // 2 if auto_pad == "SAME_UPPER" else -(-total // 2)
+        return pb, grow - total
+    if auto_pad == "VALID":
+        return 0, grow
+    return pad_begin, grow - pad_begin - pad_end
+
+
+def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
+    name = node.name or node.output[0]
+
+    def refuse(reason: str) -> Refusal:
+        return Refusal(name, SOURCE, f"ConvTranspose '{name}': {reason}")
+
+    if len(node.input) < 2 or not node.input[1]:
+        return refuse("has no weight input W")
+    try:
+        weight, w_chain = index.constant(node.input[1])
+    except NotConstant as exc:
+        return refuse(f"weight W is not constant: {exc}")
+    bias, b_chain = None, ()
+    if len(node.input) > 2 and node.input[2]:
+        try:
+            bias, b_chain = index.constant(node.input[2])
+        except NotConstant as exc:
+            return refuse(f"bias B is not constant: {exc}")
+    if weight.dtype.name not in FLOAT_TYPES and str(weight.dtype) != "bfloat16":
+        return refuse(f"weight dtype {weight.dtype} is not a float type")
+    rank = weight.ndim - 2
+    if rank < 1:
+        return refuse(f"weight has rank {weight.ndim}; expected at least 3")
+    attrs = attributes(node)
+    group = int(attrs.get("group", 1))
+    kernel = tuple(int(k) for k in weight.shape[2:])
+    if "kernel_shape" in attrs and tuple(attrs["kernel_shape"]) != kernel:
+        return refuse(f"attribute kernel_shape {list(attrs['kernel_shape'])} disagrees with W shape {list(kernel)}")
+    if group < 1 or weight.shape[0] % group:
+        return refuse(f"attribute group={group} does not divide the {weight.shape[0]} input channels")
+    if bias is not None and bias.shape != (weight.shape[1] * group,):
+        return refuse(f"bias shape {list(bias.shape)} is not [{weight.shape[1] * group}]")
+
+    def per_axis(key, default):
+        value = [int(v) for v in attrs.get(key, [default] * rank)]
+        return value
+
+    strides = per_axis("strides", 1)
+    dilations = per_axis("dilations", 1)
+    output_padding = per_axis("output_padding", 0)
+    pads = [int(v) for v in attrs.get("pads", [0] * (2 * rank))]
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    output_shape = attrs.get("output_shape")
+    for key, value, want in (
+        ("strides", strides, rank),
+        ("dilations", dilations, rank),
+        ("output_padding", output_padding, rank),
+        ("pads", pads, 2 * rank),
+    ):
+        if len(value) != want:
+            return refuse(f"attribute {key} has {len(value)} values; expected {want}")
+    if any(v < 1 for v in strides + dilations):
+        return refuse(f"attributes strides={strides} dilations={dilations} must be positive")
+    if any(p < 0 for p in pads):
+        return refuse(f"attribute pads={pads} has negative values")
+    if auto_pad not in ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
+        return refuse(f"attribute auto_pad={auto_pad!r} is not one of NOTSET/SAME_UPPER/SAME_LOWER/VALID")
+    if any(op < 0 or op >= max(s, d) for op, s, d in zip(output_padding, strides, dilations)):
+        return refuse(f"attribute output_padding={output_padding} must be in [0, max(stride, dilation))")
+    if output_shape is not None:
+        output_shape = [int(v) for v in output_shape]
+        if len(output_shape) == rank + 2:
+            output_shape = output_shape[2:]
+        if len(output_shape) != rank:
+            return refuse(f"attribute output_shape={output_shape} does not have {rank} spatial values")
+        if any(v < 1 for v in output_shape):
+            return refuse(f"attribute output_shape={output_shape} has non-positive values")
+
+    lengths = index.spatial_lengths(node.input[0], rank)
+    axes = []
+    for i in range(rank):
+        try:
+            pb, e = resolve_axis(
+                lengths[i], strides[i], kernel[i], dilations[i], output_padding[i], auto_pad,
+                pads[i], pads[rank + i], None if output_shape is None else output_shape[i],
+            )
+        except ValueError as exc:
+            return refuse(f"attribute output_shape: {exc}")
+        axes.append(Axis(strides[i], dilations[i], kernel[i], pb, e))
+        if lengths[i] is not None and axes[-1].output_length(lengths[i]) < 1:
+            return refuse(f"spatial axis {i} would have output length {axes[-1].output_length(lengths[i])}")
+    notes = ()
+    if index.model.ir_version < 4 and any(t in index.graph_inputs for t in w_chain + b_chain):
+        notes = ("weights are also listed as graph inputs (IR < 4 convention): treated as constant",)
+    return Site(
+        node=name,
+        source=SOURCE,
+        replaced_outputs=(node.output[0],),
+        input=node.input[0],
+        output=node.output[0],
+        weight=weight,
+        bias=bias,
+        group=group,
+        axes=tuple(axes),
+        input_lengths=lengths,
+        weight_tensors=w_chain + b_chain,
+        notes=notes,
+    )
+
+
+def macs(site: Site) -> int | None:
+    """Multiply-accumulates per sample of the ConvTranspose (every input scatters every tap)."""
+    if any(n is None for n in site.input_lengths):
+        return None
+    positions = int(np.prod(site.input_lengths))
+    return site.in_channels * (site.out_channels // site.group) * int(np.prod(site.weight.shape[2:])) * positions
