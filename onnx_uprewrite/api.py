@@ -50,7 +50,9 @@ def _open(model, label: str | None = None) -> tuple[onnx.ModelProto, str, tuple[
 
 def find_sites(model: onnx.ModelProto, shapes: dict | None = None) -> tuple[list[Site], list[Refusal]]:
     """Every upsampling site of the main graph, parsed, plus refusals (subgraph sites included)."""
-    index = GraphIndex(model, infer_static_shapes(model, shapes))
+    index = GraphIndex(model, infer_static_shapes(model))
+    if shapes:
+        index.assumed_shapes = infer_static_shapes(model, shapes)
     sites, refusals = [], []
     for node in model.graph.node:
         for parser in PARSERS:

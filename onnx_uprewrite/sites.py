@@ -85,6 +85,9 @@ class GraphIndex:
 
     model: onnx.ModelProto
     static_shapes: dict[str, tuple[int | None, ...]] = field(default_factory=dict)
+    # shapes under the user's --shape values: used only where a site needs a concrete length
+    # (output_shape); emitted graphs otherwise stay as symbolic as the model declares
+    assumed_shapes: dict[str, tuple[int | None, ...]] = field(default_factory=dict)
 
     def __post_init__(self):
         graph = self.model.graph
@@ -138,8 +141,10 @@ class GraphIndex:
                 return _constant_node_value(node), tuple(chain)
             raise NotConstant(f"tensor '{name}' is computed by {node.op_type} node '{node.name}'")
 
-    def spatial_lengths(self, tensor: str, rank: int) -> tuple[int | None, ...]:
+    def spatial_lengths(self, tensor: str, rank: int, assumed: bool = False) -> tuple[int | None, ...]:
         shape = self.static_shapes.get(tensor)
+        if assumed and (shape is None or None in shape[2:]):
+            shape = self.assumed_shapes.get(tensor, shape)
         if shape is None or len(shape) != rank + 2:
             return (None,) * rank
         return tuple(shape[2:])

@@ -9,7 +9,8 @@ re-measured by tests/test_from_convtranspose.py), never from the spec text alone
   or ``ceil(total/2)`` (LOWER), ``Lout = s(L-1) + Keff + op - total`` (shorter than ``s*L``
   when ``Keff + op < s``);
 - ``output_shape`` (pads ignored): ``total = max(0, s(L-1) + Keff + op - Lout)``, SAME_UPPER puts
-  ``floor(total/2)`` first, NOTSET/SAME_LOWER/VALID ``ceil(total/2)``.  Needs a static L.
+  ``floor(total/2)`` first, NOTSET/SAME_LOWER/VALID ``ceil(total/2)``.  Needs a static L, and
+  onnxruntime requires ``L == floor((Lout + total - Keff) / s) + 1``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def resolve_axis(
         if length is None:
             raise ValueError("output_shape needs a static input length (pass --shape)")
         total = max(0, stride * (length - 1) + keff + output_padding - output_size)
+        if (output_size + total - keff) // stride + 1 != length:
+            raise ValueError(
+                f"output_shape {output_size} is inconsistent with input length {length} "
+                "(onnxruntime rejects it at run time)"
+            )
         pb = total // 2 if auto_pad == "SAME_UPPER" else -(-total // 2)
         return pb, output_size - stride * length
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
@@ -115,8 +121,10 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
         return refuse(f"attribute pads={pads} has negative values")
     if auto_pad not in ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
         return refuse(f"attribute auto_pad={auto_pad!r} is not one of NOTSET/SAME_UPPER/SAME_LOWER/VALID")
-    if any(op < 0 or op >= max(s, d) for op, s, d in zip(output_padding, strides, dilations)):
-        return refuse(f"attribute output_padding={output_padding} must be in [0, max(stride, dilation))")
+    if any(op < 0 or op >= s for op, s in zip(output_padding, strides)):
+        # the spec allows op < max(stride, dilation); onnxruntime 1.31 rejects op >= stride at run time
+        return refuse(f"attribute output_padding={output_padding} must be in [0, stride={strides}) "
+                      "(onnxruntime rejects larger values)")
     if output_shape is not None:
         output_shape = [int(v) for v in output_shape]
         if len(output_shape) == rank + 2:
@@ -127,6 +135,8 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
             return refuse(f"attribute output_shape={output_shape} has non-positive values")
 
     lengths = index.spatial_lengths(node.input[0], rank)
+    if output_shape is not None:
+        lengths = index.spatial_lengths(node.input[0], rank, assumed=True)
     axes = []
     for i in range(rank):
         try:

@@ -1,0 +1,67 @@
+"""Shared test fixtures: small, seeded one-ConvTranspose models built with onnx.helper."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+IR_VERSION = 8
+OPSET = 17
+
+
+def make_convtranspose_model(
+    *,
+    cin: int = 3,
+    cout: int = 4,
+    kernel=(4, 4),
+    spatial=(5, 6),
+    batch=1,
+    bias: bool = True,
+    name: str = "up",
+    seed: int = 0,
+    input_dims=None,
+    **attrs,
+) -> onnx.ModelProto:
+    """``x -> ConvTranspose(name, W, B, **attrs) -> y``; defaults to k4 s2 p1 (2-D).
+
+    ``input_dims`` overrides the declared shape of ``x`` (strings are symbolic dims).
+    """
+    rank = len(kernel)
+    attrs.setdefault("strides", [2] * rank)
+    attrs.setdefault("pads", [1] * (2 * rank))
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((cin, cout, *kernel)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "W")]
+    inputs = ["x", "W"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), "B"))
+        inputs.append("B")
+    dims = list(input_dims) if input_dims is not None else [batch, cin, *spatial]
+    graph = helper.make_graph(
+        [helper.make_node("ConvTranspose", inputs, ["y"], name=name, **attrs)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=inits,
+    )
+    return helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+@pytest.fixture
+def ct_model():
+    """The model builder, as a fixture (``ct_model(cin=8, ...)``)."""
+    return make_convtranspose_model
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    """Write a model (default: the default ConvTranspose model) to ``tmp_path/<name>``; returns the path."""
+
+    def write(model: onnx.ModelProto | None = None, name: str = "model.onnx"):
+        path = tmp_path / name
+        path.write_bytes((model or make_convtranspose_model()).SerializeToString())
+        return path
+
+    return write
