@@ -15,8 +15,8 @@ from onnx_uprewrite.verify import session
 from sweep import batch_model, random_config
 
 OPSETS = (7, 9, 10, 11, 13, 17, 19)
-BATCHES = 14
-PER_BATCH = 90  # 14 * 90 = 1260 configurations
+BATCHES = 40
+PER_BATCH = 100  # 40 * 100 = 4000 configurations
 EPS32 = float(np.finfo(np.float32).eps)
 
 
