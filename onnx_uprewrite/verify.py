@@ -24,6 +24,8 @@ from onnx import helper
 from .errors import UsageError, VerificationImpossible
 from .model_io import INLINE_LIMIT
 
+ort.set_default_logger_severity(3)  # onnxruntime's own error lines would bypass our one-line messages
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -39,6 +41,13 @@ class OutputCheck:
     max_abs_error: float
     max_abs_reference: float
     tolerance: float
+    rewritten_shape: tuple[int, ...] | None = None  # set when the shapes differ
+
+    def describe(self) -> str:
+        if self.rewritten_shape is not None or math.isinf(self.max_abs_error) and self.tolerance == 0:
+            got = "missing" if self.rewritten_shape is None else list(self.rewritten_shape)
+            return f"output '{self.name}' has shape {got}, the original {list(self.shape)}"
+        return f"output '{self.name}' max abs error {self.max_abs_error:.3g} > tolerance {self.tolerance:.3g}"
 
     @property
     def ratio(self) -> float:
@@ -152,6 +161,18 @@ def _check_shape(name: str, shape, declared) -> None:
             raise UsageError(f"input '{name}' dimension {i} is {got}, the model declares {want}")
 
 
+def run_with_taps(model: onnx.ModelProto, feeds: dict[str, np.ndarray], taps) -> dict[str, np.ndarray]:
+    """Run the original model, also returning the intermediate tensors named in ``taps``."""
+    declared = {o.name for o in model.graph.output}
+    extra = [helper.make_empty_tensor_value_info(t) for t in taps if t not in declared]
+    model.graph.output.extend(extra)
+    try:
+        return run_original(model, feeds)
+    finally:
+        for _ in extra:
+            model.graph.output.pop()
+
+
 def run_original(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     try:
         sess = session(model)
@@ -175,10 +196,8 @@ def compare(reference: dict[str, np.ndarray], result: dict[str, np.ndarray], tol
     for name, ref in reference.items():
         got = result.get(name)
         if got is None or got.shape != ref.shape:
-            shape = None if got is None else got.shape
-            checks.append(OutputCheck(name, ref.shape, math.inf, 0.0, 0.0))
-            if shape is not None:
-                checks[-1] = OutputCheck(name, tuple(shape), math.inf, 0.0, 0.0)
+            checks.append(OutputCheck(name, tuple(ref.shape), math.inf, 0.0, 0.0,
+                                      None if got is None else tuple(got.shape)))
             continue
         r = ref.astype(np.float64) if ref.dtype != np.bool_ else ref.astype(np.float64)
         g = got.astype(np.float64)
