@@ -16,8 +16,8 @@ import onnxruntime
 
 from . import __version__
 from .passes import EMITTERS, PARSERS
-from .errors import UprewriteError, UsageError, VerificationFailed
-from .model_io import has_external_data, load_model, save_model, validate_model
+from .errors import UprewriteError, UsageError, VerificationFailed, VerificationImpossible
+from .model_io import has_external_data, load_model, output_files, save_model, validate_model
 from .report import Report, SiteResult
 from .sites import GraphIndex, Refusal, Site, infer_static_shapes
 from .surgery import Builder, Namer, drop_unused, op_census, splice
@@ -36,7 +36,7 @@ class ConvertResult:
 
 
 def _open(model, label: str | None = None) -> tuple[onnx.ModelProto, str, tuple[Path, bool] | None]:
-    """(model, label, (path, had external data) or None for an in-memory model)."""
+    """(model, label, (path, external data files) or None for an in-memory model)."""
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)  # never mutate the caller's model
@@ -107,11 +107,13 @@ def convert(
     rtol: float | None = None,
     verify: bool = True,
     seed: int = 0,
+    also_writes=(),
 ) -> ConvertResult:
     """Rewrite every upsampling site of ``model`` (path or ModelProto) into form ``to``.
 
     Verifies in onnxruntime unless ``verify=False`` and writes ``output`` only when given and
-    verification passed.  Raises UsageError, InvalidModelError, VerificationImpossible or
+    verification passed.  ``also_writes`` names other files the caller will write (a report):
+    they are checked against the input and output files.  Raises UsageError, InvalidModelError, VerificationImpossible or
     VerificationFailed (with ``.report``).
     """
     t0 = time.perf_counter()
@@ -121,16 +123,20 @@ def convert(
         raise UsageError(f"--to {to}: this target form is not implemented yet (available: {', '.join(EMITTERS)})")
     model, label, src = _open(model)
     out_path = Path(output) if output is not None else None
-    if out_path is not None and src is not None and _same_file(out_path, src[0]):
-        raise UsageError(f"{out_path}: output would overwrite the input model")
-    external = src is not None and src[1]
+    external = src is not None and bool(src[1])
+    inputs_files = [src[0], *src[1]] if src else []
+    if out_path is not None or also_writes:
+        check_output_path(out_path, inputs_files, external, [Path(p) for p in also_writes])
     report = Report(model=label, target=to, versions=_versions())
     report.ops_before = op_census(model)
     timings = report.timings
     timings["load_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    feeds, reference, measured = _measure(model, inputs, shapes, seed, required=verify)
+    try:
+        feeds, reference, measured = _measure(model, inputs, shapes, seed, required=verify)
+    except (UsageError, VerificationImpossible) as exc:
+        raise type(exc)(f"{label}: {exc}") from None
     timings["reference_run_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -259,6 +265,23 @@ def verify(a, b, inputs=None, shapes=None, atol: float | None = None, rtol: floa
     dtype = next((r.dtype for r in ref.values() if np.issubdtype(r.dtype, np.floating)), np.float32)
     tol = derive_tolerance(dtype, 1 << 12, atol, rtol)
     return compare(ref, res, tol), tol
+
+
+def check_output_path(out_path: Path | None, inputs: list[Path], external: bool, extra: list[Path] = ()) -> None:
+    """Refuse outputs that would overwrite an input file (the model or its external data) or each other."""
+    outputs = output_files(out_path, external) if out_path is not None else []
+    if out_path is not None and out_path.is_dir():
+        raise UsageError(f"{out_path}: output is a directory; give a file name")
+    for target in [*outputs, *extra]:
+        for source in inputs:
+            if _same_file(target, source):
+                raise UsageError(f"{target}: writing it would overwrite the input file {source}")
+    for target in extra:
+        if target.is_dir():
+            raise UsageError(f"{target}: is a directory; give a file name")
+        for out in outputs:
+            if _same_file(target, out):
+                raise UsageError(f"{target}: the report would overwrite the output file {out}")
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -69,6 +69,7 @@ def convert(model, output, to, only, inputs_file, shape, atol, rtol, no_verify, 
         result = api.convert(
             model, to=to, output=output, only=list(only) or None, inputs=_load_npz(inputs_file),
             shapes=parse_shape_option(shape), atol=atol, rtol=rtol, verify=not no_verify, seed=seed,
+            also_writes=[report_file] if report_file is not None else [],
         )
     except UprewriteError as exc:
         if report_file is not None and getattr(exc, "report", None) is not None:

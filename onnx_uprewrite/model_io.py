@@ -18,10 +18,10 @@ MIN_OPSET = 7
 INLINE_LIMIT = 1_800_000_000
 
 
-def load_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
+def load_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[Path]]:
     """Read and validate a model file; external data is read only from inside its folder.
 
-    Returns the model with all weights loaded and whether it had external data.
+    Returns the model with all weights loaded and the external data files it read.
     """
     path = Path(path)
     if not path.exists():
@@ -41,10 +41,10 @@ def load_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
         raise InvalidModelError(f"{path}: not an ONNX model (truncated or corrupt protobuf: {exc})") from None
     del data
     validate_model(model, str(path))
-    external = has_external_data(model)
-    if external:
+    external: list[Path] = []
+    if has_external_data(model):
         base = path.resolve().parent
-        check_external_data(model, base, str(path))
+        external = check_external_data(model, base, str(path))
         try:
             external_data_helper.load_external_data_for_model(model, str(base))
         except Exception as exc:  # onnx raises assorted errors for bad external data
@@ -56,9 +56,13 @@ def has_external_data(model: onnx.ModelProto) -> bool:
     return any(external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(model))
 
 
-def check_external_data(model: onnx.ModelProto, base: Path, label: str) -> None:
-    """Every external-data location must be a relative path to a file inside ``base``, long enough."""
+def check_external_data(model: onnx.ModelProto, base: Path, label: str) -> list[Path]:
+    """Every external-data location must be a relative path to a file inside ``base``, long enough.
+
+    Returns the distinct files referenced.
+    """
     base = base.resolve()
+    files: list[Path] = []
     for tensor in external_data_helper._get_all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
             continue
@@ -80,6 +84,9 @@ def check_external_data(model: onnx.ModelProto, base: Path, label: str) -> None:
         size = target.stat().st_size
         if offset < 0 or offset > size or (length is not None and (length < 0 or offset + length > size)):
             raise InvalidModelError(f"{where}: file has {size} bytes, fewer than offset+length requires")
+        if target not in files:
+            files.append(target)
+    return files
 
 
 def validate_model(model: onnx.ModelProto, label: str) -> None:
@@ -129,6 +136,11 @@ def _check_acyclic(graph: onnx.GraphProto, available: set[str], label: str) -> N
         pending = rest
 
 
+def output_files(path: Path, external: bool) -> list[Path]:
+    """The files ``save_model`` writes for ``path`` (the model and, with external data, its data)."""
+    return [path, path.with_name(path.name + ".data")] if external else [path]
+
+
 def default_opset(model: onnx.ModelProto) -> int | None:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
@@ -143,12 +155,14 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool =
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"{path}: output folder {parent} does not exist")
+    if path.is_dir():
+        raise UsageError(f"{path}: output is a directory; give a file name")
     external = external or model.ByteSize() > INLINE_LIMIT
     tmp = Path(tempfile.mkdtemp(prefix=".uprewrite-", dir=parent))
     try:
         written = []
         if external:
-            data_name = path.name + ".data"
+            data_name = output_files(path, True)[1].name
             copy = onnx.ModelProto()
             copy.CopyFrom(model)  # save_as_external_data mutates the proto it is given
             onnx.save_model(copy, str(tmp / path.name), save_as_external_data=True,

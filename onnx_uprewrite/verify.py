@@ -24,7 +24,7 @@ from onnx import helper
 from .errors import UsageError, VerificationImpossible
 from .model_io import INLINE_LIMIT
 
-ort.set_default_logger_severity(3)  # onnxruntime's own error lines would bypass our one-line messages
+ort.set_default_logger_severity(4)  # onnxruntime's own error lines would bypass our one-line messages
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def derive_tolerance(dtype: np.dtype, terms: int, atol: float | None, rtol: floa
 def session(model: onnx.ModelProto | bytes) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4
     if isinstance(model, onnx.ModelProto) and model.ByteSize() > INLINE_LIMIT:
         with tempfile.TemporaryDirectory(prefix="uprewrite-verify-") as tmp:
             path = os.path.join(tmp, "model.onnx")
@@ -98,8 +98,8 @@ def parse_shape_option(items) -> dict[str, tuple[int, ...]]:
             shape = tuple(int(d) for d in dims.lower().split("x"))
         except ValueError:
             shape = ()
-        if not sep or not name or not shape or any(d < 0 for d in shape):
-            raise UsageError(f"--shape {item!r}: expected NAME=DIMS like input=1x3x64x64")
+        if not sep or not name or not shape or any(d < 1 for d in shape):
+            raise UsageError(f"--shape {item!r}: expected NAME=DIMS with positive sizes, like input=1x3x64x64")
         shapes[name] = shape
     return shapes
 
@@ -130,6 +130,8 @@ def make_inputs(
             if arr.dtype != dtype:
                 raise UsageError(f"input '{vi.name}' has dtype {arr.dtype}, the model expects {np.dtype(dtype).name}")
             _check_shape(vi.name, arr.shape, declared)
+            if arr.size == 0:
+                raise UsageError(f"input '{vi.name}' is empty (shape {list(arr.shape)}): nothing to verify on")
             feeds[vi.name] = arr
             continue
         if vi.name in shapes:
@@ -143,7 +145,8 @@ def make_inputs(
                     label = f" ('{d}')" if isinstance(d, str) else ""
                     raise UsageError(
                         f"input '{vi.name}' dimension {i}{label} is symbolic; pass --shape {vi.name}="
-                        + "x".join(str(x) if isinstance(x, int) and x > 0 else "N" for x in declared)
+                        + "x".join(str(x) if isinstance(x, int) and x > 0 else f"<{x or '?'}>" for x in declared)
+                        + " with concrete sizes"
                     )
             shape = tuple(declared)
         if np.issubdtype(dtype, np.floating):

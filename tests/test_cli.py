@@ -1,0 +1,631 @@
+"""The ``uprewrite`` CLI contract (DESIGN.md §5): exit codes, one-line errors, nothing half-written.
+
+Exit codes: 0 written, every selected site rewritten; 1 verification failed, nothing written;
+2 usage error / invalid model / verification impossible, nothing written; 3 written and verified,
+some sites refused.  Most tests use click's CliRunner in-process; a few run the real entry point
+(``python -m onnx_uprewrite``) in a subprocess to check that no traceback reaches stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_uprewrite.cli import cli
+
+IR_VERSION, OPSET = 8, 17
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
+
+
+def run_module(*args, cwd):
+    """The real entry point in a fresh interpreter (the console script is not guaranteed in CI)."""
+    return subprocess.run(
+        [sys.executable, "-m", "onnx_uprewrite", *[str(a) for a in args]],
+        capture_output=True, text=True, cwd=cwd, timeout=120, check=False,
+    )
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for folders)."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
+def assert_clean_exit(result, code: int) -> None:
+    """The expected exit status, reached through sys.exit, never through an escaping exception."""
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    assert "Traceback" not in result.stderr
+
+
+def error_line(stderr: str, *needles: str, single: bool = True) -> str:
+    """The ``uprewrite: error:`` line of stderr; checks it is alone (when ``single``) and names ``needles``."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert lines, "nothing on stderr"
+    if single:
+        assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
+    line = lines[0]
+    assert line.startswith("uprewrite: error: "), line
+    for needle in needles:
+        assert needle in line, f"{needle!r} not in {line!r}"
+    return line
+
+
+def assert_refused(tmp_path: Path, args, code: int, *needles: str, single: bool = True):
+    """Run the CLI; assert exit ``code``, a one-line error naming ``needles``, and an untouched tmp_path."""
+    before = tree(tmp_path)
+    result = invoke(*args)
+    assert_clean_exit(result, code)
+    line = error_line(result.stderr, *needles, single=single)
+    assert tree(tmp_path) == before, "files were written or changed"
+    return result, line
+
+
+def run_model(model, feeds):
+    """Outputs of ``model`` (ModelProto or path) in onnxruntime CPU."""
+    src = str(model) if isinstance(model, Path) else model.SerializeToString()
+    sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def assert_equivalent(a, b, feeds, atol=1e-4):
+    ra, rb = run_model(a, feeds), run_model(b, feeds)
+    assert len(ra) == len(rb)
+    for x, y in zip(ra, rb):
+        assert x.shape == y.shape
+        np.testing.assert_allclose(x, y, rtol=0, atol=atol)
+
+
+def x_feed(shape=(1, 3, 5, 6), seed=1):
+    return {"x": np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+
+
+def op_types(path: Path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def two_site_model(dynamic_second: bool = False) -> onnx.ModelProto:
+    """``x -> ConvTranspose 'up1' (k4 s2 p1) -> ConvTranspose 'up2' (k3 s2 p1 op1) -> y``.
+
+    With ``dynamic_second`` the weight of 'up2' is the graph input ``W2`` (not constant).
+    """
+    rng = np.random.default_rng(3)
+    w1 = rng.standard_normal((3, 4, 4, 4)).astype(np.float32)
+    w2 = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    inits = [numpy_helper.from_array(w1, "W1")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 6])]
+    if dynamic_second:
+        inputs.append(helper.make_tensor_value_info("W2", TensorProto.FLOAT, [4, 2, 3, 3]))
+    else:
+        inits.append(numpy_helper.from_array(w2, "W2"))
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "W1"], ["h"], name="up1", strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("ConvTranspose", ["h", "W2"], ["y"], name="up2", strides=[2, 2], pads=[1, 1, 1, 1],
+                         output_padding=[1, 1]),
+    ]
+    graph = helper.make_graph(nodes, "two", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=inits)
+    return helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def graph_model(nodes, inputs=("x",), outputs=("y",), inits=(), opsets=(("", OPSET),)):
+    """A float model from raw nodes, for the structurally broken cases."""
+    graph = helper.make_graph(
+        list(nodes), "g",
+        [helper.make_tensor_value_info(i, TensorProto.FLOAT, [1, 3, 4, 4]) for i in inputs],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+        initializer=list(inits),
+    )
+    return helper.make_model(graph, ir_version=IR_VERSION,
+                             opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
+
+
+# ----------------------------------------------------------------------------- exit 0
+
+
+def test_convert_default_output_beside_model(tmp_path, model_file):
+    src = model_file()
+    original = src.read_bytes()
+    result = invoke("convert", src)
+    assert_clean_exit(result, 0)
+    out = tmp_path / "model.subpixel.onnx"
+    assert out.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.subpixel.onnx"]
+    assert src.read_bytes() == original
+    assert result.stderr == ""
+    assert "1 rewritten to subpixel" in result.stdout and str(out) in result.stdout
+    ops = op_types(out)
+    assert "ConvTranspose" not in ops
+    assert "Conv" in ops and "DepthToSpace" in ops
+    saved = onnx.load(str(out))
+    assert saved.ir_version == IR_VERSION
+    assert [(o.domain, o.version) for o in saved.opset_import] == [("", OPSET)]
+    assert_equivalent(src, out, x_feed())
+
+
+def test_convert_default_output_name_without_onnx_suffix(tmp_path, model_file):
+    src = model_file(name="net.bin")
+    assert_clean_exit(invoke("convert", src), 0)
+    assert (tmp_path / "net.bin.subpixel.onnx").is_file()
+
+
+def test_convert_explicit_output_and_report(tmp_path, model_file):
+    src = model_file()
+    out, rep = tmp_path / "out.onnx", tmp_path / "r.json"
+    result = invoke("convert", src, "-o", out, "--report", rep)
+    assert_clean_exit(result, 0)
+    assert out.is_file() and not (tmp_path / "model.subpixel.onnx").exists()
+    report = json.loads(rep.read_text())
+    assert report["model"] == str(src)
+    assert report["target"] == "subpixel"
+    assert [(s["node"], s["status"]) for s in report["sites"]] == [("up", "rewritten")]
+    assert report["sites"][0]["params"]["strides"] == [2, 2]
+    assert report["verified"] is True and report["verification"] == "passed"
+    assert report["tolerance"] and "eps" in report["tolerance"]
+    assert [o["name"] for o in report["outputs"]] == ["y"]
+    assert report["outputs"][0]["ok"] is True
+    assert report["outputs"][0]["max_abs_error"] <= report["outputs"][0]["tolerance"]
+    assert report["summary"] == {"sites": 1, "rewritten": 1, "refused": 0}
+    assert report["written"] == [str(out)]
+    assert report["ops_before"] == {"ConvTranspose": 1}
+    assert "ConvTranspose" not in report["ops_after"]
+
+
+def test_convert_quiet_prints_nothing(tmp_path, model_file):
+    result = invoke("convert", model_file(), "-q")
+    assert_clean_exit(result, 0)
+    assert result.stdout == "" and result.stderr == ""
+    assert (tmp_path / "model.subpixel.onnx").is_file()
+
+
+def test_convert_only_restricts_to_that_node(tmp_path, model_file):
+    src = model_file(two_site_model())
+    rep = tmp_path / "r.json"
+    result = invoke("convert", src, "--only", "up2", "--report", rep)
+    assert_clean_exit(result, 0)
+    out = tmp_path / "model.subpixel.onnx"
+    nodes = onnx.load(str(out)).graph.node
+    assert [n.name for n in nodes if n.op_type == "ConvTranspose"] == ["up1"]
+    report = json.loads(rep.read_text())
+    assert [(s["node"], s["status"]) for s in report["sites"]] == [("up2", "rewritten")]
+    assert_equivalent(src, out, x_feed())
+
+
+def test_convert_model_without_sites_is_written_unchanged(tmp_path, model_file):
+    src = model_file(graph_model([helper.make_node("Relu", ["x"], ["y"], name="relu")]))
+    result = invoke("convert", src)
+    assert_clean_exit(result, 0)
+    out = tmp_path / "model.subpixel.onnx"
+    assert op_types(out) == ["Relu"]
+    assert "0 upsampling site(s)" in result.stdout
+
+
+def test_no_verify_writes_and_report_says_skipped(tmp_path, model_file):
+    src = model_file()
+    rep = tmp_path / "r.json"
+    result = invoke("convert", src, "--no-verify", "--report", rep)
+    assert_clean_exit(result, 0)
+    assert (tmp_path / "model.subpixel.onnx").is_file()
+    report = json.loads(rep.read_text())
+    assert report["verified"] is False
+    assert "skipped" in report["verification"] and "NOT" in report["verification"]
+    assert report["outputs"] == []
+    assert "skipped" in result.stdout
+
+
+def test_shape_and_inputs_options_feed_verification(tmp_path, model_file, ct_model):
+    src = model_file(ct_model(input_dims=["N", 3, "H", "W"]))
+    npz = tmp_path / "in.npz"
+    np.savez(npz, x=x_feed((2, 3, 4, 7))["x"])
+    assert_clean_exit(invoke("convert", src, "--shape", "x=1x3x5x6", "-o", tmp_path / "a.onnx"), 0)
+    assert_clean_exit(invoke("convert", src, "--inputs", npz, "-o", tmp_path / "b.onnx"), 0)
+    assert_equivalent(src, tmp_path / "a.onnx", x_feed((2, 3, 7, 4)))
+
+
+# ----------------------------------------------------------------------------- exit 3
+
+
+def test_dynamic_weight_is_refused_with_reason_and_output_written(tmp_path, model_file):
+    src = model_file(two_site_model(dynamic_second=True))
+    original = src.read_bytes()
+    rep = tmp_path / "r.json"
+    result = invoke("convert", src, "--report", rep)
+    assert_clean_exit(result, 3)
+    assert src.read_bytes() == original
+    refused = [ln for ln in result.stdout.splitlines() if "refused" in ln and "up2" in ln]
+    assert refused, result.stdout
+    assert "'up2'" in refused[0] and "not constant" in refused[0] and "W2" in refused[0]
+    report = json.loads(rep.read_text())
+    by_node = {s["node"]: s for s in report["sites"]}
+    assert by_node["up1"]["status"] == "rewritten"
+    assert by_node["up2"]["status"] == "refused"
+    assert "up2" in by_node["up2"]["reason"] and "not constant" in by_node["up2"]["reason"]
+    assert report["verified"] is True
+    out = tmp_path / "model.subpixel.onnx"
+    nodes = onnx.load(str(out)).graph.node
+    assert [n.name for n in nodes if n.op_type == "ConvTranspose"] == ["up2"]
+    feeds = {**x_feed(), "W2": np.random.default_rng(5).standard_normal((4, 2, 3, 3)).astype(np.float32)}
+    assert_equivalent(src, out, feeds)
+
+
+def test_only_refused_node_exits_3(tmp_path, model_file):
+    src = model_file(two_site_model(dynamic_second=True))
+    result = invoke("convert", src, "--only", "up2")
+    assert_clean_exit(result, 3)
+    assert op_types(tmp_path / "model.subpixel.onnx") == ["ConvTranspose", "ConvTranspose"]
+
+
+# ----------------------------------------------------------------------------- exit 1
+
+
+@pytest.fixture
+def corrupt_emitter(monkeypatch):
+    """Make the sub-pixel emitter write one wrong weight (off by 1e-2)."""
+    from onnx_uprewrite.passes import to_subpixel
+
+    real = to_subpixel.subpixel_weight
+
+    def wrong(*args, **kwargs):
+        v = np.array(real(*args, **kwargs), copy=True)
+        v.flat[0] += 1e-2
+        return v
+
+    monkeypatch.setattr(to_subpixel, "subpixel_weight", wrong)
+
+
+def test_verification_failure_exits_1_and_writes_nothing(tmp_path, model_file, corrupt_emitter):
+    src = model_file()
+    before = tree(tmp_path)
+    result = invoke("convert", src)
+    assert_clean_exit(result, 1)
+    line = error_line(result.stderr, str(src), "output 'y'", "max abs error", "> tolerance", "nothing written",
+                      single=False)
+    assert "verification failed" in line
+    assert tree(tmp_path) == before
+
+
+def test_verification_failure_still_writes_requested_report(tmp_path, model_file, corrupt_emitter):
+    src = model_file()
+    rep = tmp_path / "r.json"
+    out = tmp_path / "out.onnx"
+    result = invoke("convert", src, "-o", out, "--report", rep)
+    assert_clean_exit(result, 1)
+    assert not out.exists() and not (tmp_path / "model.subpixel.onnx").exists()
+    report = json.loads(rep.read_text())
+    assert report["verified"] is False
+    assert report["verification"].startswith("failed")
+    assert report["outputs"][0]["ok"] is False
+    assert report["written"] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "r.json"]
+
+
+def test_no_verify_skips_the_check_that_would_fail(tmp_path, model_file, corrupt_emitter):
+    result = invoke("convert", model_file(), "--no-verify")
+    assert_clean_exit(result, 0)
+    assert (tmp_path / "model.subpixel.onnx").is_file()
+
+
+# ----------------------------------------------------------------------------- exit 2: bad model files
+
+
+def _write(data: bytes):
+    def make(path: Path, build):
+        path.write_bytes(data)
+    return make
+
+
+def _model(model_fn):
+    return lambda path, build: path.write_bytes(model_fn().SerializeToString())
+
+
+def _truncated(path: Path, build):
+    data = build().SerializeToString()
+    path.write_bytes(data[: len(data) // 2])
+
+
+BAD_FILES = {
+    "missing": (lambda path, build: None, ["no such file"]),
+    "directory": (lambda path, build: path.mkdir(), ["directory"]),
+    "empty": (_write(b""), ["empty file"]),
+    "random_bytes": (_write(np.random.default_rng(0).bytes(4096)), []),
+    "truncated": (_truncated, []),
+    "text": (_write(b"ir_version: 8\nthis is a text file, not a protobuf\n"), []),
+    "tensor_proto": (_write(numpy_helper.from_array(np.ones((2, 3), np.float32), "t").SerializeToString()), []),
+    # these parse as a ModelProto (protobuf skips unknown fields) but hold no graph
+    "tensor_proto_unnamed": (_write(numpy_helper.from_array(np.ones((2, 3), np.float32)).SerializeToString()),
+                             ["not an ONNX model"]),
+    "graph_proto": (_write(helper.make_graph([], "g", [], []).SerializeToString()), ["not an ONNX model"]),
+    "model_without_graph": (_write(onnx.ModelProto(ir_version=8).SerializeToString()), ["not an ONNX model"]),
+    "unproduced_tensor": (
+        _model(lambda: graph_model([helper.make_node("Add", ["x", "ghost"], ["y"], name="add")])),
+        ["node 'add'", "'ghost'", "nothing produces"],
+    ),
+    "duplicate_producer": (
+        _model(lambda: graph_model([helper.make_node("Relu", ["x"], ["y"], name="a"),
+                                    helper.make_node("Sigmoid", ["x"], ["y"], name="b")])),
+        ["'y'", "produced twice", "'b'"],
+    ),
+    "cycle": (
+        _model(lambda: graph_model([helper.make_node("Add", ["x", "t2"], ["t1"], name="add"),
+                                    helper.make_node("Relu", ["t1"], ["t2"], name="relu"),
+                                    helper.make_node("Identity", ["t2"], ["y"], name="id")])),
+        ["cycle"],
+    ),
+    "no_default_opset": (
+        _model(lambda: graph_model([helper.make_node("Relu", ["x"], ["y"], name="r")],
+                                   opsets=(("com.example", 1),))),
+        ["opset"],
+    ),
+    "opset_too_old": (
+        _model(lambda: graph_model([helper.make_node("Relu", ["x"], ["y"], name="r")], opsets=(("", 6),))),
+        ["opset 6"],
+    ),
+    "output_produced_by_nobody": (
+        _model(lambda: graph_model([helper.make_node("Relu", ["x"], ["t"], name="r")], outputs=("y",))),
+        ["'y'"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_invalid_model_file_exits_2(tmp_path, case, ct_model):
+    make, needles = BAD_FILES[case]
+    path = tmp_path / "model.onnx"
+    make(path, ct_model)
+    _, line = assert_refused(tmp_path, ["convert", path], 2, str(path), *needles)
+    assert "internal error" not in line
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "cycle"])
+def test_inspect_and_verify_refuse_invalid_model_with_exit_2(tmp_path, model_file, case, ct_model):
+    make, needles = BAD_FILES[case]
+    good = model_file(name="good.onnx")
+    bad = tmp_path / "model.onnx"
+    make(bad, ct_model)
+    assert_refused(tmp_path, ["inspect", bad], 2, str(bad), *needles)
+    assert_refused(tmp_path, ["verify", good, bad], 2, str(bad), *needles)
+
+
+# ----------------------------------------------------------------------------- exit 2: usage errors
+
+
+def test_unknown_only_name_exits_2(tmp_path, model_file):
+    src = model_file()
+    assert_refused(tmp_path, ["convert", src, "--only", "nope"], 2, "--only", "'nope'", "up")
+
+
+def test_output_equal_to_input_exits_2(tmp_path, model_file, monkeypatch):
+    src = model_file()
+    assert_refused(tmp_path, ["convert", src, "-o", src], 2, str(src), "overwrite")
+    # the same file spelled differently
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert_refused(tmp_path, ["convert", src, "-o", "../model.onnx"], 2, "../model.onnx", "overwrite")
+
+
+def test_output_folder_missing_exits_2(tmp_path, model_file):
+    src = model_file()
+    out = tmp_path / "nope" / "out.onnx"
+    assert_refused(tmp_path, ["convert", src, "-o", out], 2, str(out), "does not exist")
+
+
+def test_symbolic_input_dims_without_shape_exits_2(tmp_path, model_file, ct_model):
+    src = model_file(ct_model(input_dims=["N", 3, 5, 6]))
+    assert_refused(tmp_path, ["convert", src], 2, "input 'x'", "dimension 0", "'N'", "--shape x=")
+
+
+@pytest.mark.parametrize("value", ["1x3x5x6", "x=", "x=1xAx5x6", "x=1x-3x5x6", "=1x3"])
+def test_bad_shape_syntax_exits_2(tmp_path, model_file, value):
+    src = model_file()
+    assert_refused(tmp_path, ["convert", src, "--shape", value], 2, "--shape", repr(value))
+
+
+def test_shape_for_unknown_input_exits_2(tmp_path, model_file):
+    src = model_file()
+    assert_refused(tmp_path, ["convert", src, "--shape", "foo=1x3x5x6"], 2, "'foo'", "inputs: x")
+
+
+def test_shape_disagreeing_with_declared_dims_exits_2(tmp_path, model_file):
+    src = model_file()
+    assert_refused(tmp_path, ["convert", src, "--shape", "x=1x3x9x6"], 2, "'x'", "dimension 2")
+
+
+def test_unreadable_inputs_file_exits_2(tmp_path, model_file):
+    src = model_file()
+    npz = tmp_path / "in.npz"
+    npz.write_bytes(b"not a zip archive")
+    assert_refused(tmp_path, ["convert", src, "--inputs", npz], 2, "--inputs", str(npz))
+    missing = tmp_path / "missing.npz"
+    assert_refused(tmp_path, ["convert", src, "--inputs", missing], 2, "--inputs", str(missing))
+
+
+def test_inputs_with_wrong_dtype_exits_2(tmp_path, model_file):
+    src = model_file()
+    npz = tmp_path / "in.npz"
+    np.savez(npz, x=np.zeros((1, 3, 5, 6), np.float64))
+    assert_refused(tmp_path, ["convert", src, "--inputs", npz], 2, "'x'", "float64")
+
+
+def test_unimplemented_target_form_exits_2(tmp_path, model_file):
+    src = model_file()
+    assert_refused(tmp_path, ["convert", src, "--to", "resize"], 2, "resize", "not implemented")
+
+
+def test_unknown_target_form_is_a_click_usage_error(tmp_path, model_file):
+    src = model_file()
+    before = tree(tmp_path)
+    result = invoke("convert", src, "--to", "bogus")
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output and "bogus" in result.stderr
+    assert tree(tmp_path) == before
+
+
+def test_op_onnxruntime_cannot_run_exits_2_and_suggests_no_verify(tmp_path, model_file, ct_model):
+    m = ct_model()
+    m.graph.node[0].output[0] = "h"
+    m.graph.node.append(helper.make_node("Frobnicate", ["h"], ["y"], name="custom", domain="com.example"))
+    m.opset_import.append(helper.make_opsetid("com.example", 1))
+    src = model_file(m)
+    assert_refused(tmp_path, ["convert", src], 2, "onnxruntime cannot run", "--no-verify")
+
+
+@pytest.mark.parametrize("case", ["symbolic_dim", "unknown_shape_name", "ort_cannot_run"])
+def test_input_and_runtime_errors_name_the_model(tmp_path, model_file, case, ct_model):
+    if case == "symbolic_dim":
+        src, extra = model_file(ct_model(input_dims=["N", 3, 5, 6])), []
+    elif case == "unknown_shape_name":
+        src, extra = model_file(), ["--shape", "foo=1x3x5x6"]
+    else:
+        m = ct_model()
+        m.graph.node[0].output[0] = "h"
+        m.graph.node.append(helper.make_node("Frobnicate", ["h"], ["y"], name="custom", domain="com.example"))
+        m.opset_import.append(helper.make_opsetid("com.example", 1))
+        src, extra = model_file(m), []
+    assert_refused(tmp_path, ["convert", src, *extra], 2, str(src))
+
+
+# ----------------------------------------------------------------------------- inspect / verify
+
+
+def test_inspect_json_lists_sites_and_refusals(tmp_path, model_file):
+    src = model_file(two_site_model(dynamic_second=True))
+    result = invoke("inspect", src, "--json")
+    assert_clean_exit(result, 0)
+    info = json.loads(result.stdout)
+    by_node = {s["node"]: s for s in info["sites"]}
+    assert by_node["up1"]["refused"] is None and "subpixel" in by_node["up1"]["exact_forms"]
+    assert by_node["up1"]["params"]["kernel"] == [4, 4]
+    assert "not constant" in by_node["up2"]["refused"]
+    text = invoke("inspect", src)
+    assert_clean_exit(text, 0)
+    assert "up1 (convtranspose)" in text.stdout and "refused" in text.stdout
+
+
+def test_verify_equivalent_models_exit_0_and_different_exit_1(tmp_path, model_file, ct_model):
+    a = model_file(name="a.onnx")
+    assert_clean_exit(invoke("convert", a), 0)
+    converted = tmp_path / "a.subpixel.onnx"
+    same = invoke("verify", a, converted)
+    assert_clean_exit(same, 0)
+    assert "output 'y'" in same.stdout and ": ok" in same.stdout
+    b = model_file(ct_model(seed=7), name="b.onnx")
+    diff = invoke("verify", a, b)
+    assert_clean_exit(diff, 1)
+    assert "DIFFERENT" in diff.stdout
+
+
+# ----------------------------------------------------------------------------- the real entry point
+
+
+def test_module_help(tmp_path):
+    proc = run_module("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for cmd in ("convert", "inspect", "verify"):
+        assert cmd in proc.stdout
+    assert "Traceback" not in proc.stderr
+    sub = run_module("convert", "--help", cwd=tmp_path)
+    assert sub.returncode == 0 and "--only" in sub.stdout and "--no-verify" in sub.stdout
+
+
+def test_module_convert_then_verify(tmp_path, model_file, ct_model):
+    model_file()
+    proc = run_module("convert", "model.onnx", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "model.subpixel.onnx").is_file()
+    ok = run_module("verify", "model.onnx", "model.subpixel.onnx", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    model_file(ct_model(seed=9), name="other.onnx")
+    bad = run_module("verify", "model.onnx", "other.onnx", cwd=tmp_path)
+    assert bad.returncode == 1 and "DIFFERENT" in bad.stdout
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("case", [
+    ("garbage", lambda tmp: [tmp / "model.onnx"], 2, "model.onnx"),
+    ("missing_arg", lambda tmp: [], 2, "MODEL"),
+    ("dynamic_weight", lambda tmp: [tmp / "model.onnx"], 3, None),
+    ("symbolic", lambda tmp: [tmp / "model.onnx"], 2, "'N'"),
+], ids=lambda c: c[0])
+def test_module_errors_have_no_traceback(tmp_path, case, ct_model):
+    name, args, code, needle = case
+    model = {
+        "garbage": None,
+        "missing_arg": ct_model(),
+        "dynamic_weight": two_site_model(dynamic_second=True),
+        "symbolic": ct_model(input_dims=["N", 3, 5, 6]),
+    }[name]
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"\x00\xff garbage" * 10 if model is None else model.SerializeToString())
+    original = path.read_bytes()
+    proc = run_module("convert", *args(tmp_path), cwd=tmp_path)
+    assert proc.returncode == code, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    assert path.read_bytes() == original
+    if code == 2:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        if name != "missing_arg":  # click's own usage message has several lines
+            assert len(lines) == 1 and lines[0].startswith("uprewrite: error: "), proc.stderr
+        assert needle in proc.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    else:
+        assert (tmp_path / "model.subpixel.onnx").is_file()
+
+
+# ----------------------------------------------------------------------------- regressions of bugs found by these tests
+
+
+def test_output_is_an_existing_directory_exits_2(tmp_path, model_file):
+    src = model_file()
+    (tmp_path / "outdir").mkdir()
+    assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "outdir"], 2, "outdir")
+
+
+def test_report_path_equal_to_input_never_overwrites_it(tmp_path, model_file):
+    src = model_file()
+    assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "out.onnx", "--report", src], 2, str(src))
+
+
+def test_report_path_equal_to_output_is_refused(tmp_path, model_file):
+    src = model_file()
+    out = tmp_path / "out.onnx"
+    assert_refused(tmp_path, ["convert", src, "-o", out, "--report", out], 2, str(out))
+
+
+@pytest.mark.parametrize("how", ["shape", "inputs"])
+def test_zero_size_verification_input_does_not_verify(tmp_path, model_file, ct_model, corrupt_emitter, how):
+    src = model_file(ct_model(input_dims=["N", 3, "H", "W"]))
+    if how == "shape":
+        extra = ["--shape", "x=0x3x5x6"]
+    else:
+        npz = tmp_path / "in.npz"
+        np.savez(npz, x=np.zeros((0, 3, 5, 6), np.float32))
+        extra = ["--inputs", npz]
+    before = tree(tmp_path)
+    result = invoke("convert", src, *extra)
+    assert result.exit_code in (1, 2), result.output  # anything but "written and verified"
+    assert tree(tmp_path) == before
+
+
+def test_module_runtime_failure_prints_one_line(tmp_path, ct_model):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(ct_model(input_dims=["N", 3, "H", "W"]).SerializeToString())
+    proc = run_module("convert", "model.onnx", "--shape", "x=1x3x0x6", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("uprewrite: error: "), proc.stderr
