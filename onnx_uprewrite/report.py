@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 from .verify import OutputCheck
@@ -52,8 +53,9 @@ class Report:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["outputs"] = [
-            {"name": o.name, "shape": list(o.shape), "max_abs_error": o.max_abs_error,
-             "max_abs_reference": o.max_abs_reference, "tolerance": o.tolerance, "ratio": o.ratio, "ok": o.ok}
+            {"name": o.name, "shape": list(o.shape), "max_abs_error": _finite(o.max_abs_error),
+             "max_abs_reference": o.max_abs_reference, "tolerance": o.tolerance, "ratio": _finite(o.ratio),
+             "ok": o.ok, "rewritten_shape": None if o.rewritten_shape is None else list(o.rewritten_shape)}
             for o in self.outputs
         ]
         d["summary"] = {"sites": len(self.sites), "rewritten": len(self.rewritten), "refused": len(self.refused)}
@@ -88,6 +90,11 @@ class Report:
         for w in self.written:
             lines.append(f"  wrote      {w}")
         return "\n".join(lines)
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no infinity: an infinite error (shape mismatch, NaN where the original has none) is null."""
+    return x if math.isfinite(x) else None
 
 
 def _census(counts: dict[str, int]) -> str:

@@ -77,7 +77,10 @@ def session(model: onnx.ModelProto | bytes) -> ort.InferenceSession:
     if isinstance(model, onnx.ModelProto) and model.ByteSize() > INLINE_LIMIT:
         with tempfile.TemporaryDirectory(prefix="uprewrite-verify-") as tmp:
             path = os.path.join(tmp, "model.onnx")
-            onnx.save_model(model, path, save_as_external_data=True, location="model.data")
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)  # saving with external data rewrites the proto it is given
+            onnx.save_model(copy, path, save_as_external_data=True, location="model.data")
+            del copy
             return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
