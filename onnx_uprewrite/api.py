@@ -72,7 +72,7 @@ def find_sites(
     sites, refusals = [], []
     for node in model.graph.node:
         for parser in PARSERS:
-            if parser.matches(node):
+            if parser.matches(node, index):
                 result = parser.parse(node, index)
                 (sites if isinstance(result, Site) else refusals).append(result)
                 break
@@ -86,7 +86,7 @@ def _subgraph_refusals(graph: onnx.GraphProto, owner: onnx.NodeProto) -> list[Re
     found = []
     for node in graph.node:
         for parser in PARSERS:
-            if parser.matches(node):
+            if parser.matches(node, None):
                 name = node.name or node.output[0]
                 found.append(Refusal(name, parser.SOURCE, f"{node.op_type} '{name}': inside a subgraph of "
                                      f"{owner.op_type} '{owner.name}'; subgraphs are not rewritten"))
@@ -159,6 +159,10 @@ def convert(
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     replacements, candidates, terms = {}, set(), 0
     for site in sites:
+        if site.source == to:
+            report.sites.append(SiteResult(node=site.node, source=site.source, target=to, status="skipped",
+                                           reason=f"already in form {to}", params=site.params()))
+            continue
         builder = Builder(namer, site.node)
         try:
             form = emitter.emit(site, builder, opset)
@@ -202,7 +206,8 @@ def _measure(model, inputs, shapes, seed, required: bool):
     combinations (DESIGN.md §3), and a wrong length would give a later site wrong crops or
     reshapes, so site input shapes are measured.  Without verification the run is best effort.
     """
-    taps = sorted({n.input[0] for n in model.graph.node for p in PARSERS if p.matches(n) and n.input})
+    index = GraphIndex(model)
+    taps = sorted({t for n in model.graph.node for p in PARSERS if p.matches(n, index) for t in p.taps(n, index)})
     try:
         feeds = make_inputs(model, shapes, inputs, seed)
         outputs = run_with_taps(model, feeds, taps)

@@ -14,7 +14,7 @@ class SiteResult:
     node: str
     source: str
     target: str | None
-    status: str  # "rewritten" | "refused"
+    status: str  # "rewritten" | "refused" | "skipped" (already in the target form)
     reason: str | None = None
     form: str | None = None  # description of what was emitted
     params: dict | None = None
@@ -76,6 +76,9 @@ class Report:
             lines.append(f"  rewritten  {s.node}: {s.form}{macs}")
         for s in self.refused:
             lines.append(f"  refused    {s.reason}")
+        for s in self.sites:
+            if s.status == "skipped":
+                lines.append(f"  skipped    {s.node}: {s.reason}")
         lines.append(f"  ops before: {_census(self.ops_before)}")
         lines.append(f"  ops after:  {_census(self.ops_after)}")
         if self.verified:

@@ -85,17 +85,17 @@ def splice(model: onnx.ModelProto, replacements: dict[str, tuple[tuple[str, ...]
 
 
 def drop_unused(model: onnx.ModelProto, candidates: set[str]) -> None:
-    """Remove initializers, Constant and Identity nodes among ``candidates`` that nothing reads.
+    """Remove initializers and nodes producing only ``candidates`` that nothing reads any more.
 
-    Only tensors that fed rewritten sites are candidates: unrelated dead code is not ours to drop.
+    Only tensors that fed rewritten sites (weights, their Constant/Identity chains, an upsampling
+    node and its scales) are candidates: unrelated dead code is not ours to drop.
     """
     graph = model.graph
     while True:
         used = _used_names(graph)
         dead_nodes = [
             n for n in graph.node
-            if n.op_type in ("Constant", "Identity") and n.output and n.output[0] in candidates
-            and n.output[0] not in used
+            if n.output and all(o in candidates and o not in used for o in n.output if o)
         ]
         if not dead_nodes:
             break

@@ -244,3 +244,46 @@ def subpixel_reference(x: np.ndarray, weight, bias, axes: tuple[Axis, ...], grou
     z = depth_to_space_crd(y, tuple(a.stride for a in axes))
     sl = tuple(slice(p.crop_start, z.shape[2 + i] - p.crop_drop_end) for i, p in enumerate(plans))
     return z[(slice(None), slice(None)) + sl]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resize(nearest, integer s) + Conv  ->  transposed convolution (DESIGN.md R1)
+
+
+def nearest_conv_weight(conv_weight: np.ndarray, group: int, strides, dilations) -> np.ndarray:
+    """Conv weight ``V [Cout, Cin/g, Kc...]`` after nearest x``s`` upsampling -> ConvTranspose weight.
+
+    ``W = box_s ⊛ dilate_dc(flip V)`` per axis with in/out channels swapped per group, of length
+    ``K = (Kc-1)*dc + s``: tap k of W sums the taps j of the flipped kernel with
+    ``0 <= k - j*dc < s`` (the taps that read the same low-resolution pixel).  Summed in float64
+    and rounded once to the weight dtype.
+    """
+    rank = conv_weight.ndim - 2
+    v = np.asarray(conv_weight, dtype=np.float64)
+    v = v[(slice(None), slice(None)) + (slice(None, None, -1),) * rank]
+    for ax, (s, dc) in enumerate(zip(strides, dilations)):
+        axis = 2 + ax
+        kc = v.shape[axis]
+        out = np.zeros(v.shape[:axis] + ((kc - 1) * dc + s,) + v.shape[axis + 1 :])
+        for j in range(kc):
+            for r in range(s):
+                idx = [slice(None)] * v.ndim
+                idx[axis] = j * dc + r
+                src = [slice(None)] * v.ndim
+                src[axis] = j
+                out[tuple(idx)] += v[tuple(src)]
+        v = out
+    c_out, cig = v.shape[:2]
+    cog = c_out // group
+    w = v.reshape((group, cog, cig) + v.shape[2:]).swapaxes(1, 2)
+    return w.reshape((group * cig, cog) + v.shape[2:]).astype(conv_weight.dtype)
+
+
+def nearest_conv_axis(stride: int, kernel: int, dilation: int, pad_begin: int, pad_end: int) -> Axis:
+    """Geometry of Resize(nearest, s) + stride-1 Conv(Kc, dc, pads) as a transposed convolution.
+
+    The Conv reads the upsampled signal at ``o + j*dc - Pb``; with the flipped kernel this is a
+    transposed convolution cropped at ``pb = (Kc-1)*dc - Pb``, output ``s*L + Pb + Pe - (Kc-1)*dc``.
+    """
+    span = (kernel - 1) * dilation
+    return Axis(stride, 1, span + stride, span - pad_begin, pad_begin + pad_end - span)

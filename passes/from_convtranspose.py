@@ -25,8 +25,13 @@ SOURCE = "convtranspose"
 FLOAT_TYPES = ("float32", "float16", "float64", "bfloat16")
 
 
-def matches(node: NodeProto) -> bool:
+def matches(node: NodeProto, index: GraphIndex | None) -> bool:
     return node.op_type == "ConvTranspose" and node.domain in ("", "ai.onnx")
+
+
+def taps(node: NodeProto, index: GraphIndex) -> list[str]:
+    """Tensors whose run-time shapes the parser needs."""
+    return [node.input[0]]
 
 
 def resolve_axis(
