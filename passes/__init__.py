@@ -4,13 +4,13 @@ Explicit, ordered registries; ``onnx_uprewrite.api`` runs every parser over the 
 hands each site to the emitter of the requested form.
 """
 
-from . import from_convtranspose, from_resize_conv, to_subpixel
+from . import from_convtranspose, from_resize_conv, to_convtranspose, to_subpixel
 
 #: parsers, tried in order on every node; each has ``SOURCE`` (its form), ``matches(node, index)``,
 #: ``taps(node, index)`` (tensors whose measured shapes it needs), ``parse(node, index)``, ``macs(site)``
 PARSERS = (from_convtranspose, from_resize_conv)
 
 #: emitters by target form; each has ``emit(site, builder, opset)`` and ``macs(site)``
-EMITTERS = {to_subpixel.FORM: to_subpixel}
+EMITTERS = {to_subpixel.FORM: to_subpixel, to_convtranspose.FORM: to_convtranspose}
 
 __all__ = ["PARSERS", "EMITTERS"]

@@ -186,3 +186,31 @@ def test_sizes_input_uses_static_shape():
     assert up.convert(model).report.verified
     model.graph.initializer[-1].CopyFrom(numpy_helper.from_array(np.array([1, 4, 13, 12], np.int64), "sizes"))
     assert "not integer multiples" in find_sites(model)[1][0].reason
+
+
+def test_nearest2_conv3_to_convtranspose_is_one_k4_s2_p1_node():
+    result = up.convert(_nearest2_conv3(), to="convtranspose")
+    (node,) = result.model.graph.node
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert node.op_type == "ConvTranspose"
+    assert attrs["strides"] == [2, 2] and attrs["pads"] == [1, 1, 1, 1] and "output_padding" not in attrs
+    assert numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == node.input[1])).shape == (
+        4, 8, 4, 4)
+    assert result.report.verified
+
+
+@pytest.mark.parametrize("batch", range(4))
+def test_resize_conv_sweep_to_convtranspose_matches_onnxruntime(batch):
+    opset = (9, 11, 13, 17)[batch]
+    model, feeds, terms = _batch(90, opset, seed=100 + batch)
+    ref = _run(model, feeds)
+    result = up.convert(model, to="convtranspose", verify=False)
+    assert not result.report.refused, [s.reason for s in result.report.refused][:3]
+    ops = {n.op_type for n in result.model.graph.node}
+    assert not ops & {"Resize", "Upsample"} and "ConvTranspose" in ops
+    got = _run(result.model, feeds)
+    for i, t in enumerate(terms):
+        r, g = ref[f"y{i}"], got[f"y{i}"]
+        assert g.shape == r.shape
+        tol = 8 * EPS32 * math.sqrt(t * 9) * max(float(np.abs(r).max()), 1e-30)
+        assert float(np.abs(g.astype(np.float64) - r).max()) <= tol, i

@@ -1,0 +1,276 @@
+"""Canonical site -> ConvTranspose: a randomized sweep of sites checked in onnxruntime against the
+float64 reference, plus the structure of the plain and fallback forms."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from onnx_uprewrite.passes import to_convtranspose
+from onnx_uprewrite.sites import Site
+from onnx_uprewrite.surgery import Builder, Namer
+from onnx_uprewrite.verify import session
+from onnx_uprewrite.weights import Axis, conv_transpose_reference
+
+OPSETS = (9, 11, 13, 17)
+BATCHES = 8
+PER_BATCH = 250  # 8 * 250 = 2000 sites
+EPS32 = float(np.finfo(np.float32).eps)
+IR = {9: 4, 11: 6, 13: 8, 17: 8}
+
+
+def random_site(rng: random.Random, i: int) -> tuple[Site, tuple[int, ...], bool]:
+    """A random canonical site, the input shape to run it at, and whether to declare it symbolic."""
+    rank = rng.choices([1, 2, 3], weights=[3, 5, 2])[0]
+    axes, lengths = [], []
+    for _ in range(rank):
+        s = rng.randint(1, 4)
+        d = 1 if rng.random() < 0.6 else rng.randint(2, 3)
+        k = rng.randint(1, 6)
+        pb, e = rng.randint(-3, 8), rng.randint(-8, 8)
+        n = rng.randint(1, 5 if rank < 3 else 3)
+        n = max(n, -((e - 1) // s))  # smallest L with s*L + e >= 1
+        axes.append(Axis(s, d, k, pb, e))
+        lengths.append(n)
+    g = rng.choice([1, 1, 1, 2, 3, "dw"])
+    if g == "dw":
+        group = rng.randint(2, 4)
+        c_in, c_out = group, group * rng.choice([1, 1, 2])
+    else:
+        group, c_in, c_out = g, g * rng.randint(1, 3), g * rng.randint(1, 3)
+    nrng = np.random.default_rng(rng.getrandbits(32))
+    weight = nrng.standard_normal((c_in, c_out // group) + tuple(a.kernel for a in axes)).astype(np.float32)
+    bias = nrng.standard_normal(c_out).astype(np.float32) if rng.random() < 0.6 else None
+    symbolic = rng.random() < 0.25
+    site = _site(weight, bias, group, axes, None if symbolic else lengths, i)
+    shape = (rng.randint(1, 2), c_in, *lengths)
+    return site, shape, symbolic
+
+
+def _site(weight, bias, group, axes, lengths, i=0) -> Site:
+    rank = len(axes)
+    return Site(
+        node=f"ct{i}", source="convtranspose", replaced_outputs=(f"y{i}",), input=f"x{i}", output=f"y{i}",
+        weight=weight, bias=bias, group=group, axes=tuple(axes),
+        input_lengths=tuple(lengths) if lengths is not None else (None,) * rank, weight_tensors=(),
+    )
+
+
+def build_model(sites, declared_shapes, opset: int) -> onnx.ModelProto:
+    """One graph with every site emitted (graph inputs ``x{i}``, outputs ``y{i}``)."""
+    namer = Namer(onnx.ModelProto())
+    nodes, inits, inputs, outputs = [], [], [], []
+    for i, site in enumerate(sites):
+        b = Builder(namer, site.node)
+        to_convtranspose.emit(site, b, opset)
+        nodes += b.emission.nodes
+        inits += b.emission.initializers
+        inputs.append(helper.make_tensor_value_info(site.input, onnx.TensorProto.FLOAT, declared_shapes[i]))
+        outputs.append(helper.make_tensor_value_info(site.output, onnx.TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "emitted", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR[opset])
+
+
+def _run(model: onnx.ModelProto, feeds: dict) -> dict:
+    sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def _check(site: Site, x: np.ndarray, got: np.ndarray) -> float:
+    """Error over tolerance; asserts shape and tolerance."""
+    ref = conv_transpose_reference(x, site.weight, site.bias, site.axes, site.group)
+    assert got.shape == ref.shape, (site.params(), got.shape, ref.shape)
+    terms = (site.in_channels // site.group) * math.prod(a.kernel for a in site.axes)
+    tol = 8 * EPS32 * math.sqrt(terms) * max(float(np.abs(ref).max()), 1e-30)
+    err = float(np.abs(got.astype(np.float64) - ref).max())
+    assert err <= tol, (site.params(), site.input_lengths, x.shape, err, tol)
+    return err / tol
+
+
+@pytest.fixture(scope="module")
+def sweep_stats():
+    stats = {"ratios": [], "fallback": 0, "symbolic": 0}
+    yield stats
+    if stats["ratios"]:
+        print(f"\nto_convtranspose sweep: {len(stats['ratios'])} sites ({stats['fallback']} fallback, "
+              f"{stats['symbolic']} symbolic), worst error/tolerance {max(stats['ratios']):.4f}")
+
+
+@pytest.mark.parametrize("batch", range(BATCHES))
+def test_sweep_matches_reference(batch, sweep_stats):
+    rng = random.Random(7000 + batch)
+    opset = OPSETS[batch % len(OPSETS)]
+    drawn = [random_site(rng, i) for i in range(PER_BATCH)]
+    sites = [d[0] for d in drawn]
+    declared = [
+        ["N", shape[1], *(f"L{i}_{a}" for a in range(len(shape) - 2))] if symbolic else list(shape)
+        for i, (_, shape, symbolic) in enumerate(drawn)
+    ]
+    model = build_model(sites, declared, opset)
+    nrng = np.random.default_rng(batch)
+    feeds = {s.input: nrng.standard_normal(shape).astype(np.float32) for s, shape, _ in drawn}
+    got = _run(model, feeds)
+    for site, shape, symbolic in drawn:
+        sweep_stats["ratios"].append(_check(site, feeds[site.input], got[site.output]))
+        sweep_stats["symbolic"] += symbolic
+    emitted_ops = {}
+    for n in model.graph.node:
+        emitted_ops.setdefault(n.name.split("/")[0], []).append(n.op_type)
+    sweep_stats["fallback"] += sum(ops != ["ConvTranspose"] for ops in emitted_ops.values())
+    # both forms are exercised in every batch
+    assert 0 < sum(ops == ["ConvTranspose"] for ops in emitted_ops.values()) < PER_BATCH
+
+
+# ----------------------------------------------------------------------------------------------
+# structure
+
+
+def _emit(site: Site, opset: int = 17):
+    b = Builder(Namer(onnx.ModelProto()), "up")
+    text = to_convtranspose.emit(site, b, opset)
+    return b.emission, text
+
+
+def _attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _weights(kernel, c_in=4, c_out=3, group=1, bias=True, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((c_in, c_out // group) + tuple(kernel)).astype(np.float32)
+    return w, rng.standard_normal(c_out).astype(np.float32) if bias else None
+
+
+def _run_site(site: Site, shape, opset=17, declared=None) -> np.ndarray:
+    model = build_model([site], [list(declared or shape)], opset)
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    got = _run(model, {site.input: x})[site.output]
+    _check(site, x, got)
+    return got
+
+
+@pytest.mark.parametrize("opset", OPSETS)
+def test_plain_case_is_one_convtranspose_with_explicit_pads(opset):
+    # k4 s2 p1 (e = 0: pads 1/1) and k2 s3 with e = 1 (output 3L + 1: pads 0/0, output_padding 2)
+    w, bias = _weights((4, 2))
+    site = _site(w, bias, 1, [Axis(2, 1, 4, 1, 0), Axis(3, 1, 2, 0, 1)], (5, 6))
+    emission, text = _emit(site, opset)
+    assert [n.op_type for n in emission.nodes] == ["ConvTranspose"]
+    node = emission.nodes[0]
+    attrs = _attrs(node)
+    assert attrs["pads"] == [1, 0, 1, 0] and attrs["output_padding"] == [0, 2]
+    assert attrs["strides"] == [2, 3] and attrs["kernel_shape"] == [4, 2]
+    assert "auto_pad" not in attrs and "output_shape" not in attrs
+    assert node.output[0] == site.output and len(node.input) == 3
+    inits = {t.name: numpy_helper.to_array(t) for t in emission.initializers}
+    np.testing.assert_array_equal(inits[node.input[1]], w)  # weights as-is
+    np.testing.assert_array_equal(inits[node.input[2]], bias)
+    assert "pads [1, 0, 1, 0] output_padding [0, 2]" in text
+    _run_site(site, (2, 4, 5, 6), opset)
+
+
+def test_group_and_dilation_are_kept():
+    w, bias = _weights((3,), c_in=6, c_out=6, group=6)
+    site = _site(w, bias, 6, [Axis(3, 2, 3, 2, 1)], (7,))
+    emission, _ = _emit(site)
+    attrs = _attrs(emission.nodes[0])
+    assert attrs["group"] == 6 and attrs["dilations"] == [2] and attrs["pads"] == [2, 0]
+    _run_site(site, (1, 6, 7))
+
+
+@pytest.mark.parametrize("opset", OPSETS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_negative_crop_begin_uses_pad_fallback(opset, bias):
+    w, b = _weights((4, 4), bias=bias)
+    site = _site(w, b, 1, [Axis(2, 1, 4, -2, 0), Axis(2, 1, 4, 1, 0)], (4, 5))
+    emission, text = _emit(site, opset)
+    ops = [n.op_type for n in emission.nodes]
+    # axis 0: F has 2L+2 positions, y = F[-2 : 2L-2]: pad_end 4 drops the tail, Pad inserts 2 zeros
+    assert ops == ["ConvTranspose", "Pad"] + (["Add"] if bias else [])
+    conv = emission.nodes[0]
+    assert len(conv.input) == 2  # bias goes to the Add, after the zero padding
+    assert _attrs(conv)["pads"] == [0, 1, 4, 1]
+    assert emission.nodes[-1].output[0] == site.output
+    assert "Pad" in text and "Slice" not in text
+    got = _run_site(site, (1, 4, 4, 5), opset)
+    if bias:  # the inserted zeros carry the bias
+        np.testing.assert_allclose(got[0, :, 0, 0], b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("opset", [9, 17])
+def test_output_longer_than_full_result_uses_pad_fallback(opset):
+    # k1 s2: full result 2L-1, wanted 2L+3 -> output_padding would be 4 >= stride
+    w, b = _weights((1,))
+    site = _site(w, b, 1, [Axis(2, 1, 1, 0, 3)], (5,))
+    emission, _ = _emit(site, opset)
+    assert [n.op_type for n in emission.nodes] == ["ConvTranspose", "Pad", "Add"]
+    assert _attrs(emission.nodes[0])["output_padding"] == [1]  # the largest onnxruntime accepts
+    _run_site(site, (1, 4, 5), opset)
+
+
+def test_crop_past_the_end_keeps_convtranspose_non_empty():
+    # pb = 8 beyond the full result (length 3 at L = 1): output is all bias
+    w, b = _weights((3,))
+    site = _site(w, b, 1, [Axis(1, 1, 3, 8, 2)], (1,))
+    emission, _ = _emit(site)
+    assert [n.op_type for n in emission.nodes] == ["ConvTranspose", "Pad", "Slice", "Add"]
+    got = _run_site(site, (1, 4, 1))
+    np.testing.assert_array_equal(got[0], np.repeat(b[:, None], 3, axis=1))
+
+
+@pytest.mark.parametrize(
+    "axes",
+    [
+        [Axis(2, 1, 4, 1, 0), Axis(3, 1, 5, 2, 1)],  # plain
+        [Axis(2, 1, 4, -3, 1), Axis(3, 2, 2, 0, 6)],  # fallback, Pad on both ends
+        [Axis(2, 1, 3, 8, 5), Axis(1, 1, 2, 6, 4)],  # fallback, pads shrunk for the shortest input
+    ],
+)
+@pytest.mark.parametrize("opset", [9, 13])
+def test_symbolic_spatial_dims_run_at_two_sizes(axes, opset):
+    w, b = _weights((axes[0].kernel, axes[1].kernel))
+    site = _site(w, b, 1, axes, None)
+    for shape in [(1, 4, 1, 1), (2, 4, 6, 3)]:
+        _run_site(site, shape, opset, declared=["N", 4, "H", "W"])
+
+
+def test_design_golden_examples():
+    """DESIGN.md §5 seeds: 1-D k3 s2 and 2-D k3 s2 with padding 0 and 1."""
+    w = np.array([1, 2, 3], np.float32).reshape(1, 1, 3)
+    site = _site(w, None, 1, [Axis(2, 1, 3, 0, 1)], (2,))
+    model = build_model([site], [[1, 1, 2]], 17)
+    got = _run(model, {"x0": np.array([[[2, 3]]], np.float32)})["y0"]
+    np.testing.assert_array_equal(got[0, 0], [2, 4, 9, 6, 9])
+    k = np.array([[1, 1, 1], [0, 0, 0], [-1, -1, -1]], np.float32).reshape(1, 1, 3, 3)
+    x = np.array([[[[1, 2], [3, 4]]]], np.float32)
+    for pad, e, want in [
+        (0, 1, [[1, 1, 3, 2, 2], [0, 0, 0, 0, 0], [2, 2, 4, 2, 2], [0, 0, 0, 0, 0], [-3, -3, -7, -4, -4]]),
+        (1, -1, [[0, 0, 0], [2, 4, 2], [0, 0, 0]]),
+    ]:
+        site = _site(k, None, 1, [Axis(2, 1, 3, pad, e)] * 2, (2, 2))
+        got = _run(build_model([site], [[1, 1, 2, 2]], 17), {"x0": x})["y0"]
+        np.testing.assert_array_equal(got[0, 0], want)
+
+
+def test_refusals_carry_reasons():
+    w, b = _weights((3,))
+    with pytest.raises(ValueError, match="output length"):
+        _emit(_site(w, b, 1, [Axis(2, 1, 3, 0, -5)], (2,)))
+    with pytest.raises(ValueError, match="opset 6"):
+        _emit(_site(w, b, 1, [Axis(2, 1, 3, -1, 0)], (2,)), opset=6)
+    # the plain form is a single ConvTranspose, fine at any opset
+    emission, _ = _emit(_site(w, b, 1, [Axis(2, 1, 3, 1, 0)], (2,)), opset=6)
+    assert [n.op_type for n in emission.nodes] == ["ConvTranspose"]
+
+
+def test_macs_count_every_tap():
+    w, b = _weights((4, 3), c_in=6, c_out=4, group=2)
+    site = _site(w, b, 2, [Axis(2, 1, 4, 1, 0), Axis(2, 1, 3, 1, 0)], (5, 7))
+    assert to_convtranspose.macs(site) == 6 * 2 * 12 * 35
+    assert to_convtranspose.macs(_site(w, b, 2, site.axes, None)) is None
