@@ -141,6 +141,22 @@ class GraphIndex:
                 return _constant_node_value(node), tuple(chain)
             raise NotConstant(f"tensor '{name}' is computed by {node.op_type} node '{node.name}'")
 
+    def weight_and_bias(self, node: onnx.NodeProto, weight_label: str, bias_label: str):
+        """``(weight, weight chain, bias or None, bias chain)`` of a Conv-like node; NotConstant says why."""
+        if len(node.input) < 2 or not node.input[1]:
+            raise NotConstant(f"has no {weight_label} input")
+        try:
+            weight, w_chain = self.constant(node.input[1])
+        except NotConstant as exc:
+            raise NotConstant(f"{weight_label} is not constant: {exc}") from None
+        bias, b_chain = None, ()
+        if len(node.input) > 2 and node.input[2]:
+            try:
+                bias, b_chain = self.constant(node.input[2])
+            except NotConstant as exc:
+                raise NotConstant(f"{bias_label} is not constant: {exc}") from None
+        return weight, w_chain, bias, b_chain
+
     def spatial_lengths(self, tensor: str, rank: int, assumed: bool = False) -> tuple[int | None, ...]:
         shape = self.static_shapes.get(tensor)
         if assumed and (shape is None or None in shape[2:]):

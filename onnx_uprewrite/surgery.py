@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+INT64_MAX = np.iinfo(np.int64).max
+
 
 @dataclass
 class Emission:
@@ -55,6 +57,15 @@ class Builder:
         name = self.namer(f"{self.prefix}/{suffix}")
         self.emission.initializers.append(numpy_helper.from_array(np.asarray(value), name))
         return name
+
+    def slice(self, x: str, starts, ends, axes, opset: int, output: str | None = None) -> str:
+        """Slice ``x``; ends are python-style (negative counts from the end, None means to the end)."""
+        ends = [INT64_MAX if e is None else e for e in ends]
+        if opset < 10:
+            return self.node("Slice", [x], "crop", output=output, starts=list(starts), ends=ends, axes=list(axes))
+        consts = [self.constant(f"crop_{k}", np.array(v, dtype=np.int64))
+                  for k, v in (("starts", starts), ("ends", ends), ("axes", axes))]
+        return self.node("Slice", [x, *consts], "crop", output=output)
 
     def node(self, op: str, inputs: list[str], suffix: str, output: str | None = None, **attrs) -> str:
         out = output if output is not None else self.namer(f"{self.prefix}/{suffix}_out")

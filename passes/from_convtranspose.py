@@ -74,18 +74,10 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
     def refuse(reason: str) -> Refusal:
         return Refusal(name, SOURCE, f"ConvTranspose '{name}': {reason}")
 
-    if len(node.input) < 2 or not node.input[1]:
-        return refuse("has no weight input W")
     try:
-        weight, w_chain = index.constant(node.input[1])
+        weight, w_chain, bias, b_chain = index.weight_and_bias(node, "weight W", "bias B")
     except NotConstant as exc:
-        return refuse(f"weight W is not constant: {exc}")
-    bias, b_chain = None, ()
-    if len(node.input) > 2 and node.input[2]:
-        try:
-            bias, b_chain = index.constant(node.input[2])
-        except NotConstant as exc:
-            return refuse(f"bias B is not constant: {exc}")
+        return refuse(str(exc))
     if weight.dtype.name not in FLOAT_TYPES and str(weight.dtype) != "bfloat16":
         return refuse(f"weight dtype {weight.dtype} is not a float type")
     rank = weight.ndim - 2

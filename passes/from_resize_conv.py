@@ -136,18 +136,10 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
     def refuse(reason: str) -> Refusal:
         return Refusal(name, SOURCE, f"{resize.op_type} '{rname}' + Conv '{name}': {reason}")
 
-    if len(node.input) < 2 or not node.input[1]:
-        return refuse("Conv has no weight input")
     try:
-        weight, w_chain = index.constant(node.input[1])
+        weight, w_chain, bias, b_chain = index.weight_and_bias(node, "Conv weight", "Conv bias")
     except NotConstant as exc:
-        return refuse(f"Conv weight is not constant: {exc}")
-    bias, b_chain = None, ()
-    if len(node.input) > 2 and node.input[2]:
-        try:
-            bias, b_chain = index.constant(node.input[2])
-        except NotConstant as exc:
-            return refuse(f"Conv bias is not constant: {exc}")
+        return refuse(str(exc))
     if not np.issubdtype(weight.dtype, np.floating):
         return refuse(f"Conv weight dtype {weight.dtype} is not a float type")
     rank = weight.ndim - 2

@@ -29,7 +29,6 @@ from onnx_uprewrite.surgery import Builder
 from onnx_uprewrite.weights import Axis
 
 FORM = "convtranspose"
-INT64_MAX = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True)
@@ -128,20 +127,8 @@ def _pad(b: Builder, y: str, plans, output: str | None, opset: int) -> str:
 def _slice(b: Builder, y: str, plans, output: str | None, opset: int) -> str:
     axes = [2 + i for i, p in enumerate(plans) if p.crop_begin or p.crop_end]
     starts = [plans[a - 2].crop_begin for a in axes]
-    ends = [-plans[a - 2].crop_end if plans[a - 2].crop_end else INT64_MAX for a in axes]
-    if opset < 10:
-        return b.node("Slice", [y], "crop", output=output, starts=starts, ends=ends, axes=axes)
-    return b.node(
-        "Slice",
-        [
-            y,
-            b.constant("crop_starts", np.array(starts, dtype=np.int64)),
-            b.constant("crop_ends", np.array(ends, dtype=np.int64)),
-            b.constant("crop_axes", np.array(axes, dtype=np.int64)),
-        ],
-        "crop",
-        output=output,
-    )
+    ends = [-plans[a - 2].crop_end or None for a in axes]
+    return b.slice(y, starts, ends, axes, opset, output=output)
 
 
 def macs(site: Site) -> int | None:

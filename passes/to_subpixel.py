@@ -22,7 +22,6 @@ from onnx_uprewrite.surgery import Builder
 from onnx_uprewrite.weights import plan_subpixel_axis, subpixel_bias, subpixel_weight
 
 FORM = "subpixel"
-INT64_MAX = np.iinfo(np.int64).max
 
 
 def emit(site: Site, b: Builder, opset: int) -> str:
@@ -93,20 +92,8 @@ def _shuffle(b: Builder, y: str, channels: int, strides, q, output) -> str:
 def _crop(b: Builder, y: str, plans, output: str, opset: int) -> str:
     axes = [2 + i for i, p in enumerate(plans) if p.crop_start or p.crop_drop_end]
     starts = [plans[a - 2].crop_start for a in axes]
-    ends = [-plans[a - 2].crop_drop_end if plans[a - 2].crop_drop_end else INT64_MAX for a in axes]
-    if opset < 10:
-        return b.node("Slice", [y], "crop", output=output, starts=starts, ends=ends, axes=axes)
-    return b.node(
-        "Slice",
-        [
-            y,
-            b.constant("crop_starts", np.array(starts, dtype=np.int64)),
-            b.constant("crop_ends", np.array(ends, dtype=np.int64)),
-            b.constant("crop_axes", np.array(axes, dtype=np.int64)),
-        ],
-        "crop",
-        output=output,
-    )
+    ends = [-plans[a - 2].crop_drop_end or None for a in axes]
+    return b.slice(y, starts, ends, axes, opset, output=output)
 
 
 def macs(site: Site) -> int | None:
