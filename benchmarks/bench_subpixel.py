@@ -46,6 +46,20 @@ def one_layer(x_shape, w_shape, attrs, seed=0):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+def nearest_conv(x_shape, seed=0):
+    rng = np.random.default_rng(seed)
+    c = x_shape[1]
+    inits = [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+             numpy_helper.from_array((rng.standard_normal((c, c, 3, 3)) * 0.05).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "B")]
+    nodes = [helper.make_node("Resize", ["x", "", "scales"], ["u"], mode="nearest",
+                              coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+             helper.make_node("Conv", ["u", "W", "B"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "nc", [helper.make_tensor_value_info("x", 1, list(x_shape))],
+                              [helper.make_tensor_value_info("y", 1, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
 def sess(model):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
@@ -77,6 +91,15 @@ def main():
         x = np.random.default_rng(1).standard_normal(xs).astype(np.float32)
         t0, t1 = interleaved(sess(model), sess(rewritten), {"x": x}, args.runs)
         print(f"{name:34s} {t0 * 1e3:17.3f} {t1 * 1e3:13.3f} {t1 / t0:6.2f}")
+
+    print(f"\n{'nearest x2 + Conv3x3 p1, 64->64':34s} {'Resize+Conv ms':>17s} {'rewritten ms':>13s} {'ratio':>6s}")
+    for size in (32, 64):
+        model = nearest_conv((1, 64, size, size))
+        x = np.random.default_rng(1).standard_normal((1, 64, size, size)).astype(np.float32)
+        for form in ("convtranspose", "subpixel"):
+            rewritten = up.convert(model, to=form).model
+            t0, t1 = interleaved(sess(model), sess(rewritten), {"x": x}, args.runs)
+            print(f"{f'{size}x{size} -> {form}':34s} {t0 * 1e3:17.3f} {t1 * 1e3:13.3f} {t1 / t0:6.2f}")
 
     models = Path(__file__).resolve().parent.parent / "models"
     largest = max((p for p in models.glob("*.onnx") if p.stem.count(".") == 0), key=lambda p: p.stat().st_size)
