@@ -205,7 +205,7 @@ def compare(reference: dict[str, np.ndarray], result: dict[str, np.ndarray], tol
             checks.append(OutputCheck(name, tuple(ref.shape), math.inf, 0.0, 0.0,
                                       None if got is None else tuple(got.shape)))
             continue
-        r = ref.astype(np.float64) if ref.dtype != np.bool_ else ref.astype(np.float64)
+        r = ref.astype(np.float64)
         g = got.astype(np.float64)
         same_nan = np.isnan(r) & np.isnan(g)
         same_inf = np.isinf(r) & (r == g)

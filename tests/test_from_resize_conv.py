@@ -101,6 +101,14 @@ def _run(model, feeds):
     return dict(zip(names, sess.run(names, feeds)))
 
 
+def _assert_outputs_match(ref, got, terms):
+    for i, t in enumerate(terms):
+        r, g = ref[f"y{i}"], got[f"y{i}"]
+        assert g.shape == r.shape
+        tol = 8 * EPS32 * math.sqrt(t * 9) * max(float(np.abs(r).max()), 1e-30)
+        assert float(np.abs(g.astype(np.float64) - r).max()) <= tol, i
+
+
 @pytest.mark.parametrize("batch", range(12))
 def test_resize_conv_sweep_to_subpixel_matches_onnxruntime(batch):
     opset = (8, 9, 10, 11, 13, 17, 19)[batch % 7]
@@ -110,12 +118,7 @@ def test_resize_conv_sweep_to_subpixel_matches_onnxruntime(batch):
     assert not result.report.refused, [s.reason for s in result.report.refused][:3]
     ops = {n.op_type for n in result.model.graph.node}
     assert not ops & {"Resize", "Upsample", "ConvTranspose"}, ops
-    got = _run(result.model, feeds)
-    for i, t in enumerate(terms):
-        r, g = ref[f"y{i}"], got[f"y{i}"]
-        assert g.shape == r.shape
-        tol = 8 * EPS32 * math.sqrt(t * 9) * max(float(np.abs(r).max()), 1e-30)
-        assert float(np.abs(g.astype(np.float64) - r).max()) <= tol, i
+    _assert_outputs_match(ref, _run(result.model, feeds), terms)
 
 
 def _nearest2_conv3(opset=17, ctm="asymmetric", nm="floor", extra_consumer=False):
@@ -208,9 +211,4 @@ def test_resize_conv_sweep_to_convtranspose_matches_onnxruntime(batch):
     assert not result.report.refused, [s.reason for s in result.report.refused][:3]
     ops = {n.op_type for n in result.model.graph.node}
     assert not ops & {"Resize", "Upsample"} and "ConvTranspose" in ops
-    got = _run(result.model, feeds)
-    for i, t in enumerate(terms):
-        r, g = ref[f"y{i}"], got[f"y{i}"]
-        assert g.shape == r.shape
-        tol = 8 * EPS32 * math.sqrt(t * 9) * max(float(np.abs(r).max()), 1e-30)
-        assert float(np.abs(g.astype(np.float64) - r).max()) <= tol, i
+    _assert_outputs_match(ref, _run(result.model, feeds), terms)
