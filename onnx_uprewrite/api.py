@@ -67,13 +67,21 @@ def find_sites(
     )  # --shape must then agree with the declared shape (make_inputs checks)
     if declared_static:
         index.static_shapes.update(measured)
-    elif shapes:
-        index.assumed_shapes = {**infer_static_shapes(model, shapes), **measured}
+    else:
+        index.assumed_shapes = {**(infer_static_shapes(model, shapes) if shapes else {}), **measured}
     sites, refusals = [], []
+    claimed: dict[str, str] = {}  # tensor -> site that removes its producer
     for node in model.graph.node:
         for parser in PARSERS:
             if parser.matches(node, index):
                 result = parser.parse(node, index)
+                if isinstance(result, Site):
+                    clash = sorted({claimed[t] for t in result.replaced_outputs if t in claimed})
+                    if clash:
+                        result = Refusal(result.node, result.source, f"{result.source} '{result.node}': "
+                                         f"overlaps site {', '.join(clash)} (one node cannot be rewritten twice)")
+                    else:
+                        claimed.update((t, result.node) for t in result.replaced_outputs)
                 (sites if isinstance(result, Site) else refusals).append(result)
                 break
         for attr in node.attribute:
@@ -119,8 +127,6 @@ def convert(
     t0 = time.perf_counter()
     if to not in FORMS:
         raise UsageError(f"--to {to!r}: expected one of {', '.join(FORMS)}")
-    if to not in EMITTERS:
-        raise UsageError(f"--to {to}: this target form is not implemented yet (available: {', '.join(EMITTERS)})")
     model, label, src = _open(model)
     out_path = Path(output) if output is not None else None
     external = src is not None and bool(src[1])

@@ -33,6 +33,10 @@ class Site:
     input_lengths: tuple[int | None, ...]  # static spatial input lengths where known
     weight_tensors: tuple[str, ...]  # constant tensors feeding the site (dropped when unused)
     notes: tuple[str, ...] = ()
+    # bias that repeats with period s: [Cout, s0, s1, ...], indexed by the phase (o + pb) mod s of
+    # the uncropped result (a sub-pixel Conv whose bias differs across phases); None: ``bias`` only
+    phase_bias: np.ndarray | None = None
+    source_macs: int | None = None  # MACs of the source form where the canonical site can't tell
 
     @property
     def rank(self) -> int:
@@ -63,7 +67,7 @@ class Site:
             "dilations": [a.dilation for a in self.axes],
             "crop_begin": [a.crop_begin for a in self.axes],
             "extension": [a.extension for a in self.axes],
-            "bias": self.bias is not None,
+            "bias": "per-phase" if self.phase_bias is not None else self.bias is not None,
             "dtype": str(self.weight.dtype),
         }
 
@@ -165,9 +169,35 @@ class GraphIndex:
             return (None,) * rank
         return tuple(shape[2:])
 
+    def shape_computation(self, name: str) -> tuple[str, ...]:
+        """Tensors of the small shape computation (Shape -> Gather -> Concat ...) producing ``name``.
+
+        They become drop candidates with the node reading them: removed only if nothing else reads
+        them.  The walk stops at ``Shape`` (whose input is an activation) and at any other op.
+        """
+        found, stack = [], [name]
+        while stack:
+            tensor = stack.pop()
+            if tensor in found or not tensor:
+                continue
+            found.append(tensor)
+            node = self.producer.get(tensor)
+            if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in _SHAPE_OPS:
+                continue
+            found.extend(o for o in node.output if o and o != tensor)
+            if node.op_type != "Shape":
+                stack.extend(node.input)
+        return tuple(found)
+
     def uses(self, name: str) -> int:
         """How many node inputs (subgraphs included) and graph outputs read this tensor."""
         return len(self.consumers.get(name, ())) + (name in self.graph_outputs)
+
+
+_SHAPE_OPS = {
+    "Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Constant", "Identity", "Cast", "Slice", "Mul", "Div",
+    "Add", "Sub", "Floor", "Ceil", "ConstantOfShape", "Range", "ReduceProd",
+}
 
 
 def _node_input_names(node: onnx.NodeProto):
@@ -207,6 +237,58 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
 
 def attributes(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def text(value) -> str:
+    """A STRING attribute value as str."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Attributes of a stride-1 ``Conv`` resolved to explicit per-axis values."""
+
+    group: int
+    kernel: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads_begin: tuple[int, ...]
+    pads_end: tuple[int, ...]
+
+
+def conv_geometry(node: onnx.NodeProto, weight: np.ndarray) -> ConvGeometry:
+    """Resolve a Conv's padding attributes; ValueError names the attribute that blocks a rewrite.
+
+    Only stride-1 Convs are accepted (the ones that fold into an upsampling).  SAME_UPPER puts
+    the smaller half of ``(K-1)*d`` first, SAME_LOWER the larger; onnxruntime rejects SAME with
+    dilation, so it is refused here too.
+    """
+    attrs = attributes(node)
+    rank = weight.ndim - 2
+    group = int(attrs.get("group", 1))
+    kernel = tuple(int(k) for k in weight.shape[2:])
+    if "kernel_shape" in attrs and tuple(attrs["kernel_shape"]) != kernel:
+        raise ValueError(f"attribute kernel_shape {list(attrs['kernel_shape'])} disagrees with weight {list(kernel)}")
+    strides = [int(v) for v in attrs.get("strides", [1] * rank)]
+    if any(v != 1 for v in strides):
+        raise ValueError(f"attribute strides={strides}: only stride-1 Convs fold into an upsampling")
+    dilations = [int(v) for v in attrs.get("dilations", [1] * rank)]
+    pads = [int(v) for v in attrs.get("pads", [0] * (2 * rank))]
+    auto_pad = text(attrs.get("auto_pad", "NOTSET"))
+    if len(dilations) != rank or len(pads) != 2 * rank or any(d < 1 for d in dilations) or any(p < 0 for p in pads):
+        raise ValueError(f"attributes dilations={dilations} pads={pads} are invalid for rank {rank}")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        if any(d != 1 for d in dilations):
+            raise ValueError(f"attribute auto_pad={auto_pad} with dilations={dilations} (onnxruntime rejects it)")
+        totals = [(k - 1) * d for k, d in zip(kernel, dilations)]
+        begins = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in totals]
+        pads = begins + [t - b for t, b in zip(totals, begins)]
+    elif auto_pad == "VALID":
+        pads = [0] * (2 * rank)
+    elif auto_pad != "NOTSET":
+        raise ValueError(f"attribute auto_pad={auto_pad!r} is not supported")
+    if group < 1 or weight.shape[0] % group:
+        raise ValueError(f"attribute group={group} does not divide the {weight.shape[0]} output channels")
+    return ConvGeometry(group, kernel, tuple(dilations), tuple(pads[:rank]), tuple(pads[rank:]))
 
 
 def infer_static_shapes(

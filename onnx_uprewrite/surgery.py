@@ -67,6 +67,32 @@ class Builder:
                   for k, v in (("starts", starts), ("ends", ends), ("axes", axes))]
         return self.node("Slice", [x, *consts], "crop", output=output)
 
+    def periodic(self, pattern: np.ndarray, like: str, strides, extensions, lengths, opset: int) -> str:
+        """A ``[1, C, s*L + e, ...]`` tensor repeating ``pattern [C, s...]`` with period s per axis.
+
+        ``L`` are the spatial lengths of tensor ``like`` (None where symbolic: then the repeat
+        counts are computed from its shape at run time).  Tile by ``q = L + ceil(e/s)`` (so
+        ``q*s >= s*L + e``), then a Slice drops the ``s*ceil(e/s) - e`` extra positions.
+        """
+        rank = len(strides)
+        extra = [-(-e // s) for s, e in zip(strides, extensions)]
+        tiles = self.constant("period", pattern[None])
+        if all(n is not None for n in lengths):
+            repeats = self.constant("repeats", np.array([1, 1] + [n + x for n, x in zip(lengths, extra)], np.int64))
+        else:
+            shape = self.node("Shape", [like], "shape")
+            index = self.constant("spatial_axes", np.arange(2, 2 + rank, dtype=np.int64))
+            spatial = self.node("Gather", [shape, index], "spatial", axis=0)
+            if any(extra):
+                spatial = self.node("Add", [spatial, self.constant("extra", np.array(extra, np.int64))], "periods")
+            repeats = self.node("Concat", [self.constant("ones", np.ones(2, np.int64)), spatial], "repeats", axis=0)
+        y = self.node("Tile", [tiles, repeats], "tile")
+        drop = [s * x - e for s, x, e in zip(strides, extra, extensions)]
+        axes = [2 + i for i, d in enumerate(drop) if d]
+        if axes:
+            y = self.slice(y, [0] * len(axes), [-drop[a - 2] for a in axes], axes, opset)
+        return y
+
     def node(self, op: str, inputs: list[str], suffix: str, output: str | None = None, **attrs) -> str:
         out = output if output is not None else self.namer(f"{self.prefix}/{suffix}_out")
         self.emission.nodes.append(

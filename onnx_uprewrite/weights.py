@@ -287,3 +287,153 @@ def nearest_conv_axis(stride: int, kernel: int, dilation: int, pad_begin: int, p
     """
     span = (kernel - 1) * dilation
     return Axis(stride, 1, span + stride, span - pad_begin, pad_begin + pad_end - span)
+
+
+# ---------------------------------------------------------------------------------------------
+# sub-pixel Conv -> depth-to-space  ->  transposed convolution (DESIGN.md R2)
+
+
+def subpixel_conv_axis(stride: int, kernel: int, dilation: int, pad_begin: int, pad_end: int) -> Axis:
+    """Geometry of stride-1 Conv(Ks, dc, pads) -> depth-to-space(s) as a transposed convolution.
+
+    Low-resolution output m, tap j reads ``x[m + j*dc - Pb]`` and lands at ``o = m*s + r``; with
+    ``K = s*(dc*(Ks-1) + 1)`` and tap ``k = s*dc*(Ks-1-j) + r`` that is ``F[o + pb]`` for
+    ``pb = s*(dc*(Ks-1) - Pb)``, over ``s*(L + Pb + Pe - dc*(Ks-1))`` outputs.
+    """
+    span = dilation * (kernel - 1)
+    return Axis(stride, 1, stride * (span + 1), stride * (span - pad_begin), stride * (pad_begin + pad_end - span))
+
+
+def subpixel_conv_weight(
+    conv_weight: np.ndarray, group: int, strides, dilations, channel_map: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """Conv weight ``V [C*S, Cin/g, Ks...]`` of a sub-pixel Conv -> ``(W [Cin, C/g', K...], g')``.
+
+    ``channel_map[c, phase]`` is the Conv output channel that depth-to-space puts at output
+    channel c and phase ``(r0, r1, ...)`` (row-major).  ``W[ci, c, s*dc*(Ks-1-j) + r] =
+    V[channel_map[c, r], ci, j]``: a pure rearrangement (copies only).  When every output
+    channel's phases come from one Conv group and the groups line up, the result keeps group g;
+    otherwise it is a dense (group 1) kernel with zero blocks, which is just as exact.
+    """
+    c_conv, cig = conv_weight.shape[:2]
+    ks = conv_weight.shape[2:]
+    c, n_phase = channel_map.shape
+    c_in = cig * group
+    kernel = tuple(s * (d * (k - 1) + 1) for s, d, k in zip(strides, dilations, ks))
+    conv_group = channel_map // (c_conv // group)  # [C, S]: the Conv group of each (c, phase)
+    dense = np.zeros((c_in, c) + kernel, dtype=conv_weight.dtype)
+    rows = conv_group[:, :, None] * cig + np.arange(cig)  # [C, S, cig]: input channels read
+    cols = np.broadcast_to(np.arange(c)[:, None, None], rows.shape)
+    phases = list(np.ndindex(*strides))
+    for j in np.ndindex(*ks):
+        for p, r in enumerate(phases):
+            k = tuple(s * d * (kk - 1 - jj) + rr for s, d, kk, jj, rr in zip(strides, dilations, ks, j, r))
+            values = conv_weight[(channel_map[:, p], slice(None)) + j]  # [C, cig]
+            dense[(rows[:, p], cols[:, p]) + k] = values
+    cog = c // group if c % group == 0 else 0
+    aligned = cog and bool(np.all(conv_group == (np.arange(c) // cog)[:, None]))
+    if group == 1 or not aligned:
+        return dense, 1
+    blocks = [dense[g * cig:(g + 1) * cig, g * cog:(g + 1) * cog] for g in range(group)]
+    return np.concatenate(blocks, axis=0), group
+
+
+def depth_to_space_map(channels: int, strides, order: tuple[str, ...]) -> np.ndarray:
+    """``channel_map[c, phase]`` of a depth-to-space whose channel axis splits as ``order``.
+
+    ``order`` names the split factors of the channel axis, outermost first: "c" for the output
+    channel and an axis index (0, 1, ...) for each stride, e.g. CRD 2-D is ``("c", 0, 1)`` and DCR
+    ``(0, 1, "c")``.
+    """
+    sizes = [channels if f == "c" else strides[f] for f in order]
+    ids = np.arange(math.prod(sizes)).reshape(sizes)
+    perm = [order.index("c")] + [order.index(i) for i in range(len(strides))]
+    return ids.transpose(perm).reshape(channels, -1)
+
+
+def split_phase_bias(bias: np.ndarray, channel_map: np.ndarray, strides) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Conv bias of a sub-pixel Conv -> ``(per-channel bias, None)`` or ``(None, per-phase bias)``."""
+    per_phase = bias[channel_map]  # [C, S]
+    if np.all(per_phase == per_phase[:, :1]):
+        return per_phase[:, 0].copy(), None
+    return None, per_phase.reshape((channel_map.shape[0],) + tuple(strides))
+
+
+def phase_pattern(phase_bias: np.ndarray, axes: tuple[Axis, ...]) -> np.ndarray:
+    """Per-phase bias re-indexed by output position: ``P[c, o mod s] = B[c, (o + pb) mod s]``."""
+    out = phase_bias
+    for i, a in enumerate(axes):
+        out = np.take(out, (np.arange(a.stride) + a.crop_begin) % a.stride, axis=1 + i)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# transposed convolution  ->  (zero insertion | Resize nearest) + Conv (DESIGN.md §2b, §2c)
+
+
+def dilate_kernel(weight: np.ndarray, dilations) -> np.ndarray:
+    """``W[..., K...]`` with dilation d -> the dense kernel of length ``(K-1)*d + 1`` (zeros between)."""
+    if all(d == 1 for d in dilations):
+        return weight
+    shape = weight.shape[:2] + tuple((k - 1) * d + 1 for k, d in zip(weight.shape[2:], dilations))
+    out = np.zeros(shape, dtype=weight.dtype)
+    out[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in dilations)] = weight
+    return out
+
+
+def transposed_to_conv_weight(weight: np.ndarray, group: int) -> np.ndarray:
+    """``W [Cin, Cout/g, K...]`` -> Conv weight ``[Cout, Cin/g, K...]``: flip every spatial axis, swap
+    in/out channels per group.  Copies only."""
+    c_in, cog = weight.shape[:2]
+    rank = weight.ndim - 2
+    cig = c_in // group
+    w = weight[(slice(None), slice(None)) + (slice(None, None, -1),) * rank]
+    w = w.reshape((group, cig, cog) + weight.shape[2:]).swapaxes(1, 2)
+    return np.ascontiguousarray(w.reshape((group * cog, cig) + weight.shape[2:]))
+
+
+def factor_box(weight: np.ndarray, strides, rtol: float) -> tuple[np.ndarray | None, str]:
+    """Factor a dense transposed kernel as ``box_s ⊛ G`` on every axis (DESIGN.md §2c).
+
+    Returns ``(G [Cin, Cout/g, K - s + 1 ...] in the weight dtype, "")`` or ``(None, reason)``.
+    Per axis ``G[k] = W[k] - W[k-1] + G[k-s]``, computed in float64; the factorization holds
+    when ``box ⊛ G`` reproduces W within ``rtol * max|W|`` (float rounding of W itself), which
+    needs the ``s`` phase sums of every axis to agree.
+    """
+    g = np.asarray(weight, dtype=np.float64)
+    scale = float(np.max(np.abs(g))) if g.size else 0.0
+    if not np.isfinite(scale):
+        return None, "the kernel has non-finite values"
+    for i, s in enumerate(strides):
+        if s == 1:
+            continue
+        axis = 2 + i
+        k = g.shape[axis]
+        if k < s:
+            return None, f"axis {i}: kernel extent {k} < stride {s}"
+        w = np.moveaxis(g, axis, 0)
+        out = np.zeros((k - s + 1,) + w.shape[1:])
+        for t in range(k - s + 1):
+            out[t] = w[t] - (w[t - 1] if t >= 1 else 0) + (out[t - s] if t >= s else 0)
+        rebuilt = np.zeros_like(w)
+        for r in range(s):
+            rebuilt[r:r + k - s + 1] += out
+        err = float(np.max(np.abs(rebuilt - w))) if w.size else 0.0
+        if err > rtol * scale:
+            return None, (f"axis {i}: the kernel is not box_{s} ⊛ G (its {s} phase sums differ; "
+                          f"residual {err:.3g} vs max |W| {scale:.3g})")
+        g = np.moveaxis(out, 0, axis)
+    return g.astype(weight.dtype), ""
+
+
+def box_conv_weight(weight: np.ndarray, strides) -> np.ndarray:
+    """``box_s ⊛ G`` per axis in float64, rounded once (the inverse of :func:`factor_box`)."""
+    w = np.asarray(weight, dtype=np.float64)
+    for i, s in enumerate(strides):
+        axis = 2 + i
+        moved = np.moveaxis(w, axis, 0)
+        out = np.zeros((moved.shape[0] + s - 1,) + moved.shape[1:])
+        for r in range(s):
+            out[r:r + moved.shape[0]] += moved
+        w = np.moveaxis(out, 0, axis)
+    return w.astype(weight.dtype)

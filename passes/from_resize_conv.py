@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import NodeProto
 
-from onnx_uprewrite.sites import GraphIndex, NotConstant, Refusal, Site, attributes
+from onnx_uprewrite.sites import GraphIndex, NotConstant, Refusal, Site, attributes, conv_geometry, text
 from onnx_uprewrite.weights import nearest_conv_axis, nearest_conv_weight
 
 SOURCE = "resize"
@@ -45,24 +45,20 @@ def taps(node: NodeProto, index: GraphIndex) -> list[str]:
     return [_upsampler(node, index).input[0]]
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def nearest_scales(resize: NodeProto, index: GraphIndex, rank: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """Integer spatial scales of a replicating nearest Resize/Upsample and the constants it reads.
 
     Raises ValueError with the blocking attribute when the node is not exact replication.
     """
     attrs = attributes(resize)
-    mode = _text(attrs.get("mode", "nearest"))
+    mode = text(attrs.get("mode", "nearest"))
     if mode != "nearest":
         raise ValueError(f"attribute mode={mode!r} is not nearest")
     opset = index.opset
     consts: list[str] = []
     if resize.op_type == "Resize" and opset >= 11:
-        ctm = _text(attrs.get("coordinate_transformation_mode", "half_pixel"))
-        nm = _text(attrs.get("nearest_mode", "round_prefer_floor"))
+        ctm = text(attrs.get("coordinate_transformation_mode", "half_pixel"))
+        nm = text(attrs.get("nearest_mode", "round_prefer_floor"))
         if (ctm, nm) not in REPLICATING:
             raise ValueError(
                 f"attributes coordinate_transformation_mode={ctm!r} with nearest_mode={nm!r} are not "
@@ -85,7 +81,7 @@ def nearest_scales(resize: NodeProto, index: GraphIndex, rank: int) -> tuple[tup
         if scales is None and resize.op_type == "Resize" and opset >= 11 and names[3]:
             value, chain = _constant(index, names[3], "sizes")
             consts += chain
-            policy = _text(attrs.get("keep_aspect_ratio_policy", "stretch"))
+            policy = text(attrs.get("keep_aspect_ratio_policy", "stretch"))
             if policy != "stretch":
                 raise ValueError(f"attribute keep_aspect_ratio_policy={policy!r} with sizes is not supported")
             scales = _scales_from_sizes(resize, index, [int(v) for v in value.ravel()], attrs, full_rank)
@@ -149,33 +145,13 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
         strides, consts = nearest_scales(resize, index, rank)
     except ValueError as exc:
         return refuse(str(exc))
-    attrs = attributes(node)
-    group = int(attrs.get("group", 1))
-    kernel = tuple(int(k) for k in weight.shape[2:])
-    if "kernel_shape" in attrs and tuple(attrs["kernel_shape"]) != kernel:
-        return refuse(f"Conv attribute kernel_shape {list(attrs['kernel_shape'])} disagrees with weight {list(kernel)}")
-    conv_strides = [int(v) for v in attrs.get("strides", [1] * rank)]
-    if any(v != 1 for v in conv_strides):
-        return refuse(f"Conv attribute strides={conv_strides}: only stride-1 Convs fold into the upsampling")
-    dilations = [int(v) for v in attrs.get("dilations", [1] * rank)]
-    pads = [int(v) for v in attrs.get("pads", [0] * (2 * rank))]
-    auto_pad = _text(attrs.get("auto_pad", "NOTSET"))
-    if len(dilations) != rank or len(pads) != 2 * rank or any(d < 1 for d in dilations) or any(p < 0 for p in pads):
-        return refuse(f"Conv attributes dilations={dilations} pads={pads} are invalid for rank {rank}")
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        if any(d != 1 for d in dilations):
-            return refuse(f"Conv attribute auto_pad={auto_pad} with dilations={dilations} (onnxruntime rejects it)")
-        totals = [(k - 1) * d for k, d in zip(kernel, dilations)]
-        begins = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in totals]
-        pads = begins + [t - b for t, b in zip(totals, begins)]
-    elif auto_pad == "VALID":
-        pads = [0] * (2 * rank)
-    elif auto_pad != "NOTSET":
-        return refuse(f"Conv attribute auto_pad={auto_pad!r} is not supported")
-    if group < 1 or weight.shape[0] % group or (weight.shape[1] * group) < 1:
-        return refuse(f"Conv attribute group={group} does not divide {weight.shape[0]} output channels")
+    try:
+        geo = conv_geometry(node, weight)
+    except ValueError as exc:
+        return refuse(f"Conv {exc}")
+    group, kernel, dilations = geo.group, geo.kernel, geo.dilations
     axes = tuple(
-        nearest_conv_axis(s, k, d, pads[i], pads[rank + i])
+        nearest_conv_axis(s, k, d, geo.pads_begin[i], geo.pads_end[i])
         for i, (s, k, d) in enumerate(zip(strides, kernel, dilations))
     )
     lengths = index.spatial_lengths(resize.input[0], rank)

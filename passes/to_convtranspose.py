@@ -26,7 +26,7 @@ import numpy as np
 
 from onnx_uprewrite.sites import Site
 from onnx_uprewrite.surgery import Builder
-from onnx_uprewrite.weights import Axis
+from onnx_uprewrite.weights import Axis, phase_pattern
 
 FORM = "convtranspose"
 
@@ -69,12 +69,11 @@ def _plan_axis(axis: Axis, length: int | None) -> _AxisPlan:
 
 def emit(site: Site, b: Builder, opset: int) -> str:
     """Append the ConvTranspose form of ``site`` to ``b``; returns a one-line description of it."""
-    rank = site.rank
     for i, (axis, n) in enumerate(zip(site.axes, site.input_lengths)):
         if n is not None and axis.output_length(n) < 1:
             raise ValueError(f"spatial axis {i} has output length {axis.output_length(n)} < 1")
     plans = [_plan_axis(a, n) for a, n in zip(site.axes, site.input_lengths)]
-    plain = all(p.plain for p in plans)
+    plain = all(p.plain for p in plans) and site.phase_bias is None
     if not plain and opset < 7:
         raise ValueError(f"opset {opset} < 7: the Pad/Slice/Add(bias) fallback needs broadcasting Add")
     attrs = {
@@ -99,7 +98,7 @@ def emit(site: Site, b: Builder, opset: int) -> str:
 
     pad = any(p.zeros_begin or p.zeros_end for p in plans)
     crop = any(p.crop_begin or p.crop_end for p in plans)
-    bias = site.bias is not None
+    bias = site.bias is not None or site.phase_bias is not None
     y = b.node("ConvTranspose", inputs, "conv_transpose", **attrs)
     parts = [head + " (no bias)"]
     if pad:  # Pad before Slice: the Slice then never clamps, even when the output is all zeros
@@ -110,10 +109,21 @@ def emit(site: Site, b: Builder, opset: int) -> str:
         y = _slice(b, y, plans, None if bias else site.output, opset)
         parts.append("Slice")
     if bias:
-        shaped = b.constant("bias", site.bias.reshape((-1,) + (1,) * rank))
-        b.node("Add", [y, shaped], "bias", output=site.output)
-        parts.append("Add(bias)")
+        add_bias(b, y, site, site.output, opset)
+        parts.append("Add(bias)" if site.phase_bias is None else "Add(per-phase bias, Tile)")
     return " + ".join(parts)
+
+
+def add_bias(b: Builder, y: str, site: Site, output: str | None, opset: int) -> str:
+    """``y + bias``: a per-channel constant, or a periodic one built by Tile for a per-phase bias."""
+    if site.phase_bias is None:
+        shaped = b.constant("bias", site.bias.reshape((-1,) + (1,) * site.rank))
+    else:
+        shaped = b.periodic(
+            phase_pattern(site.phase_bias, site.axes), site.input, [a.stride for a in site.axes],
+            [a.extension for a in site.axes], site.input_lengths, opset,
+        )
+    return b.node("Add", [y, shaped], "bias", output=output)
 
 
 def _pad(b: Builder, y: str, plans, output: str | None, opset: int) -> str:

@@ -35,7 +35,9 @@ def emit(site: Site, b: Builder, opset: int) -> str:
     c_out = site.out_channels
     weight = b.constant("weight", subpixel_weight(site.weight, site.group, plans))
     inputs = [site.input, weight]
-    if site.bias is not None:
+    if site.phase_bias is not None:  # [C, s...] by phase: already CRD order when flattened
+        inputs.append(b.constant("bias", site.phase_bias.reshape(-1)))
+    elif site.bias is not None:
         inputs.append(b.constant("bias", subpixel_bias(site.bias, n_phase)))
     crop = any(p.crop_start or p.crop_drop_end for p in plans)
     steps_after_conv = (n_phase > 1) + crop

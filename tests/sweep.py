@@ -14,6 +14,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnx_uprewrite.sites import Site
+from onnx_uprewrite.surgery import Builder, Namer
+from onnx_uprewrite.verify import session
+from onnx_uprewrite.weights import Axis, conv_transpose_reference, phase_pattern
+
+EPS32 = float(np.finfo(np.float32).eps)
+IR = {7: 3, 8: 3, 9: 4, 10: 5, 11: 6, 12: 7, 13: 8, 17: 8, 19: 9}
 AUTO_PADS = ("NOTSET", "NOTSET", "NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 
 
@@ -120,3 +127,102 @@ def batch_model(configs: list[Config], opset: int, seed: int) -> tuple[onnx.Mode
     ir = 8 if opset >= 13 else 7 if opset >= 12 else 6 if opset >= 11 else 5 if opset >= 10 else 4
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir)
     return model, feeds, terms
+
+
+# ---------------------------------------------------------------------------------------------
+# random canonical sites, emitted by one emitter and checked against the float64 reference
+
+
+def random_site(rng: random.Random, i: int, phase_bias: float = 0.0) -> tuple[Site, tuple[int, ...], bool]:
+    """A random canonical site, the input shape to run it at, and whether to declare it symbolic."""
+    rank = rng.choices([1, 2, 3], weights=[3, 5, 2])[0]
+    axes, lengths = [], []
+    for _ in range(rank):
+        s = rng.randint(1, 4)
+        d = 1 if rng.random() < 0.6 else rng.randint(2, 3)
+        k = rng.randint(1, 6)
+        pb, e = rng.randint(-3, 8), rng.randint(-8, 8)
+        n = rng.randint(1, 5 if rank < 3 else 3)
+        n = max(n, -((e - 1) // s))  # smallest L with s*L + e >= 1
+        axes.append(Axis(s, d, k, pb, e))
+        lengths.append(n)
+    g = rng.choice([1, 1, 1, 2, 3, "dw"])
+    if g == "dw":
+        group = rng.randint(2, 4)
+        c_in, c_out = group, group * rng.choice([1, 1, 2])
+    else:
+        group, c_in, c_out = g, g * rng.randint(1, 3), g * rng.randint(1, 3)
+    nrng = np.random.default_rng(rng.getrandbits(32))
+    weight = nrng.standard_normal((c_in, c_out // group) + tuple(a.kernel for a in axes)).astype(np.float32)
+    bias = nrng.standard_normal(c_out).astype(np.float32) if rng.random() < 0.6 else None
+    symbolic = rng.random() < 0.25
+    phase = None
+    if rng.random() < phase_bias:  # a per-phase bias instead (sub-pixel Convs with per-channel biases)
+        bias, phase = None, nrng.standard_normal((c_out,) + tuple(a.stride for a in axes)).astype(np.float32)
+    site = make_site(weight, bias, group, axes, None if symbolic else lengths, i, phase)
+    shape = (rng.randint(1, 2), c_in, *lengths)
+    return site, shape, symbolic
+
+
+def make_site(weight, bias, group, axes, lengths, i=0, phase_bias=None) -> Site:
+    rank = len(axes)
+    return Site(
+        node=f"ct{i}", source="convtranspose", replaced_outputs=(f"y{i}",), input=f"x{i}", output=f"y{i}",
+        weight=weight, bias=bias, group=group, axes=tuple(axes),
+        input_lengths=tuple(lengths) if lengths is not None else (None,) * rank, weight_tensors=(),
+        phase_bias=phase_bias,
+    )
+
+
+def emit_model(sites, declared_shapes, opset: int, emitter) -> onnx.ModelProto:
+    """One graph with every site emitted by ``emitter`` (graph inputs ``x{i}``, outputs ``y{i}``)."""
+    namer = Namer(onnx.ModelProto())
+    nodes, inits, inputs, outputs = [], [], [], []
+    for i, site in enumerate(sites):
+        b = Builder(namer, site.node)
+        emitter.emit(site, b, opset)
+        nodes += b.emission.nodes
+        inits += b.emission.initializers
+        inputs.append(helper.make_tensor_value_info(site.input, onnx.TensorProto.FLOAT, declared_shapes[i]))
+        outputs.append(helper.make_tensor_value_info(site.output, onnx.TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "emitted", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR[opset])
+
+
+def run_model(model: onnx.ModelProto, feeds: dict) -> dict:
+    sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def _check(site: Site, x: np.ndarray, got: np.ndarray) -> float:
+    """Error over tolerance; asserts shape and tolerance."""
+    ref = conv_transpose_reference(x, site.weight, site.bias, site.axes, site.group)
+    assert got.shape == ref.shape, (site.params(), got.shape, ref.shape)
+    terms = (site.in_channels // site.group) * math.prod(a.kernel for a in site.axes)
+    tol = 8 * EPS32 * math.sqrt(terms) * max(float(np.abs(ref).max()), 1e-30)
+    err = float(np.abs(got.astype(np.float64) - ref).max())
+    assert err <= tol, (site.params(), site.input_lengths, x.shape, err, tol)
+    return err / tol
+
+
+def site_reference(site: Site, x: np.ndarray) -> np.ndarray:
+    """float64 result of a canonical site, per-phase bias included."""
+    ref = conv_transpose_reference(x, site.weight, site.bias, site.axes, site.group)
+    if site.phase_bias is not None:
+        pattern = phase_pattern(site.phase_bias.astype(np.float64), site.axes)
+        reps = [-(-n // a.stride) for n, a in zip(ref.shape[2:], site.axes)]
+        tiled = np.tile(pattern, [1] + reps)[(slice(None),) + tuple(slice(0, n) for n in ref.shape[2:])]
+        ref = ref + tiled[None]
+    return ref
+
+
+def check_site(site: Site, x: np.ndarray, got: np.ndarray) -> float:
+    """Error over tolerance; asserts shape and tolerance."""
+    ref = site_reference(site, x)
+    assert got.shape == ref.shape, (site.params(), got.shape, ref.shape)
+    terms = (site.in_channels // site.group) * math.prod(a.kernel for a in site.axes)
+    tol = 8 * EPS32 * math.sqrt(terms) * max(float(np.abs(ref).max()), 1e-30)
+    err = float(np.abs(got.astype(np.float64) - ref).max())
+    assert err <= tol, (site.params(), site.input_lengths, x.shape, err, tol)
+    return err / tol

@@ -460,11 +460,6 @@ def test_inputs_with_wrong_dtype_exits_2(tmp_path, model_file):
     assert_refused(tmp_path, ["convert", src, "--inputs", npz], 2, "'x'", "float64")
 
 
-def test_unimplemented_target_form_exits_2(tmp_path, model_file):
-    src = model_file()
-    assert_refused(tmp_path, ["convert", src, "--to", "resize"], 2, "resize", "not implemented")
-
-
 def test_unknown_target_form_is_a_click_usage_error(tmp_path, model_file):
     src = model_file()
     before = tree(tmp_path)

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_import_from_repository_root_finds_passes():
     code = "import onnx_uprewrite.passes as p; print(sorted(p.EMITTERS), p.PARSERS[0].SOURCE)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.split("\n")[0] == "['convtranspose', 'subpixel'] convtranspose"
+    assert out.stdout.split("\n")[0] == "['convtranspose', 'resize', 'subpixel'] convtranspose"
 
 
 def test_no_top_level_passes_module_is_installed(tmp_path):

@@ -1,0 +1,125 @@
+"""Emitter: canonical site -> ``Resize``(nearest, integer scale) [x phase mask] -> ``Conv`` [-> ``Slice``].
+
+Nearest upsampling ``u[t] = x[t // s]`` is a transposed convolution with a box kernel, so a
+stride-1 Conv after it computes the transposed convolution with ``W = box_s ⊛ G`` (DESIGN.md
+§2c).  When the site's dense (dilation-expanded) kernel factors that way on every axis, the Conv
+takes ``flip(G)`` (``Kg = Keff - s + 1`` taps) with channels swapped per group.  Otherwise the
+emitter writes the always-exact masked form (DESIGN.md §2b): nearest upsampling times a constant
+0/1 phase mask is zero insertion, and a Conv with ``flip(W)`` and the site's dilation then
+computes the transposed convolution directly (about S times the MACs: a fallback, and the
+report says so).
+
+Per axis, with kernel length Kc and dilation dc of the emitted Conv (``Kc_eff = (Kc-1)*dc + 1``),
+the Conv pads are ``Pb = Kc_eff - 1 - pb`` and ``Pe = e + pb``; negative pads become a Slice.
+The upsampling is Upsample-7/9, Resize-10, or Resize-11+ with ``asymmetric`` + ``floor`` (plain
+replication, DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnx_uprewrite.sites import Site
+from onnx_uprewrite.surgery import Builder
+from onnx_uprewrite.weights import dilate_kernel, factor_box, transposed_to_conv_weight
+
+from .to_convtranspose import add_bias
+
+FORM = "resize"
+
+
+@dataclass(frozen=True)
+class _ConvPlan:
+    weight: np.ndarray  # Conv weight [Cout, Cin/g, Kc...]
+    dilations: tuple[int, ...]
+    masked: bool
+    why_masked: str
+
+
+def _plan(site: Site) -> _ConvPlan:
+    strides = [a.stride for a in site.axes]
+    dense = dilate_kernel(site.weight, [a.dilation for a in site.axes])
+    if np.issubdtype(site.weight.dtype, np.floating):
+        eps = float(np.finfo(site.weight.dtype).eps)
+        factor, why = factor_box(dense, strides, rtol=4 * eps * max(strides))
+    else:
+        factor, why = None, f"weight dtype {site.weight.dtype} is not a float type"
+    if factor is not None:
+        return _ConvPlan(transposed_to_conv_weight(factor, site.group), (1,) * site.rank, False, "")
+    return _ConvPlan(transposed_to_conv_weight(site.weight, site.group), tuple(a.dilation for a in site.axes),
+                     True, why)
+
+
+def emit(site: Site, b: Builder, opset: int) -> str:
+    """Append the Resize + Conv form of ``site`` to ``b``; returns a one-line description of it."""
+    if opset < 7:
+        raise ValueError(f"opset {opset} < 7 has no Upsample with integer scales")
+    plan = _plan(site)
+    strides = [a.stride for a in site.axes]
+    upsampled = _upsample(b, site.input, strides, site.rank, opset)
+    parts = [f"{'Resize' if opset >= 10 else 'Upsample'}(nearest, x{'x'.join(map(str, strides))})"]
+    if plan.masked:
+        pattern = np.zeros([1] + strides, dtype=site.weight.dtype)
+        pattern[(0,) + (0,) * site.rank] = 1
+        mask = b.periodic(pattern, site.input, strides, [0] * site.rank, site.input_lengths, opset)
+        upsampled = b.node("Mul", [upsampled, mask], "zero_insert")
+        parts.append("phase mask (zero insertion)")
+    kernel = plan.weight.shape[2:]
+    pads_begin, pads_end, crops = [], [], []
+    for a, n, k, dc in zip(site.axes, site.input_lengths, kernel, plan.dilations):
+        span = (k - 1) * dc
+        pb, pe = span - a.crop_begin, a.extension + a.crop_begin
+        begin, end = max(pb, 0), max(pe, 0)
+        # the Conv must produce >= 1 position for the shortest input: pad more, crop it again
+        shortest = n if n is not None else max(1, -((a.extension - 1) // a.stride))
+        short = 1 - (a.stride * shortest + begin + end - span)
+        end += max(short, 0)
+        crops.append((begin - pb, end - pe))
+        pads_begin.append(begin)
+        pads_end.append(end)
+    crop = any(c != (0, 0) for c in crops)
+    phase_bias = site.phase_bias is not None
+    inputs = [upsampled, b.constant("weight", plan.weight)]
+    if site.bias is not None and not phase_bias:
+        inputs.append(b.constant("bias", site.bias))
+    last = site.output if not (crop or phase_bias) else None
+    y = b.node("Conv", inputs, "conv", output=last, kernel_shape=list(kernel), pads=pads_begin + pads_end,
+               dilations=list(plan.dilations), strides=[1] * site.rank, group=site.group)
+    parts.append(f"Conv {'x'.join(map(str, kernel))}" + ("" if all(d == 1 for d in plan.dilations)
+                                                        else f" dilations {list(plan.dilations)}"))
+    if crop:
+        axes = [2 + i for i, c in enumerate(crops) if c != (0, 0)]
+        y = b.slice(y, [crops[a - 2][0] for a in axes], [-crops[a - 2][1] or None for a in axes], axes, opset,
+                    output=None if phase_bias else site.output)
+        parts.append("Slice")
+    if phase_bias:
+        add_bias(b, y, site, site.output, opset)
+        parts.append("Add(per-phase bias, Tile)")
+    text = " + ".join(parts)
+    return f"{text} [masked: {plan.why_masked}]" if plan.masked else f"{text} [box-factored kernel]"
+
+
+def _upsample(b: Builder, x: str, strides, rank: int, opset: int) -> str:
+    scales = np.array([1.0, 1.0] + [float(s) for s in strides], dtype=np.float32)
+    if opset < 9:
+        return b.node("Upsample", [x], "upsample", mode="nearest", scales=scales.tolist())
+    if opset == 9:
+        return b.node("Upsample", [x, b.constant("scales", scales)], "upsample", mode="nearest")
+    if opset == 10:
+        return b.node("Resize", [x, b.constant("scales", scales)], "resize", mode="nearest")
+    roi = "" if opset >= 13 else b.constant("roi", np.zeros(0, dtype=np.float32))  # required before 13
+    return b.node("Resize", [x, roi, b.constant("scales", scales)], "resize", mode="nearest",
+                  coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+
+
+def macs(site: Site) -> int | None:
+    """MACs per sample of the Conv at the upsampled resolution (what the emitter writes)."""
+    if any(n is None for n in site.input_lengths):
+        return None
+    plan = _plan(site)
+    taps = math.prod(plan.weight.shape[2:])
+    positions = math.prod(a.output_length(n) for a, n in zip(site.axes, site.input_lengths))
+    return site.out_channels * (site.in_channels // site.group) * taps * positions
