@@ -5,6 +5,7 @@ The library never prints, exits or imports click; failures are typed errors (err
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -160,7 +161,6 @@ def convert(
         refusals = [r for r in refusals if r.node in wanted]
 
     emitter = EMITTERS[to]
-    parser_of = {p.SOURCE: p for p in PARSERS}
     namer = Namer(model)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     replacements, candidates, terms = {}, set(), 0
@@ -171,7 +171,9 @@ def convert(
             continue
         builder = Builder(namer, site.node)
         try:
-            form = emitter.emit(site, builder, opset)
+            form = emitter.emit(edge_padded(site, builder, opset), builder, opset)
+            if site.pre_pad:
+                form = f"Pad(edge) + {form}"
         except ValueError as exc:
             refusals.append(Refusal(site.node, site.source, f"{site.source} '{site.node}': {exc}"))
             continue
@@ -180,7 +182,7 @@ def convert(
         terms += site.terms_per_output
         report.sites.append(SiteResult(
             node=site.node, source=site.source, target=to, status="rewritten", form=form,
-            params=site.params(), macs_before=parser_of[site.source].macs(site), macs_after=emitter.macs(site),
+            params=site.params(), macs_before=site.source_macs, macs_after=emitter.macs(site),
             notes=list(site.notes),
         ))
     for r in refusals:
@@ -203,6 +205,20 @@ def convert(
         timings["save_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     return ConvertResult(model=model, report=report, output=out_path)
+
+
+def edge_padded(site: Site, b: Builder, opset: int) -> Site:
+    """The site reading its input through ``Pad(edge)`` when it has a ``pre_pad`` (Resize clamping)."""
+    if not site.pre_pad:
+        return site
+    rank = site.rank
+    pads = [0, 0] + list(site.pre_pad[:rank]) + [0, 0] + list(site.pre_pad[rank:])
+    if opset < 11:
+        padded = b.node("Pad", [site.input], "edge_pad", mode="edge", pads=pads)
+    else:
+        padded = b.node("Pad", [site.input, b.constant("edge_pads", np.array(pads, dtype=np.int64))], "edge_pad",
+                        mode="edge")
+    return dataclasses.replace(site, input=padded)
 
 
 def _measure(model, inputs, shapes, seed, required: bool):
@@ -249,12 +265,11 @@ def inspect(model, shapes: dict | None = None) -> dict:
     """Every site with its canonical parameters and MACs, and every refusal with its reason."""
     model, label, _ = _open(model)
     sites, refusals = find_sites(model, shapes)
-    parser_of = {p.SOURCE: p for p in PARSERS}
     return {
         "model": label,
         "sites": [
             {"node": s.node, "source": s.source, "params": s.params(), "exact_forms": sorted(EMITTERS),
-             "macs": {s.source: parser_of[s.source].macs(s),
+             "macs": {s.source: s.source_macs,
                       **{form: e.macs(s) for form, e in EMITTERS.items()}},
              "refused": None, "notes": list(s.notes)}
             for s in sites

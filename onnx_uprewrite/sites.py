@@ -37,6 +37,9 @@ class Site:
     # the uncropped result (a sub-pixel Conv whose bias differs across phases); None: ``bias`` only
     phase_bias: np.ndarray | None = None
     source_macs: int | None = None  # MACs of the source form where the canonical site can't tell
+    # edge padding (begins..., ends...) of the input before the transposed convolution (Resize
+    # coordinate clamping); ``input_lengths`` and ``axes`` then describe the padded input
+    pre_pad: tuple[int, ...] | None = None
 
     @property
     def rank(self) -> int:
@@ -68,6 +71,7 @@ class Site:
             "crop_begin": [a.crop_begin for a in self.axes],
             "extension": [a.extension for a in self.axes],
             "bias": "per-phase" if self.phase_bias is not None else self.bias is not None,
+            "edge_pad": list(self.pre_pad) if self.pre_pad else None,
             "dtype": str(self.weight.dtype),
         }
 

@@ -254,29 +254,49 @@ def nearest_conv_weight(conv_weight: np.ndarray, group: int, strides, dilations)
     """Conv weight ``V [Cout, Cin/g, Kc...]`` after nearest x``s`` upsampling -> ConvTranspose weight.
 
     ``W = box_s ⊛ dilate_dc(flip V)`` per axis with in/out channels swapped per group, of length
-    ``K = (Kc-1)*dc + s``: tap k of W sums the taps j of the flipped kernel with
-    ``0 <= k - j*dc < s`` (the taps that read the same low-resolution pixel).  Summed in float64
-    and rounded once to the weight dtype.
+    ``K = (Kc-1)*dc + s`` (the taps of W that read the same low-resolution pixel are summed).
+    """
+    return upsample_conv_weight(conv_weight, group, [(1.0,) * s for s in strides], dilations)
+
+
+def upsample_conv_weight(conv_weight: np.ndarray, group: int, taps, dilations) -> np.ndarray:
+    """Conv weight ``V`` after an upsampling with per-axis (depthwise, separable) kernel ``taps``.
+
+    ``W[ci, co, k] = sum_j taps[k - j*dc] * flip(V)[co, ci, j]`` per axis, channels swapped per
+    group; ``K = len(taps) + (Kc-1)*dc``.  Summed in float64 and rounded once to the weight dtype.
     """
     rank = conv_weight.ndim - 2
     v = np.asarray(conv_weight, dtype=np.float64)
     v = v[(slice(None), slice(None)) + (slice(None, None, -1),) * rank]
-    for ax, (s, dc) in enumerate(zip(strides, dilations)):
+    for ax, (t, dc) in enumerate(zip(taps, dilations)):
         axis = 2 + ax
         kc = v.shape[axis]
-        out = np.zeros(v.shape[:axis] + ((kc - 1) * dc + s,) + v.shape[axis + 1 :])
+        out = np.zeros(v.shape[:axis] + ((kc - 1) * dc + len(t),) + v.shape[axis + 1 :])
         for j in range(kc):
-            for r in range(s):
+            for r, tap in enumerate(t):
+                if tap == 0:
+                    continue
                 idx = [slice(None)] * v.ndim
                 idx[axis] = j * dc + r
                 src = [slice(None)] * v.ndim
                 src[axis] = j
-                out[tuple(idx)] += v[tuple(src)]
+                out[tuple(idx)] += tap * v[tuple(src)]
         v = out
     c_out, cig = v.shape[:2]
     cog = c_out // group
     w = v.reshape((group, cog, cig) + v.shape[2:]).swapaxes(1, 2)
     return w.reshape((group * cig, cog) + v.shape[2:]).astype(conv_weight.dtype)
+
+
+def upsample_conv_axis(up: Axis, kernel: int, dilation: int, pad_begin: int, pad_end: int) -> Axis:
+    """An upsampling (transposed conv ``up``, dilation 1) followed by a stride-1 Conv, as one axis.
+
+    Exact when the Conv never reads past the upsampled signal into values ``up`` cropped away:
+    zero Conv pads, or ``up`` uncropped (``pb = 0`` and ``Lout`` = the full result).
+    ``pb = pb_up - Pb + (Kc-1)*dc``, ``e = e_up + Pb + Pe - (Kc-1)*dc``, ``K = K_up + (Kc-1)*dc``.
+    """
+    span = (kernel - 1) * dilation
+    return Axis(up.stride, 1, up.kernel + span, up.crop_begin - pad_begin + span, up.extension + pad_begin + pad_end - span)
 
 
 def nearest_conv_axis(stride: int, kernel: int, dilation: int, pad_begin: int, pad_end: int) -> Axis:
@@ -437,3 +457,89 @@ def box_conv_weight(weight: np.ndarray, strides) -> np.ndarray:
             out[r:r + moved.shape[0]] += moved
         w = np.moveaxis(out, 0, axis)
     return w.astype(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resize with an integer scale as an edge-padded depthwise transposed convolution (DESIGN.md R3)
+
+
+@dataclass(frozen=True)
+class InterpolationAxis:
+    """One axis of an integer-scale Resize as ``Pad(edge) -> transposed conv -> crop``.
+
+    Output ``o`` reads source coordinate ``c(o)`` with ``c(o + s) = c(o) + 1``, so the taps of
+    phase ``r = o mod s`` sit at fixed offsets from ``o // s``: a transposed convolution with
+    kernel ``taps`` (stride s) over the input edge-padded by ``pad_begin``/``pad_end``, cropped
+    at ``crop_begin``, ``s*L`` outputs.  Edge padding is the spec's index clamping.
+    """
+
+    stride: int
+    taps: tuple[float, ...]
+    crop_begin: int
+    pad_begin: int
+    pad_end: int
+
+    def axis(self) -> Axis:
+        return Axis(self.stride, 1, len(self.taps), self.crop_begin, -self.stride * (self.pad_begin + self.pad_end))
+
+
+def _source_coordinate(o: int, s: int, ctm: str) -> float:
+    if ctm in ("half_pixel", "pytorch_half_pixel", "half_pixel_symmetric"):
+        return (o + 0.5) / s - 0.5
+    if ctm == "asymmetric":
+        return o / s
+    if ctm == "tf_half_pixel_for_nn":
+        return (o + 0.5) / s
+    raise ValueError(f"coordinate_transformation_mode={ctm!r} is not periodic for an integer scale")
+
+
+def _round(c: float, nearest_mode: str) -> int:
+    if nearest_mode == "floor":
+        return math.floor(c)
+    if nearest_mode == "ceil":
+        return math.ceil(c)
+    if nearest_mode == "round_prefer_floor":
+        return math.ceil(c - 0.5)
+    if nearest_mode == "round_prefer_ceil":
+        return math.floor(c + 0.5)
+    raise ValueError(f"nearest_mode={nearest_mode!r} is not supported")
+
+
+def interpolation_axis(stride: int, mode: str, ctm: str, nearest_mode: str) -> InterpolationAxis:
+    """Per-phase taps of an integer-scale nearest/linear Resize axis; ValueError says what blocks it.
+
+    ``(r, delta, w)``: output ``m*s + r`` takes ``w * x[clamp(m + delta)]``.  With edge pads
+    ``p_b = max(0, -min delta)``, ``p_e = max(0, max delta)`` the padded input is ``P[j] =
+    x[clamp(j - p_b)]`` and tap ``(r, delta)`` lands at kernel index ``k = r + pb - (delta + p_b)*s``,
+    ``pb`` chosen so that the smallest k is 0.
+    """
+    s = stride
+    if s == 1:  # onnxruntime copies an axis with scale 1, whatever the coordinate mode
+        return InterpolationAxis(1, (1.0,), 0, 0, 0)
+    entries = []
+    for r in range(s):
+        c = _source_coordinate(r, s, ctm)
+        if mode == "nearest":
+            entries.append((r, _round(c, nearest_mode), 1.0))
+        elif mode == "linear":
+            i0 = math.floor(c)
+            f = c - i0
+            entries += [(r, d, w) for d, w in ((i0, 1.0 - f), (i0 + 1, f)) if w != 0.0]
+        else:
+            raise ValueError(f"mode={mode!r} is not nearest or linear")
+    deltas = [d for _, d, _ in entries]
+    pad_begin, pad_end = max(0, -min(deltas)), max(0, max(deltas))
+    pb = -min(r - (d + pad_begin) * s for r, d, _ in entries)
+    k_len = max(r + pb - (d + pad_begin) * s for r, d, _ in entries) + 1
+    taps = [0.0] * k_len
+    for r, d, w in entries:
+        taps[r + pb - (d + pad_begin) * s] += w
+    return InterpolationAxis(s, tuple(taps), pb, pad_begin, pad_end)
+
+
+def interpolation_weight(axes: list[InterpolationAxis], channels: int, dtype) -> np.ndarray:
+    """Depthwise transposed-conv weight ``[C, 1, K...]``: the outer product of the per-axis taps."""
+    kernel = np.ones(())
+    for a in axes:
+        kernel = np.multiply.outer(kernel, np.asarray(a.taps, dtype=np.float64))
+    return np.broadcast_to(kernel.astype(dtype), (channels, 1) + kernel.shape).copy()

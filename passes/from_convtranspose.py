@@ -147,6 +147,8 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
         if lengths[i] is not None and axes[-1].output_length(lengths[i]) < 1:
             return refuse(f"spatial axis {i} would have output length {axes[-1].output_length(lengths[i])}")
     notes = ()
+    positions = None if None in lengths else int(np.prod(lengths))
+    source_macs = None if positions is None else weight.shape[0] * weight.shape[1] * int(np.prod(kernel)) * positions
     if index.model.ir_version < 4 and any(t in index.graph_inputs for t in w_chain + b_chain):
         notes = ("weights are also listed as graph inputs (IR < 4 convention): treated as constant",)
     return Site(
@@ -162,12 +164,5 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
         input_lengths=lengths,
         weight_tensors=w_chain + b_chain,
         notes=notes,
+        source_macs=source_macs,
     )
-
-
-def macs(site: Site) -> int | None:
-    """Multiply-accumulates per sample of the ConvTranspose (every input scatters every tap)."""
-    if any(n is None for n in site.input_lengths):
-        return None
-    positions = int(np.prod(site.input_lengths))
-    return site.in_channels * (site.out_channels // site.group) * int(np.prod(site.weight.shape[2:])) * positions

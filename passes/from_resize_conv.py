@@ -1,12 +1,15 @@
-"""Parser: ``Resize``/``Upsample`` (nearest, integer scale) -> ``Conv`` as a transposed convolution (R1).
+"""Parser: ``Resize``/``Upsample`` (nearest or linear, integer scale) -> ``Conv`` as one transposed convolution.
 
-Nearest upsampling by s replicates ``x[o // s]``; a stride-1 Conv after it sums, per output, the
-kernel taps that read each low-resolution pixel, so the pair is a transposed convolution with
-``W = box_s ⊛ dilate_dc(flip V)``, ``K = (Kc-1)dc + s``, crop ``pb = (Kc-1)dc - Pb``
-(DESIGN.md R1).  Exact only when the Resize really is replication for integer s (DESIGN.md §3):
-Upsample-7/9 and Resize-10 nearest; Resize-11+ nearest with half_pixel / pytorch_half_pixel /
-half_pixel_symmetric and round_prefer_floor / round_prefer_ceil, asymmetric and floor, or
-tf_half_pixel_for_nn and floor.  Everything else is refused with the attribute that blocks it.
+An integer-scale Resize whose source coordinate advances by exactly 1 every s outputs is an
+edge-padded depthwise transposed convolution (weights.interpolation_axis): nearest replication
+``x[o // s]`` is a box kernel with no padding (R1); linear half_pixel is ``Pad(edge, 1)`` and a
+triangle kernel (R3); nearest with half_pixel+floor, asymmetric+round, ... are shifted boxes with
+edge padding.  A stride-1 Conv after it folds in (``W = taps ⊛ dilate_dc(flip V)``,
+weights.upsample_conv_weight) when the Conv never reads what the upsampling's crop removed:
+always for plain replication, otherwise only when the Conv has zero pads (DESIGN.md R3: a
+zero-padded border cannot be folded).  Those Convs are left to ``from_resize``, which rewrites the
+Resize alone.  Unsupported attributes (cubic, align_corners, tf_crop_and_resize, antialias,
+non-integer scales, dynamic scales) are refused with the attribute that blocks them.
 
 Each Conv reading the Resize is its own site; the Resize stays while anything else reads it.
 """
@@ -17,17 +20,9 @@ import numpy as np
 from onnx import NodeProto
 
 from onnx_uprewrite.sites import GraphIndex, NotConstant, Refusal, Site, attributes, conv_geometry, text
-from onnx_uprewrite.weights import nearest_conv_axis, nearest_conv_weight
+from onnx_uprewrite.weights import InterpolationAxis, interpolation_axis, upsample_conv_axis, upsample_conv_weight
 
 SOURCE = "resize"
-REPLICATING = {
-    ("half_pixel", "round_prefer_floor"), ("half_pixel", "round_prefer_ceil"),
-    ("pytorch_half_pixel", "round_prefer_floor"), ("pytorch_half_pixel", "round_prefer_ceil"),
-    ("half_pixel_symmetric", "round_prefer_floor"), ("half_pixel_symmetric", "round_prefer_ceil"),
-    ("asymmetric", "floor"), ("tf_half_pixel_for_nn", "floor"),
-}
-
-
 def _upsampler(node: NodeProto, index: GraphIndex | None) -> NodeProto | None:
     if index is None or not node.input:
         return None
@@ -38,32 +33,51 @@ def _upsampler(node: NodeProto, index: GraphIndex | None) -> NodeProto | None:
 
 
 def matches(node: NodeProto, index: GraphIndex | None) -> bool:
-    return node.op_type == "Conv" and node.domain in ("", "ai.onnx") and _upsampler(node, index) is not None
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+        return False
+    resize = _upsampler(node, index)
+    return resize is not None and merges(node, resize, index) is not False
+
+
+def merges(conv: NodeProto, resize: NodeProto, index: GraphIndex) -> bool | None:
+    """Whether the Conv folds into the upsampling; None when the Resize or the Conv is unsupported."""
+    try:
+        weight, _ = index.constant(conv.input[1]) if len(conv.input) > 1 else (None, ())
+        if weight is None or weight.ndim < 3:
+            return None
+        geo = conv_geometry(conv, weight)
+        axes, _ = resize_axes(resize, index, weight.ndim - 2)
+    except (NotConstant, ValueError):
+        return None
+    return foldable(axes, geo)
+
+
+def foldable(axes: list[InterpolationAxis], geo) -> bool:
+    zero_pads = not any(geo.pads_begin) and not any(geo.pads_end)
+    uncropped = all(
+        a.pad_begin == 0 and a.pad_end == 0 and a.crop_begin == 0 and len(a.taps) == a.stride for a in axes
+    )
+    return zero_pads or uncropped
 
 
 def taps(node: NodeProto, index: GraphIndex) -> list[str]:
     return [_upsampler(node, index).input[0]]
 
 
-def nearest_scales(resize: NodeProto, index: GraphIndex, rank: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """Integer spatial scales of a replicating nearest Resize/Upsample and the constants it reads.
-
-    Raises ValueError with the blocking attribute when the node is not exact replication.
-    """
+def resize_axes(resize: NodeProto, index: GraphIndex, rank: int) -> tuple[list[InterpolationAxis], tuple[str, ...]]:
+    """Per spatial axis, the Resize/Upsample as an edge-padded transposed convolution, and the
+    constants it reads.  Raises ValueError with the blocking attribute."""
     attrs = attributes(resize)
     mode = text(attrs.get("mode", "nearest"))
-    if mode != "nearest":
-        raise ValueError(f"attribute mode={mode!r} is not nearest")
+    if mode not in ("nearest", "linear", "bilinear", "trilinear"):
+        raise ValueError(f"attribute mode={mode!r} is not nearest or linear")
+    mode = "nearest" if mode == "nearest" else "linear"
     opset = index.opset
     consts: list[str] = []
+    ctm, nm = "asymmetric", "floor"  # Upsample and Resize-10: x[floor(o / s)] and its linear version
     if resize.op_type == "Resize" and opset >= 11:
         ctm = text(attrs.get("coordinate_transformation_mode", "half_pixel"))
         nm = text(attrs.get("nearest_mode", "round_prefer_floor"))
-        if (ctm, nm) not in REPLICATING:
-            raise ValueError(
-                f"attributes coordinate_transformation_mode={ctm!r} with nearest_mode={nm!r} are not "
-                "plain replication x[o // s]"
-            )
         if int(attrs.get("antialias", 0)):
             raise ValueError("attribute antialias=1 is not supported")
     full_rank = rank + 2
@@ -101,7 +115,11 @@ def nearest_scales(resize: NodeProto, index: GraphIndex, rank: int) -> tuple[tup
     spatial = scales[2:]
     if any(s < 1 or s != int(s) for s in spatial):
         raise ValueError(f"scales {spatial} are not positive integers")
-    return tuple(int(s) for s in spatial), tuple(consts)
+    try:
+        axes = [interpolation_axis(int(s), mode, ctm, nm) for s in spatial]
+    except ValueError as exc:
+        raise ValueError(f"attribute {exc}") from None
+    return axes, tuple(consts)
 
 
 def _constant(index: GraphIndex, name: str, what: str):
@@ -142,38 +160,40 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
     if rank < 1:
         return refuse(f"Conv weight has rank {weight.ndim}")
     try:
-        strides, consts = nearest_scales(resize, index, rank)
+        interp, consts = resize_axes(resize, index, rank)
     except ValueError as exc:
         return refuse(str(exc))
     try:
         geo = conv_geometry(node, weight)
     except ValueError as exc:
         return refuse(f"Conv {exc}")
+    if not foldable(interp, geo):
+        return refuse("the Conv pads would read what the upsampling crops (not foldable); the Resize is "
+                      "rewritten alone")
     group, kernel, dilations = geo.group, geo.kernel, geo.dilations
     axes = tuple(
-        nearest_conv_axis(s, k, d, geo.pads_begin[i], geo.pads_end[i])
-        for i, (s, k, d) in enumerate(zip(strides, kernel, dilations))
+        upsample_conv_axis(ia.axis(), k, d, geo.pads_begin[i], geo.pads_end[i])
+        for i, (ia, k, d) in enumerate(zip(interp, kernel, dilations))
     )
     lengths = index.spatial_lengths(resize.input[0], rank)
+    pre_pad = tuple(a.pad_begin for a in interp) + tuple(a.pad_end for a in interp)
+    if any(pre_pad):
+        lengths = tuple(None if n is None else n + a.pad_begin + a.pad_end for n, a in zip(lengths, interp))
+    c_up = [n * a.stride if n is not None else None for n, a in zip(index.spatial_lengths(resize.input[0], rank), interp)]
+    source_macs = None if None in c_up else int(weight.shape[0] * weight.shape[1] * np.prod(kernel) * np.prod(
+        [n + b + e - (k - 1) * d for n, b, e, k, d in zip(c_up, geo.pads_begin, geo.pads_end, kernel, dilations)]))
     return Site(
         node=name,
         source=SOURCE,
         replaced_outputs=(node.output[0],),
         input=resize.input[0],
         output=node.output[0],
-        weight=nearest_conv_weight(weight, group, strides, dilations),
+        weight=upsample_conv_weight(weight, group, [a.taps for a in interp], dilations),
         bias=bias,
         group=group,
         axes=axes,
         input_lengths=lengths,
         weight_tensors=w_chain + b_chain + (resize.output[0],) + consts,
+        pre_pad=pre_pad if any(pre_pad) else None,
+        source_macs=source_macs,
     )
-
-
-def macs(site: Site) -> int | None:
-    """MACs per sample of the Conv at the upsampled resolution."""
-    if any(n is None for n in site.input_lengths):
-        return None
-    kc = [a.kernel - a.stride + 1 for a in site.axes]  # (Kc-1)*dc + 1: exact for dc=1, a bound otherwise
-    positions = int(np.prod([a.output_length(n) for a, n in zip(site.axes, site.input_lengths)]))
-    return site.out_channels * (site.in_channels // site.group) * int(np.prod(kc)) * positions

@@ -277,8 +277,3 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
         phase_bias=phase_bias,
         source_macs=source_macs,
     )
-
-
-def macs(site: Site) -> int | None:
-    """MACs per sample of the sub-pixel Conv as the model had it."""
-    return site.source_macs

@@ -18,8 +18,12 @@ REPLICATING = [
     ("half_pixel", "round_prefer_floor"), ("half_pixel", "round_prefer_ceil"),
     ("pytorch_half_pixel", "round_prefer_floor"), ("asymmetric", "floor"), ("tf_half_pixel_for_nn", "floor"),
 ]
+# nearest modes with an index shift: edge clamping at the borders, exact with Pad(edge)
 NOT_REPLICATING = [("half_pixel", "floor"), ("asymmetric", "round_prefer_floor"), ("asymmetric", "ceil"),
-                   ("align_corners", "round_prefer_floor")]
+                   ("tf_half_pixel_for_nn", "ceil"), ("half_pixel_symmetric", "round_prefer_ceil")]
+SHIFTED_AT_2 = [("half_pixel", "floor"), ("asymmetric", "round_prefer_ceil"), ("asymmetric", "ceil"),
+                ("tf_half_pixel_for_nn", "ceil")]  # (asymmetric, round_prefer_floor) is replication at s = 2
+LINEAR = ["half_pixel", "pytorch_half_pixel", "half_pixel_symmetric", "asymmetric"]
 
 
 def _upsample_nodes(i, x, out, scales, opset, how, rng, inits):
@@ -34,7 +38,8 @@ def _upsample_nodes(i, x, out, scales, opset, how, rng, inits):
         inits.append(sc)
         return [helper.make_node("Resize", [x, f"sc{i}"], [out], name=f"rs{i}", mode="nearest")]
     ctm, nm = how
-    attrs = dict(mode="nearest", coordinate_transformation_mode=ctm, nearest_mode=nm)
+    mode = "linear" if nm == "linear" else "nearest"
+    attrs = dict(mode=mode, coordinate_transformation_mode=ctm, nearest_mode="floor" if mode == "linear" else nm)
     roi = "" if opset >= 13 else f"roi{i}"  # roi is a required input before opset 13
     if roi:
         inits.append(numpy_helper.from_array(np.zeros(0, np.float32), roi))
@@ -76,7 +81,12 @@ def _batch(n, opset, seed):
         ):
             attrs["pads"] = [(k - 1) * d for k, d in zip(kernel, dil)] * 2
             attrs.pop("auto_pad", None)
-        how = rng.choice(REPLICATING)
+        how = rng.choice(REPLICATING + NOT_REPLICATING + [(c, "linear") for c in LINEAR])
+        if rng.random() < 0.3:
+            attrs.pop("auto_pad", None)  # zero pads: edge-clamped upsamplings fold in too
+            attrs["pads"] = [0] * (2 * rank)
+            if any(u - (k - 1) * d < 1 for u, k, d in zip(up_len, kernel, dil)):
+                attrs["pads"] = [(k - 1) * d for k, d in zip(kernel, dil)] * 2
         nodes += _upsample_nodes(i, f"x{i}", f"u{i}", [1.0, 1.0] + [float(s) for s in strides], opset, how, rng, inits)
         w = nrng.standard_normal((cout, cin // group, *kernel)).astype(np.float32)
         inits.append(numpy_helper.from_array(w, f"w{i}"))
@@ -118,7 +128,12 @@ def test_resize_conv_sweep_to_subpixel_matches_onnxruntime(batch):
     assert not result.report.refused, [s.reason for s in result.report.refused][:3]
     ops = {n.op_type for n in result.model.graph.node}
     assert not ops & {"Resize", "Upsample", "ConvTranspose"}, ops
+    assert len(result.report.rewritten) >= 90
     _assert_outputs_match(ref, _run(result.model, feeds), terms)
+
+
+def _set(node, name, value):
+    next(a for a in node.attribute if a.name == name).s = value
 
 
 def _nearest2_conv3(opset=17, ctm="asymmetric", nm="floor", extra_consumer=False):
@@ -163,18 +178,55 @@ def test_resize_with_other_consumers_stays():
     assert result.report.verified
 
 
-@pytest.mark.parametrize("ctm,nm", NOT_REPLICATING)
-def test_non_replicating_nearest_is_refused_naming_the_attributes(ctm, nm):
-    _, refusals = find_sites(_nearest2_conv3(ctm=ctm, nm=nm))
-    (r,) = refusals
-    assert r.reason.startswith("Resize 'up' + Conv 'conv': attributes coordinate_transformation_mode=")
-    assert ctm in r.reason and nm in r.reason
+@pytest.mark.parametrize("ctm,nm", SHIFTED_AT_2 + [(c, "linear") for c in LINEAR])
+def test_edge_clamped_resize_before_padded_conv_is_rewritten_alone(ctm, nm):
+    model = _nearest2_conv3(ctm=ctm, nm="floor" if nm == "linear" else nm)
+    if nm == "linear":
+        _set(model.graph.node[0], "mode", b"linear")
+    (site,), refusals = find_sites(model)
+    assert not refusals and site.node == "up" and site.pre_pad is not None and site.group == 4
+    for to in ("subpixel", "convtranspose"):
+        result = up.convert(model, to=to)
+        ops = [n.op_type for n in result.model.graph.node]
+        assert ops[0] == "Pad" and ops[-1] == "Conv" and "Resize" not in ops, ops
+        assert result.report.verified
 
 
-def test_linear_resize_and_strided_conv_are_refused():
+def test_linear_x2_half_pixel_is_edge_pad_and_triangle_kernel():
+    """DESIGN.md R3: Pad(edge, 1) + depthwise ConvTranspose [1/4, 3/4, 3/4, 1/4] per axis, crop 3."""
+    model = _nearest2_conv3(ctm="half_pixel")
+    _set(model.graph.node[0], "mode", b"linear")
+    (site,), _ = find_sites(model)
+    assert site.pre_pad == (1, 1, 1, 1)
+    assert [(a.stride, a.kernel, a.crop_begin, a.extension) for a in site.axes] == [(2, 4, 3, -4)] * 2
+    tri = np.array([0.25, 0.75, 0.75, 0.25])
+    np.testing.assert_array_equal(site.weight[0, 0], np.outer(tri, tri))
+
+
+def test_linear_resize_before_unpadded_conv_folds_into_one_site():
+    model = _nearest2_conv3(ctm="half_pixel")
+    _set(model.graph.node[0], "mode", b"linear")
+    del model.graph.node[1].attribute[:]  # Conv without pads
+    (site,), _ = find_sites(model)
+    assert site.node == "conv" and site.pre_pad == (1, 1, 1, 1) and site.group == 1
+    result = up.convert(model, to="convtranspose")
+    assert [n.op_type for n in result.model.graph.node] == ["Pad", "ConvTranspose"]
+    assert result.report.verified
+
+
+@pytest.mark.parametrize("attr,value,needle", [
+    ("mode", b"cubic", "mode='cubic'"),
+    ("coordinate_transformation_mode", b"align_corners", "align_corners"),
+    ("coordinate_transformation_mode", b"tf_crop_and_resize", "tf_crop_and_resize"),
+])
+def test_unsupported_resize_attributes_are_refused_by_name(attr, value, needle):
     model = _nearest2_conv3()
-    model.graph.node[0].attribute[0].s = b"linear"
-    assert "mode='linear'" in find_sites(model)[1][0].reason
+    _set(model.graph.node[0], attr, value)
+    (r,) = find_sites(model)[1]
+    assert r.reason.startswith("Resize 'up' + Conv 'conv': ") and needle in r.reason
+
+
+def test_strided_conv_is_refused():
     model = _nearest2_conv3()
     model.graph.node[1].attribute.append(helper.make_attribute("strides", [2, 2]))
     assert "strides=[2, 2]" in find_sites(model)[1][0].reason
