@@ -171,9 +171,11 @@ def convert(
             continue
         builder = Builder(namer, site.node)
         try:
-            form = emitter.emit(edge_padded(site, builder, opset), builder, opset)
+            form = emitter.emit(prepared(site, builder, opset), builder, opset)
             if site.pre_pad:
                 form = f"Pad(edge) + {form}"
+            if site.pre_perm:
+                form = f"Transpose{list(site.pre_perm)} + {form}"
         except ValueError as exc:
             refusals.append(Refusal(site.node, site.source, f"{site.source} '{site.node}': {exc}"))
             continue
@@ -207,8 +209,11 @@ def convert(
     return ConvertResult(model=model, report=report, output=out_path)
 
 
-def edge_padded(site: Site, b: Builder, opset: int) -> Site:
-    """The site reading its input through ``Pad(edge)`` when it has a ``pre_pad`` (Resize clamping)."""
+def prepared(site: Site, b: Builder, opset: int) -> Site:
+    """The site reading its input through ``Transpose`` (``pre_perm``) and ``Pad(edge)`` (``pre_pad``)."""
+    if site.pre_perm:
+        site = dataclasses.replace(site, input=b.node("Transpose", [site.input], "layout", perm=list(site.pre_perm)),
+                                   pre_perm=None)
     if not site.pre_pad:
         return site
     rank = site.rank

@@ -40,6 +40,8 @@ class Site:
     # edge padding (begins..., ends...) of the input before the transposed convolution (Resize
     # coordinate clamping); ``input_lengths`` and ``axes`` then describe the padded input
     pre_pad: tuple[int, ...] | None = None
+    # a Transpose bringing ``input`` into [N, C, spatial...] layout first (tf2onnx NHWC graphs)
+    pre_perm: tuple[int, ...] | None = None
 
     @property
     def rank(self) -> int:

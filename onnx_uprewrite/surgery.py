@@ -8,6 +8,7 @@ included), and nothing is copied.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +16,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 INT64_MAX = np.iinfo(np.int64).max
+#: periodic tensors (per-phase bias, zero-insertion mask) up to this many elements are written as
+#: constants; larger ones, and those of symbolic size, are built at run time by Tile
+PERIODIC_CONSTANT_MAX = 1 << 18
 
 
 @dataclass
@@ -70,12 +74,18 @@ class Builder:
     def periodic(self, pattern: np.ndarray, like: str, strides, extensions, lengths, opset: int) -> str:
         """A ``[1, C, s*L + e, ...]`` tensor repeating ``pattern [C, s...]`` with period s per axis.
 
+        A constant when every length is static and it is small; otherwise built at run time:
         ``L`` are the spatial lengths of tensor ``like`` (None where symbolic: then the repeat
         counts are computed from its shape at run time).  Tile by ``q = L + ceil(e/s)`` (so
         ``q*s >= s*L + e``), then a Slice drops the ``s*ceil(e/s) - e`` extra positions.
         """
         rank = len(strides)
         extra = [-(-e // s) for s, e in zip(strides, extensions)]
+        if all(n is not None for n in lengths):
+            out = [s * n + e for s, n, e in zip(strides, lengths, extensions)]
+            if pattern.shape[0] * math.prod(out) <= PERIODIC_CONSTANT_MAX:  # a plain constant: portable
+                full = np.tile(pattern, [1] + [n + x for n, x in zip(lengths, extra)])
+                return self.constant("periodic", full[(None, slice(None)) + tuple(slice(0, o) for o in out)])
         tiles = self.constant("period", pattern[None])
         if all(n is not None for n in lengths):
             repeats = self.constant("repeats", np.array([1, 1] + [n + x for n, x in zip(lengths, extra)], np.int64))

@@ -151,6 +151,26 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
         return Refusal(name, SOURCE, f"{resize.op_type} '{rname}' + Conv '{name}': {reason}")
 
     try:
+        weight, _ = index.constant(node.input[1]) if len(node.input) > 1 else (None, ())
+        rank = weight.ndim - 2 if weight is not None else 0
+        interp, consts = resize_axes(resize, index, rank)
+    except NotConstant:
+        interp, consts = None, ()
+    except ValueError as exc:
+        return refuse(str(exc))
+    return conv_site(node, index, SOURCE, interp, resize.input[0], index.spatial_lengths(resize.input[0], rank),
+                     (resize.output[0],) + consts, refuse)
+
+
+def conv_site(node: NodeProto, index: GraphIndex, source: str, interp, x: str, lengths, tensors, refuse,
+              pre_perm=None) -> Site | Refusal:
+    """The canonical site of an upsampling (per-axis ``interp``) of ``x`` followed by Conv ``node``.
+
+    ``lengths`` are the spatial input lengths (in the Conv's layout), ``tensors`` the upsampling's
+    tensors to drop when unused; ``pre_perm`` a Transpose that brings ``x`` into the Conv's layout.
+    """
+    name = node.name or node.output[0]
+    try:
         weight, w_chain, bias, b_chain = index.weight_and_bias(node, "Conv weight", "Conv bias")
     except NotConstant as exc:
         return refuse(str(exc))
@@ -159,10 +179,8 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
     rank = weight.ndim - 2
     if rank < 1:
         return refuse(f"Conv weight has rank {weight.ndim}")
-    try:
-        interp, consts = resize_axes(resize, index, rank)
-    except ValueError as exc:
-        return refuse(str(exc))
+    if interp is None or len(interp) != rank:
+        return refuse(f"the upsampling has {0 if interp is None else len(interp)} spatial axes, the Conv {rank}")
     try:
         geo = conv_geometry(node, weight)
     except ValueError as exc:
@@ -175,25 +193,26 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
         upsample_conv_axis(ia.axis(), k, d, geo.pads_begin[i], geo.pads_end[i])
         for i, (ia, k, d) in enumerate(zip(interp, kernel, dilations))
     )
-    lengths = index.spatial_lengths(resize.input[0], rank)
     pre_pad = tuple(a.pad_begin for a in interp) + tuple(a.pad_end for a in interp)
+    padded = lengths
     if any(pre_pad):
-        lengths = tuple(None if n is None else n + a.pad_begin + a.pad_end for n, a in zip(lengths, interp))
-    c_up = [n * a.stride if n is not None else None for n, a in zip(index.spatial_lengths(resize.input[0], rank), interp)]
+        padded = tuple(None if n is None else n + a.pad_begin + a.pad_end for n, a in zip(lengths, interp))
+    c_up = [n * a.stride if n is not None else None for n, a in zip(lengths, interp)]
     source_macs = None if None in c_up else int(weight.shape[0] * weight.shape[1] * np.prod(kernel) * np.prod(
         [n + b + e - (k - 1) * d for n, b, e, k, d in zip(c_up, geo.pads_begin, geo.pads_end, kernel, dilations)]))
     return Site(
         node=name,
-        source=SOURCE,
+        source=source,
         replaced_outputs=(node.output[0],),
-        input=resize.input[0],
+        input=x,
         output=node.output[0],
         weight=upsample_conv_weight(weight, group, [a.taps for a in interp], dilations),
         bias=bias,
         group=group,
         axes=axes,
-        input_lengths=lengths,
-        weight_tensors=w_chain + b_chain + (resize.output[0],) + consts,
+        input_lengths=padded,
+        weight_tensors=w_chain + b_chain + tuple(tensors),
         pre_pad=pre_pad if any(pre_pad) else None,
+        pre_perm=pre_perm,
         source_macs=source_macs,
     )
