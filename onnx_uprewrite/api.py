@@ -27,6 +27,8 @@ from .verify import (
 )
 
 FORMS = ("subpixel", "resize", "convtranspose")
+#: source forms a site can come from (``--from``): the target forms plus Keras-style repeats
+SOURCES = ("convtranspose", "resize", "repeat", "subpixel")
 
 
 @dataclass
@@ -110,6 +112,7 @@ def convert(
     to: str = "subpixel",
     output: str | os.PathLike | None = None,
     only=None,
+    sources=None,
     inputs: dict[str, np.ndarray] | None = None,
     shapes: dict[str, tuple[int, ...]] | None = None,
     atol: float | None = None,
@@ -121,13 +124,17 @@ def convert(
     """Rewrite every upsampling site of ``model`` (path or ModelProto) into form ``to``.
 
     Verifies in onnxruntime unless ``verify=False`` and writes ``output`` only when given and
-    verification passed.  ``also_writes`` names other files the caller will write (a report):
+    verification passed.  ``only`` restricts to sites by node name, ``sources`` to sites by
+    source form (``SOURCES``).  ``also_writes`` names other files the caller will write (a report):
     they are checked against the input and output files.  Raises UsageError, InvalidModelError, VerificationImpossible or
     VerificationFailed (with ``.report``).
     """
     t0 = time.perf_counter()
     if to not in FORMS:
         raise UsageError(f"--to {to!r}: expected one of {', '.join(FORMS)}")
+    unknown = sorted(set(sources or ()) - set(SOURCES))
+    if unknown:
+        raise UsageError(f"--from {', '.join(unknown)}: expected among {', '.join(SOURCES)}")
     model, label, src = _open(model)
     out_path = Path(output) if output is not None else None
     external = src is not None and bool(src[1])
@@ -159,6 +166,9 @@ def convert(
             )
         sites = [s for s in sites if s.node in wanted]
         refusals = [r for r in refusals if r.node in wanted]
+    if sources:
+        sites = [s for s in sites if s.source in sources]
+        refusals = [r for r in refusals if r.source in sources]
 
     emitter = EMITTERS[to]
     namer = Namer(model)
@@ -270,20 +280,35 @@ def inspect(model, shapes: dict | None = None) -> dict:
     """Every site with its canonical parameters and MACs, and every refusal with its reason."""
     model, label, _ = _open(model)
     sites, refusals = find_sites(model, shapes)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return {
         "model": label,
         "sites": [
-            {"node": s.node, "source": s.source, "params": s.params(), "exact_forms": sorted(EMITTERS),
+            {"node": s.node, "source": s.source, "params": s.params(),
+             "exact_forms": [f for f, text in forms.items() if not text.startswith("not possible")],
+             "forms": forms,
              "macs": {s.source: s.source_macs,
                       **{form: e.macs(s) for form, e in EMITTERS.items()}},
              "refused": None, "notes": list(s.notes)}
-            for s in sites
+            for s, forms in ((s, exact_forms(s, opset)) for s in sites)
         ] + [
-            {"node": r.node, "source": r.source, "params": None, "exact_forms": [], "macs": {},
+            {"node": r.node, "source": r.source, "params": None, "exact_forms": [], "forms": {}, "macs": {},
              "refused": r.reason, "notes": []}
             for r in refusals
         ],
     }
+
+
+def exact_forms(site: Site, opset: int) -> dict[str, str]:
+    """Every target form the site can be emitted in exactly, with what it would be (or why not)."""
+    forms = {}
+    for form, emitter in sorted(EMITTERS.items()):
+        b = Builder(Namer(onnx.ModelProto()), site.node)
+        try:
+            forms[form] = emitter.emit(prepared(site, b, opset), b, opset)
+        except ValueError as exc:
+            forms[form] = f"not possible: {exc}"
+    return forms
 
 
 def verify(a, b, inputs=None, shapes=None, atol: float | None = None, rtol: float | None = None, seed: int = 0):

@@ -52,6 +52,8 @@ def cli() -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file [default: <stem>.<form>.onnx beside MODEL].")
 @click.option("--to", "to", default="subpixel", show_default=True, type=click.Choice(api.FORMS), help="Target form.")
 @click.option("--only", multiple=True, metavar="NODE", help="Rewrite only these site nodes (repeatable).")
+@click.option("--from", "sources", multiple=True, type=click.Choice(api.SOURCES),
+              help="Rewrite only sites of these source forms (repeatable).")
 @click.option("--inputs", "inputs_file", type=click.Path(), help=".npz with one array per graph input, for verification.")
 @click.option("--shape", "shape", multiple=True, metavar="NAME=DIMS", help="Shape of a graph input, e.g. x=1x3x64x64.")
 @click.option("--atol", type=float, help="Absolute tolerance [default: 0].")
@@ -61,13 +63,13 @@ def cli() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs.")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def convert(model, output, to, only, inputs_file, shape, atol, rtol, no_verify, report_file, seed, quiet, debug):
+def convert(model, output, to, only, sources, inputs_file, shape, atol, rtol, no_verify, report_file, seed, quiet, debug):
     """Rewrite every upsampling site of MODEL into the form --to, verify, save."""
     try:
         if output is None:
             output = model.with_name(f"{model.name[:-5] if model.name.endswith('.onnx') else model.name}.{to}.onnx")
         result = api.convert(
-            model, to=to, output=output, only=list(only) or None, inputs=_load_npz(inputs_file),
+            model, to=to, output=output, only=list(only) or None, sources=list(sources) or None, inputs=_load_npz(inputs_file),
             shapes=parse_shape_option(shape), atol=atol, rtol=rtol, verify=not no_verify, seed=seed,
             also_writes=[report_file] if report_file is not None else [],
         )
@@ -113,10 +115,11 @@ def inspect(model, shape, as_json, debug):
             continue
         p = s["params"]
         macs = ", ".join(f"{k} {v:,}" for k, v in s["macs"].items() if v is not None) or "symbolic input size"
+        forms = [f + (" (masked zero insertion)" if "[masked" in s["forms"][f] else "") for f in s["exact_forms"]]
         click.echo(
             f"  {s['node']} ({s['source']}): {p['rank']}-D {p['in_channels']}->{p['out_channels']} "
             f"stride {p['strides']} kernel {p['kernel']} dilation {p['dilations']} group {p['group']}; "
-            f"exact forms: {', '.join(s['exact_forms'])}; MACs/sample: {macs}"
+            f"exact forms: {', '.join(forms)}; MACs/sample: {macs}"
         )
 
 

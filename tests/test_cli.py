@@ -624,3 +624,23 @@ def test_module_runtime_failure_prints_one_line(tmp_path, ct_model):
     assert "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("uprewrite: error: "), proc.stderr
+
+
+def test_from_restricts_rewriting_to_source_forms(tmp_path):
+    src = Path(__file__).resolve().parent.parent / "models" / "exported" / "torch_upsample_nearest_conv_op17.onnx"
+    out = tmp_path / "o.onnx"
+    assert_clean_exit(invoke("convert", src, "-o", out, "--from", "convtranspose", "--report", tmp_path / "r.json"), 0)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["sites"] == [] and report["ops_after"] == report["ops_before"]
+    assert_clean_exit(invoke("convert", src, "-o", out, "--from", "resize", "--report", tmp_path / "r.json"), 0)
+    assert [s["status"] for s in json.loads((tmp_path / "r.json").read_text())["sites"]] == ["rewritten"]
+
+
+def test_inspect_lists_exact_forms_with_what_they_would_be(model_file):
+    result = invoke("inspect", model_file(), "--json")
+    assert_clean_exit(result, 0)
+    (site,) = json.loads(result.output)["sites"]
+    assert site["exact_forms"] == ["convtranspose", "resize", "subpixel"]
+    assert "masked" in site["forms"]["resize"] and "DepthToSpace" in site["forms"]["subpixel"]
+    text = invoke("inspect", model_file()).output
+    assert "resize (masked zero insertion)" in text
