@@ -264,3 +264,27 @@ def test_resize_conv_sweep_to_convtranspose_matches_onnxruntime(batch):
     ops = {n.op_type for n in result.model.graph.node}
     assert not ops & {"Resize", "Upsample"} and "ConvTranspose" in ops
     _assert_outputs_match(ref, _run(result.model, feeds), terms)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_round_trip_resize_conv_to_convtranspose_to_resize_gives_back_the_conv_kernel(seed):
+    """Resize(nearest) + Conv -> ConvTranspose -> Resize + Conv: the box factorization recovers V."""
+    rng = random.Random(seed)
+    model = _nearest2_conv3()
+    conv = model.graph.node[1]
+    s = rng.randint(2, 4)
+    k = rng.randint(1, 4)
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.array([1, 1, s, s], np.float32), "scales"))
+    v = np.random.default_rng(seed).standard_normal((5, 4, k, k)).astype(np.float32)
+    model.graph.initializer[1].CopyFrom(numpy_helper.from_array(v, "W"))
+    pads = [rng.randint(0, k - 1) for _ in range(4)]
+    del conv.attribute[:]
+    conv.attribute.append(helper.make_attribute("pads", pads))
+    there = up.convert(model, to="convtranspose")
+    assert [n.op_type for n in there.model.graph.node] in (["ConvTranspose"], ["ConvTranspose", "Slice"],
+                                                           ["ConvTranspose", "Pad"])
+    back = up.convert(there.model, to="resize")
+    assert back.report.verified and "box-factored" in back.report.sites[0].form
+    (conv2,) = [n for n in back.model.graph.node if n.op_type == "Conv"]
+    w2 = numpy_helper.to_array(next(t for t in back.model.graph.initializer if t.name == conv2.input[1]))
+    np.testing.assert_allclose(w2, v, rtol=0, atol=16 * EPS32 * np.abs(v).max())
