@@ -8,6 +8,7 @@ read-only :class:`GraphIndex` (producers, consumers, constants, static shapes).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -321,7 +322,13 @@ def infer_static_shapes(
     g.output.extend(src.output)
     input_names = {i.name for i in src.input}
     for t in src.initializer:
-        if t.name not in input_names:
+        if t.name in input_names:
+            continue
+        if t.data_type == onnx.TensorProto.INT64 and len(t.dims) <= 1 and math.prod(t.dims) <= 16 and not (
+            t.data_location == onnx.TensorProto.EXTERNAL
+        ):  # small shape-like constants (Reshape shapes, scales' kin) stay: inference needs their values
+            g.initializer.append(t)
+        else:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False)

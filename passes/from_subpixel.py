@@ -108,7 +108,8 @@ def _shuffle(conv: NodeProto, nodes: tuple[NodeProto, ...], index: GraphIndex, r
     m = rank + 1
     problem = (f"Reshape {list(conv_shape)} -> {list(a)} -> Transpose perm={perm} -> Reshape {list(out)} "
                "is not a pixel shuffle")
-    if len(conv_shape) != rank + 2 or len(a) != 2 + m + rank or len(perm) != len(a) or sorted(perm) != list(range(len(a))):
+    if (len(conv_shape) != rank + 2 or len(a) != 1 + m + rank  # [N, m channel factors, Q...]
+            or len(perm) != len(a) or sorted(perm) != list(range(len(a)))):
         return _Shuffle(conv, nodes, None, None, consts, problem)
     q = tuple(conv_shape[2:])
     if a[0] != conv_shape[0] or tuple(a[1 + m:]) != q or math.prod(a[1:1 + m]) != conv_shape[1]:
@@ -187,18 +188,52 @@ def _apply_crop(axis: Axis, start: int, end: int, length: int | None) -> Axis | 
 
 
 def _trim_zero_borders(weight: np.ndarray, axes: list[Axis]) -> tuple[np.ndarray, list[Axis]]:
-    """Drop all-zero kernel slabs at both ends of each axis (leading ones move the crop)."""
+    """Drop all-zero kernel slabs at both ends of each axis (leading ones move the crop), and give a
+    kernel whose nonzero taps sit on a regular grid its dilation back (ConvTranspose round trips)."""
     for i, a in enumerate(axes):
         w = np.moveaxis(weight, 2 + i, 0)
         nonzero = [t for t in range(w.shape[0]) if np.any(w[t] != 0)]
         if not nonzero:
             continue
         lo, hi = nonzero[0], nonzero[-1] + 1
-        if lo == 0 and hi == w.shape[0]:
-            continue
-        weight = np.moveaxis(w[lo:hi], 0, 2 + i)
-        axes[i] = Axis(a.stride, a.dilation, hi - lo, a.crop_begin - lo, a.extension)
+        w = w[lo:hi]
+        a = Axis(a.stride, a.dilation, hi - lo, a.crop_begin - lo, a.extension)
+        if a.dilation == 1 and hi - lo > 2:
+            offsets = [t - lo for t in nonzero]
+            for d in range(hi - lo - 1, 1, -1):
+                if (hi - lo - 1) % d == 0 and all(t % d == 0 for t in offsets):
+                    w = w[::d]
+                    a = Axis(a.stride, d, w.shape[0], a.crop_begin, a.extension)
+                    break
+        weight = np.moveaxis(w, 0, 2 + i)
+        axes[i] = a
     return np.ascontiguousarray(weight), axes
+
+
+def _shape_readers(tensor: str, nodes: tuple[NodeProto, ...], index: GraphIndex) -> int:
+    """Readers of ``tensor`` that are ``Shape`` nodes feeding only the shape inputs of the shuffle's
+    Reshapes (the run-time shapes our emitter and exporters build for symbolic dims).  They go with
+    the site: their outputs are among its constants, which are dropped once nothing reads them."""
+    ours = {n.output[0] for n in nodes}
+    private = {t for n in nodes if n.op_type == "Reshape" and len(n.input) > 1
+               for t in index.shape_computation(n.input[1])}
+
+    def feeds_only_the_shuffle(reader: NodeProto) -> bool:
+        stack, seen = [o for o in reader.output if o], set()
+        while stack:
+            t = stack.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            if t not in private or t in index.graph_outputs:
+                return False
+            for c in index.consumers.get(t, []):
+                if c.output[0] not in ours:
+                    stack.extend(o for o in c.output if o)
+        return True
+
+    return sum(r.op_type == "Shape" and r.domain in ("", "ai.onnx") and feeds_only_the_shuffle(r)
+               for r in index.consumers.get(tensor, []))
 
 
 def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
@@ -211,7 +246,7 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
         return Refusal(name, SOURCE, f"{label}: {reason}")
 
     for inner in (conv,) + nodes[:-1]:
-        if index.uses(inner.output[0]) != 1:
+        if index.uses(inner.output[0]) - _shape_readers(inner.output[0], nodes, index) != 1:
             return refuse(f"tensor '{inner.output[0]}' is also read elsewhere, so it cannot be removed")
     try:
         weight, w_chain, bias, b_chain = index.weight_and_bias(conv, "Conv weight", "Conv bias")

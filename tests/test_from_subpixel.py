@@ -1,0 +1,706 @@
+"""Sub-pixel Conv -> depth-to-space [-> Slice] parsed as a transposed convolution (DESIGN.md R2).
+
+A randomized sweep of Conv -> DepthToSpace (DCR / CRD / mode absent) or Reshape -> Transpose ->
+Reshape pixel shuffles (any split order of the channel axis) [-> Slice], many sites per model,
+rewritten to ConvTranspose and to Resize + Conv and checked in onnxruntime against the original;
+the structure of the DESIGN.md ESPCN example; refusals; and the round trip ConvTranspose ->
+sub-pixel -> ConvTranspose, which must give back the original kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_uprewrite as up
+from onnx_uprewrite.api import _measure, find_sites
+from onnx_uprewrite.verify import session
+from sweep import batch_model, random_config
+
+EPS32 = float(np.finfo(np.float32).eps)
+INT64_MAX = int(np.iinfo(np.int64).max)
+IR = {9: 4, 11: 6, 13: 8, 17: 8}
+OPSETS = (9, 11, 13, 17)
+BATCHES = 11
+PER_BATCH = 100  # 11 * 100 = 1,100 sites, each rewritten to two targets
+
+
+def _run(model: onnx.ModelProto, feeds: dict) -> dict:
+    sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def _ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def _attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _init(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+
+
+def _find(model: onnx.ModelProto, shapes=None):
+    """find_sites with the tensor shapes measured in onnxruntime, as convert() does: the
+    Reshape-Transpose-Reshape split is read from measured shapes (shape inference runs on a
+    weightless copy, so the Reshape shape constants are unknown to it)."""
+    _, _, measured = _measure(model, None, shapes, 0, required=True)
+    return find_sites(model, shapes, measured)
+
+
+def _conv_channel(order, channels: int, strides, c: int, phase) -> int:
+    """Conv output channel that a depth-to-space splitting the channel axis as ``order`` sends to
+    output channel ``c``, phase ``phase`` (written out independently of the parser)."""
+    sizes = [channels if f == "c" else strides[f] for f in order]
+    index = [c if f == "c" else phase[f] for f in order]
+    return int(np.ravel_multi_index(index, sizes))
+
+
+def _expected_kernel(v: np.ndarray, group: int, strides, dilations, order) -> np.ndarray:
+    """Dense ConvTranspose kernel [Cin, C, K...] (group 1) of Conv(V) -> depth-to-space, by R2:
+    ``W[ci, c, s*dc*(Ks-1-j) + r] = V[channel(c, r), ci, j]``."""
+    c_conv, cig = v.shape[:2]
+    ks = v.shape[2:]
+    n_phase = math.prod(strides)
+    channels = c_conv // n_phase
+    kernel = tuple(s * (d * (k - 1) + 1) for s, d, k in zip(strides, dilations, ks))
+    w = np.zeros((cig * group, channels) + kernel, np.float64)
+    per_group = c_conv // group
+    for c in range(channels):
+        for phase in np.ndindex(*strides):
+            oc = _conv_channel(order, channels, strides, c, phase)
+            g = oc // per_group
+            for j in np.ndindex(*ks):
+                k = tuple(s * d * (kk - 1 - jj) + r for s, d, kk, jj, r in zip(strides, dilations, ks, j, phase))
+                w[(slice(g * cig, (g + 1) * cig), c) + k] = v[(oc, slice(None)) + j]
+    return w
+
+
+def _dense_of(weight: np.ndarray, group: int) -> np.ndarray:
+    """Grouped ConvTranspose kernel [Cin, Cout/g, K...] -> block-diagonal dense [Cin, Cout, K...]."""
+    if group == 1:
+        return weight
+    c_in, cog = weight.shape[:2]
+    cig = c_in // group
+    dense = np.zeros((c_in, cog * group) + weight.shape[2:], weight.dtype)
+    for g in range(group):
+        dense[g * cig:(g + 1) * cig, g * cog:(g + 1) * cog] = weight[g * cig:(g + 1) * cig]
+    return dense
+
+
+# ----------------------------------------------------------------------------------------------
+# randomized sweep
+
+
+def _reshape_shape(dims: list[int], rng: random.Random, zero_ok: tuple[int, ...]) -> list[int]:
+    """A Reshape shape for ``dims`` as exporters write it: 0 (copy the input dim) where that is the
+    same value, at most one -1."""
+    shape = list(dims)
+    for i in zero_ok:
+        if rng.random() < 0.5:
+            shape[i] = 0
+    if rng.random() < 0.5:
+        free = [i for i, v in enumerate(shape) if v != 0]
+        shape[rng.choice(free)] = -1
+    return shape
+
+
+def _sweep_site(i: int, opset: int, rng: random.Random, nrng: np.random.Generator, inits: list):
+    """Nodes x{i} -> Conv -> depth-to-space [-> Slice] -> y{i}; returns (nodes, input shape, terms, info)."""
+    kind = "d2s" if rng.random() < 0.4 else "rtr"
+    if kind == "d2s":
+        rank = 2
+        s = rng.choice([1, 2, 2, 3, 3, 4])
+        strides = (s, s)
+        mode = None if opset < 11 else rng.choice([None, "DCR", "CRD"])  # mode exists from opset 11
+        order = ("c", 0, 1) if mode == "CRD" else (0, 1, "c")
+    else:
+        rank = rng.choices([1, 2, 3], weights=[3, 4, 2])[0]
+        strides = tuple(rng.randint(1, 3) for _ in range(rank))
+        order = ["c", *range(rank)]
+        rng.shuffle(order)
+        order = tuple(order)
+        mode = None
+    n_phase = math.prod(strides)
+    kernel = tuple(rng.randint(1, 4 if rank < 3 else 3) for _ in range(rank))
+    dil = [1 if rng.random() < 0.7 else 2 for _ in range(rank)]
+    g = rng.choice(["1", "1", "2", "dw"])
+    if g == "dw":
+        group = rng.randint(2, 4)
+        cin = group
+    else:
+        group = int(g)
+        cin = group * rng.randint(1, 2 if group > 1 else 3)
+    channels = rng.choice([c for c in range(1, 5) if (c * n_phase) % group == 0] or [group])
+    c_conv = channels * n_phase
+    lengths = [rng.randint(1, 4 if rank < 3 else 3) for _ in range(rank)]
+    batch = rng.randint(1, 2)
+    attrs = {"group": group}
+    mode_p = rng.random()
+    if mode_p < 0.15:  # onnxruntime rejects SAME with dilation
+        attrs["auto_pad"] = rng.choice(["SAME_UPPER", "SAME_LOWER"])
+        dil = [1] * rank
+        pads = [((k - 1) // 2, (k - 1) - (k - 1) // 2) for k in kernel]  # only for the length below
+    elif mode_p < 0.25:
+        attrs["auto_pad"] = "VALID"
+        pads = [(0, 0)] * rank
+    else:
+        pads = [(rng.randint(0, 3), rng.randint(0, 3)) for _ in range(rank)]
+    q = [n + pb + pe - (k - 1) * d for n, (pb, pe), k, d in zip(lengths, pads, kernel, dil)]
+    if any(v < 1 for v in q):  # the Conv must produce >= 1 position: pad the end
+        attrs.pop("auto_pad", None)
+        pads = [(pb, pe + max(1 - v, 0)) for (pb, pe), v in zip(pads, q)]
+        q = [max(v, 1) for v in q]
+    if "auto_pad" not in attrs:
+        attrs["pads"] = [p[0] for p in pads] + [p[1] for p in pads]
+    if rng.random() < 0.5 or any(d != 1 for d in dil):
+        attrs["dilations"] = dil
+    if rng.random() < 0.5:
+        attrs["kernel_shape"] = list(kernel)
+
+    v = nrng.standard_normal((c_conv, cin // group) + kernel).astype(np.float32)
+    inits.append(numpy_helper.from_array(v, f"w{i}"))
+    conv_in = [f"x{i}", f"w{i}"]
+    bias = None
+    if rng.random() < 0.5:
+        if rng.random() < 0.3:  # equal across the phases of each channel: a plain bias
+            per_channel = nrng.standard_normal(channels).astype(np.float32)
+            bias = np.zeros(c_conv, np.float32)
+            for c in range(channels):
+                for phase in np.ndindex(*strides):
+                    bias[_conv_channel(order, channels, strides, c, phase)] = per_channel[c]
+        else:
+            bias = nrng.standard_normal(c_conv).astype(np.float32)
+        inits.append(numpy_helper.from_array(bias, f"b{i}"))
+        conv_in.append(f"b{i}")
+    nodes = [helper.make_node("Conv", conv_in, [f"c{i}"], name=f"conv{i}", **attrs)]
+
+    crop = rng.random() < 0.35
+    shuffled = f"t{i}" if crop else f"y{i}"
+    if kind == "d2s":
+        d2s_attrs = {"blocksize": strides[0]}
+        if mode is not None:
+            d2s_attrs["mode"] = mode
+        nodes.append(helper.make_node("DepthToSpace", [f"c{i}"], [shuffled], name=f"d2s{i}", **d2s_attrs))
+    else:
+        m = rank + 1
+        split = [batch] + [channels if f == "c" else strides[f] for f in order] + q
+        perm = [0, 1 + order.index("c")]
+        for a in range(rank):
+            perm += [1 + m + a, 1 + order.index(a)]
+        merge = [batch, channels] + [n * s for n, s in zip(q, strides)]
+        inits.append(numpy_helper.from_array(np.array(_reshape_shape(split, rng, (0,)), np.int64), f"s{i}"))
+        inits.append(numpy_helper.from_array(np.array(_reshape_shape(merge, rng, (0, 1)), np.int64), f"m{i}"))
+        nodes += [
+            helper.make_node("Reshape", [f"c{i}", f"s{i}"], [f"r{i}"], name=f"split{i}"),
+            helper.make_node("Transpose", [f"r{i}"], [f"p{i}"], name=f"perm{i}", perm=perm),
+            helper.make_node("Reshape", [f"p{i}", f"m{i}"], [shuffled], name=f"merge{i}"),
+        ]
+    if crop:
+        out = [n * s for n, s in zip(q, strides)]
+        axes = sorted(rng.sample(range(rank), rng.randint(1, rank)))
+        starts, ends = [], []
+        for a in axes:
+            st = rng.randint(0, min(3, out[a] - 1))
+            room = out[a] - st - 1  # positions that may still be dropped at the end
+            pick = rng.random()
+            if room >= 1 and pick < 0.55:
+                ends.append(-rng.randint(1, min(3, room)))
+            elif pick < 0.7:  # an absolute end (the lengths are static), past the end at times
+                ends.append(rng.randint(st + 1, out[a] + 2))
+            else:
+                ends.append(INT64_MAX)
+            starts.append(st)
+        axes = [2 + a - (rank + 2 if rng.random() < 0.2 else 0) for a in axes]  # negative axes too
+        if opset < 10:
+            nodes.append(helper.make_node("Slice", [shuffled], [f"y{i}"], name=f"crop{i}",
+                                          starts=starts, ends=ends, axes=axes))
+        else:
+            names = [f"cs{i}", f"ce{i}", f"ca{i}"]
+            for name, values in zip(names, (starts, ends, axes)):
+                inits.append(numpy_helper.from_array(np.array(values, np.int64), name))
+            if rng.random() < 0.5:
+                inits.append(numpy_helper.from_array(np.ones(len(axes), np.int64), f"cp{i}"))
+                names.append(f"cp{i}")
+            nodes.append(helper.make_node("Slice", [shuffled, *names], [f"y{i}"], name=f"crop{i}"))
+    shape = [batch, cin, *lengths]
+    terms = (cin // group) * math.prod(kernel) * n_phase
+    info = {"kind": kind, "mode": mode, "order": order, "strides": strides, "kernel": kernel, "dil": dil,
+            "group": group, "cin": cin, "channels": channels, "attrs": attrs, "lengths": lengths, "crop": crop,
+            "bias": bias is not None}
+    return nodes, shape, terms, info
+
+
+def _sweep_batch(n: int, opset: int, seed: int):
+    rng = random.Random(seed)
+    nrng = np.random.default_rng(seed)
+    nodes, inits, inputs, outputs, feeds, terms, infos = [], [], [], [], {}, [], []
+    for i in range(n):
+        site_nodes, shape, t, info = _sweep_site(i, opset, rng, nrng, inits)
+        nodes += site_nodes
+        inputs.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, shape))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
+        feeds[f"x{i}"] = nrng.standard_normal(shape).astype(np.float32)
+        terms.append(t)
+        infos.append(info)
+    graph = helper.make_graph(nodes, "subpixel_sweep", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR[opset])
+    return model, feeds, terms, infos
+
+
+@pytest.fixture(scope="module")
+def sweep_stats():
+    stats = {"convtranspose": [], "resize": [], "kinds": {}}
+    yield stats
+    if stats["convtranspose"]:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(stats["kinds"].items()))
+        print(f"\nfrom_subpixel sweep: {len(stats['convtranspose'])} sites ({kinds}); worst error/tolerance: "
+              + ", ".join(f"to {t} {max(stats[t]):.4f}" for t in ("convtranspose", "resize") if stats[t]))
+
+
+@pytest.mark.parametrize("batch", range(BATCHES))
+def test_sweep_matches_onnxruntime(batch, sweep_stats):
+    opset = OPSETS[batch % len(OPSETS)]
+    model, feeds, terms, infos = _sweep_batch(PER_BATCH, opset, seed=5000 + batch)
+    for info in infos:
+        key = "DepthToSpace " + (info["mode"] or "(no mode)") if info["kind"] == "d2s" else "Reshape-Transpose-Reshape"
+        key += " + Slice" if info["crop"] else ""
+        sweep_stats["kinds"][key] = sweep_stats["kinds"].get(key, 0) + 1
+    original = _run(model, feeds)
+
+    skipped = up.convert(model, to="subpixel", verify=False).report
+    not_skipped = [s.reason for s in skipped.sites if s.status != "skipped"]
+    assert len(skipped.sites) == PER_BATCH and not not_skipped, not_skipped[:3]
+
+    for target in ("convtranspose", "resize"):
+        result = up.convert(model, to=target, verify=False)
+        report = result.report
+        assert not report.refused, [s.reason for s in report.refused][:3]
+        assert len(report.rewritten) == PER_BATCH
+        ops = set(_ops(result.model))
+        assert not ops & {"DepthToSpace", "Transpose"}, ops
+        assert ("ConvTranspose" in ops) == (target == "convtranspose")
+        kept = [n.name for n in result.model.graph.node if n.name.startswith("crop")]
+        assert not kept, kept  # every trailing Slice (unit steps, static lengths) is folded into the site
+        rewritten = _run(result.model, feeds)
+        for i, info in enumerate(infos):
+            ref, got = original[f"y{i}"], rewritten[f"y{i}"]
+            assert got.shape == ref.shape, (target, info, got.shape, ref.shape)
+            tol = 8 * EPS32 * math.sqrt(terms[i]) * max(float(np.abs(ref).max()), 1e-30)
+            err = float(np.abs(got.astype(np.float64) - ref).max())
+            sweep_stats[target].append(err / tol)
+            assert err <= tol, (target, i, info, err, tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# structure
+
+
+def _conv_d2s(v, bias=None, opset=13, mode="CRD", pads=(1, 1, 1, 1), shape=(1, 3, 8, 8), blocksize=2,
+              weight_as_input=False, extra_reader=False, conv_attrs=None):
+    """x -> Conv(V, B) -> DepthToSpace(blocksize, mode) -> y (mode None: attribute absent)."""
+    inits = [] if weight_as_input else [numpy_helper.from_array(v, "V")]
+    ins = ["x", "V"]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))]
+    if weight_as_input:
+        inputs.append(helper.make_tensor_value_info("V", TensorProto.FLOAT, list(v.shape)))
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "B"))
+        ins.append("B")
+    attrs = dict(conv_attrs or {"pads": list(pads)})
+    d2s = {"blocksize": blocksize} if mode is None else {"blocksize": blocksize, "mode": mode}
+    nodes = [helper.make_node("Conv", ins, ["c"], name="conv", **attrs),
+             helper.make_node("DepthToSpace", ["c"], ["y"], name="shuffle", **d2s)]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if extra_reader:
+        nodes.append(helper.make_node("Relu", ["c"], ["r"], name="relu"))
+        outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR[opset])
+
+
+def _espcn(equal_bias=False, seed=0):
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal((12, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(12).astype(np.float32)
+    if equal_bias:  # CRD: channel c owns Conv channels 4c .. 4c+3
+        b = np.repeat(b[:3], 4)
+    return v, b
+
+
+def test_espcn_is_one_convtranspose_k6_s2_p2_plus_per_phase_bias():
+    """DESIGN.md R2: ESPCN Conv3x3 p1 (12 outputs) + PixelShuffle(2) == ConvTranspose k6 s2 p2."""
+    v, b = _espcn()
+    model = _conv_d2s(v, b)
+    (site,), refusals = find_sites(model)
+    assert not refusals
+    assert [(a.stride, a.dilation, a.kernel, a.crop_begin, a.extension) for a in site.axes] == [(2, 1, 6, 2, 0)] * 2
+    assert site.bias is None and site.phase_bias is not None and site.phase_bias.shape == (3, 2, 2)
+    np.testing.assert_array_equal(site.phase_bias.reshape(-1), b)  # CRD: phases of c are 4c .. 4c+3
+    result = up.convert(model, to="convtranspose")
+    assert result.report.verified
+    ops = _ops(result.model)
+    assert ops[0] == "ConvTranspose" and ops[-1] == "Add" and ops.count("ConvTranspose") == 1
+    assert not {"Conv", "DepthToSpace", "Slice", "Pad"} & set(ops)
+    node = result.model.graph.node[0]
+    attrs = _attrs(node)
+    assert attrs["kernel_shape"] == [6, 6] and attrs["strides"] == [2, 2] and attrs["pads"] == [2, 2, 2, 2]
+    assert attrs.get("group", 1) == 1 and "output_padding" not in attrs and len(node.input) == 2
+    w = _init(result.model, node.input[1])
+    np.testing.assert_array_equal(w, _expected_kernel(v, 1, (2, 2), (1, 1), ("c", 0, 1)))
+    # spot check of R2: W[ci, c, 2*(2-j0) + r0, 2*(2-j1) + r1] = V[4c + 2*r0 + r1, ci, j0, j1]
+    assert w[1, 2, 2 * (2 - 0) + 1, 2 * (2 - 2) + 0] == v[4 * 2 + 2 * 1 + 0, 1, 0, 2]
+    assert {"V", "B"}.isdisjoint(t.name for t in result.model.graph.initializer)
+    assert result.report.sites[0].macs_before == 12 * 3 * 9 * 64
+
+
+def test_zero_kernel_borders_are_trimmed_and_move_the_crop():
+    """ESPCN with the taps that land on the first and last ConvTranspose row all zero: k(4, 6), pads
+    (1, 2, 1, 2) instead of k(6, 6) p2 (row 0 is tap j=2 of phase r0=0, row 5 tap j=0 of phase r0=1)."""
+    v, b = _espcn(equal_bias=True)
+    v = v.reshape(3, 2, 2, 3, 3, 3)  # CRD: [c, r0, r1, ci, j0, j1]
+    v[:, 0, :, :, 2, :] = 0
+    v[:, 1, :, :, 0, :] = 0
+    v = v.reshape(12, 3, 3, 3)
+    result = up.convert(_conv_d2s(v, b), to="convtranspose")
+    assert result.report.verified
+    (node,) = result.model.graph.node
+    attrs = _attrs(node)
+    assert attrs["kernel_shape"] == [4, 6] and attrs["pads"] == [1, 2, 1, 2]
+    full = _expected_kernel(v, 1, (2, 2), (1, 1), ("c", 0, 1))
+    np.testing.assert_array_equal(_init(result.model, node.input[1]), full[:, :, 1:5])
+
+
+def test_espcn_with_bias_equal_across_phases_is_one_convtranspose():
+    v, b = _espcn(equal_bias=True)
+    result = up.convert(_conv_d2s(v, b), to="convtranspose")
+    assert result.report.verified
+    (node,) = result.model.graph.node
+    assert node.op_type == "ConvTranspose" and len(node.input) == 3
+    np.testing.assert_array_equal(_init(result.model, node.input[2]), b[::4])
+
+
+@pytest.mark.parametrize("opset", [9, 11, 17])
+def test_depth_to_space_without_mode_is_dcr(opset):
+    v, b = _espcn(seed=1)
+    sites = {}
+    for mode in [None, "DCR", "CRD"] if opset >= 11 else [None]:
+        result = up.convert(_conv_d2s(v, b, opset=opset, mode=mode), to="convtranspose")
+        assert result.report.verified
+        node = result.model.graph.node[0]
+        sites[mode] = _init(result.model, node.input[1])
+    # DCR: Conv channel r*C + c (phase-major); the kernel is the R2 rearrangement in that order
+    np.testing.assert_array_equal(sites[None], _expected_kernel(v, 1, (2, 2), (1, 1), (0, 1, "c")))
+    if opset >= 11:
+        np.testing.assert_array_equal(sites[None], sites["DCR"])
+        assert not np.array_equal(sites[None], sites["CRD"])
+
+
+def test_grouped_dcr_becomes_dense_and_crd_stays_grouped():
+    """DESIGN.md §2a: DCR interleaves the groups of a grouped sub-pixel Conv (dense kernel, noted)."""
+    rng = np.random.default_rng(4)
+    v = rng.standard_normal((8, 1, 3, 3)).astype(np.float32)  # 2 groups, 2 output channels x 4 phases
+    for mode, group in [("CRD", 2), ("DCR", 1)]:
+        model = _conv_d2s(v, None, mode=mode, shape=(1, 2, 5, 5), conv_attrs={"pads": [1, 1, 1, 1], "group": 2})
+        result = up.convert(model, to="convtranspose")
+        assert result.report.verified
+        node = result.model.graph.node[0]
+        assert _attrs(node)["group"] == group
+        assert bool(result.report.sites[0].notes) == (group == 1)
+        order = ("c", 0, 1) if mode == "CRD" else (0, 1, "c")
+        w = _dense_of(_init(result.model, node.input[1]), group)
+        np.testing.assert_array_equal(w, _expected_kernel(v, 2, (2, 2), (1, 1), order))
+
+
+def test_conv_output_read_elsewhere_is_refused():
+    v, b = _espcn()
+    model = _conv_d2s(v, b, extra_reader=True)
+    result = up.convert(model, to="convtranspose")
+    (refusal,) = result.report.refused
+    assert "read elsewhere" in refusal.reason and "'c'" in refusal.reason
+    assert _ops(result.model) == _ops(model)
+
+
+def test_reshape_transpose_intermediate_read_elsewhere_is_refused():
+    model = _rtr_model([0, 1, 4, 2, 5, 3])
+    model.graph.node.append(helper.make_node("Relu", ["p"], ["r"], name="relu"))
+    model.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+    result = up.convert(model, to="convtranspose")
+    (refusal,) = result.report.refused
+    assert "read elsewhere" in refusal.reason and "'p'" in refusal.reason
+    assert _ops(result.model) == _ops(model)
+
+
+def test_conv_weight_from_graph_input_is_refused():
+    v, b = _espcn()
+    model = _conv_d2s(v, b, weight_as_input=True)
+    _, (refusal,) = find_sites(model)
+    assert "Conv weight is not constant" in refusal.reason and "graph input" in refusal.reason
+    feeds = {"x": np.ones((1, 3, 8, 8), np.float32), "V": v}
+    result = up.convert(model, to="convtranspose", inputs=feeds)
+    assert result.report.refused and _ops(result.model) == ["Conv", "DepthToSpace"]
+
+
+def test_unknown_depth_to_space_mode_and_rank_are_refused():
+    v, b = _espcn()
+    model = _conv_d2s(v, b)
+    next(a for a in model.graph.node[1].attribute if a.name == "mode").s = b"XYZ"
+    _, (refusal,) = find_sites(model)
+    assert "mode='XYZ'" in refusal.reason
+
+
+def test_strided_conv_is_refused():
+    v, b = _espcn()
+    model = _conv_d2s(v, b, shape=(1, 3, 8, 8), conv_attrs={"pads": [1, 1, 1, 1], "strides": [2, 2]})
+    _, (refusal,) = find_sites(model)
+    assert "strides=[2, 2]" in refusal.reason
+
+
+def _rtr_model(perm, split=None, merge=None, shape=(1, 2, 3, 4), c_conv=8, opset=13):
+    """x -> Conv1x1 (c_conv outputs) -> Reshape(split) -> Transpose(perm) -> Reshape(merge) -> y."""
+    rng = np.random.default_rng(2)
+    v = rng.standard_normal((c_conv, shape[1], 1, 1)).astype(np.float32)
+    split = split or [1, 2, 2, 2, shape[2], shape[3]]
+    merge = merge or [1, 2, 2 * shape[2], 2 * shape[3]]
+    inits = [numpy_helper.from_array(v, "V"), numpy_helper.from_array(np.array(split, np.int64), "split"),
+             numpy_helper.from_array(np.array(merge, np.int64), "merge")]
+    nodes = [helper.make_node("Conv", ["x", "V"], ["c"], name="conv"),
+             helper.make_node("Reshape", ["c", "split"], ["a"], name="split"),
+             helper.make_node("Transpose", ["a"], ["p"], name="perm", **({"perm": perm} if perm else {})),
+             helper.make_node("Reshape", ["p", "merge"], ["y"], name="merge")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR[opset])
+
+
+def test_pixel_shuffle_reshape_transpose_reshape_is_parsed():
+    for perm, order in [([0, 1, 4, 2, 5, 3], ("c", 0, 1)), ([0, 3, 4, 1, 5, 2], (0, 1, "c")),
+                        ([0, 2, 4, 1, 5, 3], (0, "c", 1))]:
+        model = _rtr_model(perm)
+        (site,), _ = _find(model)
+        assert [(a.stride, a.kernel, a.crop_begin, a.extension) for a in site.axes] == [(2, 2, 0, 0)] * 2
+        result = up.convert(model, to="convtranspose")
+        assert result.report.verified and _ops(result.model) == ["ConvTranspose"]
+        v = _init(model, "V")
+        w = _init(result.model, result.model.graph.node[0].input[1])
+        np.testing.assert_array_equal(w, _expected_kernel(v, 1, (2, 2), (1, 1), order))
+
+
+@pytest.mark.parametrize(
+    "perm,split,merge",
+    [
+        ([0, 1, 2, 4, 3, 5], None, None),  # [N, C, s0, H, s1, W]: tiles blocks, does not interleave
+        ([0, 1, 2, 3, 4, 5], None, None),  # identity: channel blocks stacked, not interleaved
+        ([0, 1, 5, 2, 4, 3], None, [1, 2, 8, 6]),  # H and W swapped
+        ([0, 1, 4, 3, 5, 2], None, None),  # s0/s1 swapped (still a shuffle: CRD order (c, 1, 0)), here 2 = 2
+        ([0, 4, 1, 2, 5, 3], [1, 2, 2, 2, 3, 4], [1, 3, 4, 8]),  # a spatial axis as channels
+        (None, None, [4, 3, 2, 4]),  # default perm (reverse)
+        ([0, 1, 4, 2, 5, 3], None, [1, 2, 12, 4]),  # merge to a different shape
+        ([0, 1, 4, 2, 5, 3], None, [1, 4, 6, 4]),  # merge folds a phase back into channels
+        ([0, 1, 4, 2, 5, 3], None, [1, 2, 48]),  # merge to rank 3
+        ([0, 2, 3, 1, 4, 5], [1, 2, 2, 2, 3, 4], [1, 2, 4, 12]),  # channels moved, no spatial interleave
+    ],
+)
+def test_reshape_transpose_reshape_that_is_not_a_pixel_shuffle_is_never_rewritten_wrongly(perm, split, merge):
+    model = _rtr_model(perm, split, merge)
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 2, 3, 4)).astype(np.float32)}
+    original = _run(model, feeds)["y"]
+    sites, refusals = _find(model)
+    result = up.convert(model, to="convtranspose")  # verifies in onnxruntime, raises if wrong
+    assert result.report.verified
+    got = _run(result.model, feeds)["y"]
+    assert got.shape == original.shape
+    np.testing.assert_allclose(got, original, rtol=1e-5, atol=1e-6)
+    if sites:  # a genuine pixel shuffle in disguise: must then be the R2 kernel
+        assert perm == [0, 1, 4, 3, 5, 2]
+    else:
+        (refusal,) = refusals
+        assert "is not a pixel shuffle" in refusal.reason, refusal.reason
+        assert _ops(result.model) == _ops(model)
+
+
+def test_reshape_transpose_reshape_needs_shapes():
+    """Symbolic input and nothing to measure with: refused with a reason, never guessed."""
+    model = _rtr_model([0, 1, 4, 2, 5, 3])
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    result = up.convert(model, to="convtranspose", verify=False)
+    (refusal,) = result.report.refused
+    assert "known tensor shapes" in refusal.reason
+    assert _ops(result.model) == _ops(model)
+    result = up.convert(model, to="convtranspose", shapes={"x": (1, 2, 3, 4)})
+    assert result.report.verified and _ops(result.model) == ["ConvTranspose"]
+
+
+def _symbolic_subpixel():
+    """Our own sub-pixel form of a 2-D k(4, 3) s(2, 3) ConvTranspose on a symbolic [N, 4, H, W]
+    input: Shape(conv output) -> Gather -> Concat builds the Reshape shapes at run time."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((4, 3, 4, 3)).astype(np.float32)
+    node = helper.make_node("ConvTranspose", ["x", "W"], ["y"], name="up", strides=[2, 3], pads=[1, 0, 1, 0])
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    sub = up.convert(model, to="subpixel", shapes={"x": (2, 4, 5, 6)}).model
+    assert {"Shape", "Reshape", "Transpose"} <= set(_ops(sub))
+    return w, sub
+
+
+def test_shuffle_shapes_computed_from_the_conv_output_go_with_the_site():
+    w, sub = _symbolic_subpixel()
+    result = up.convert(sub, to="convtranspose", shapes={"x": (2, 4, 5, 6)})
+    assert result.report.verified and not result.report.refused
+    assert _ops(result.model) == ["ConvTranspose"]  # Shape/Gather/Concat dropped with the site
+    node = result.model.graph.node[0]
+    assert _attrs(node)["pads"] == [1, 0, 1, 0] and _attrs(node)["strides"] == [2, 3]
+    np.testing.assert_array_equal(_init(result.model, node.input[1]), w)
+    assert len(result.model.graph.initializer) == 1
+    for h, w_ in [(1, 1), (3, 7)]:  # still symbolic
+        x = np.random.default_rng(h).standard_normal((1, 4, h, w_)).astype(np.float32)
+        assert _run(result.model, {"x": x})["y"].shape == (1, 3, 2 * h, 3 * w_)
+
+
+def test_shuffle_shape_also_read_elsewhere_is_refused():
+    _, sub = _symbolic_subpixel()
+    shape = next(n for n in sub.graph.node if n.op_type == "Shape")
+    sub.graph.output.append(helper.make_tensor_value_info(shape.output[0], TensorProto.INT64, None))
+    result = up.convert(sub, to="convtranspose", shapes={"x": (2, 4, 5, 6)})
+    (refusal,) = result.report.refused
+    assert "read elsewhere" in refusal.reason
+    assert _ops(result.model) == _ops(sub)
+
+
+def test_slice_with_step_is_not_folded_but_kept():
+    v, b = _espcn()
+    model = _conv_d2s(v, b)
+    model.graph.node[1].output[0] = "d"
+    inits = {"st": [1, 0], "en": [INT64_MAX, -1], "ax": [2, 3], "sp": [2, 1]}
+    for k, val in inits.items():
+        model.graph.initializer.append(numpy_helper.from_array(np.array(val, np.int64), k))
+    model.graph.node.append(helper.make_node("Slice", ["d", "st", "en", "ax", "sp"], ["y"], name="crop"))
+    result = up.convert(model, to="convtranspose")
+    assert result.report.verified and not result.report.refused
+    assert _ops(result.model)[0] == "ConvTranspose" and _ops(result.model)[-1] == "Slice"
+
+
+def test_folded_slice_becomes_convtranspose_pads():
+    """Conv 2x2 p1 -> DepthToSpace(2) -> Slice[1 : -1] (our own k4 s2 p1 sub-pixel form) is k4 s2 p1."""
+    rng = np.random.default_rng(3)
+    v = rng.standard_normal((16, 3, 2, 2)).astype(np.float32)
+    model = _conv_d2s(v, None, mode="CRD", pads=(1, 1, 1, 1))
+    model.graph.node[1].output[0] = "d"
+    for k, val in {"st": [1, 1], "en": [-1, -1], "ax": [2, 3]}.items():
+        model.graph.initializer.append(numpy_helper.from_array(np.array(val, np.int64), k))
+    model.graph.node.append(helper.make_node("Slice", ["d", "st", "en", "ax"], ["y"], name="crop"))
+    result = up.convert(model, to="convtranspose")
+    assert result.report.verified
+    (node,) = result.model.graph.node
+    attrs = _attrs(node)
+    assert attrs["kernel_shape"] == [4, 4] and attrs["pads"] == [1, 1, 1, 1] and "output_padding" not in attrs
+
+
+# ----------------------------------------------------------------------------------------------
+# round trip: ConvTranspose -> sub-pixel -> ConvTranspose
+
+
+def _dilate(weight: np.ndarray, dilations) -> np.ndarray:
+    out = np.zeros(weight.shape[:2] + tuple((k - 1) * d + 1 for k, d in zip(weight.shape[2:], dilations)),
+                   weight.dtype)
+    out[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in dilations)] = weight
+    return out
+
+
+def _feeding_convtranspose(model: onnx.ModelProto, output: str):
+    producer = {o: n for n in model.graph.node for o in n.output}
+    node = producer.get(output)
+    while node is not None and node.op_type != "ConvTranspose":
+        node = producer.get(node.input[0])
+    return node
+
+
+@pytest.fixture(scope="module")
+def round_trip_stats():
+    stats = {"sites": 0, "symbolic": 0, "exact": 0, "dilated": 0, "stride1": 0, "fallback": 0, "ratios": []}
+    yield stats
+    if stats["sites"]:
+        print(f"\nround trip: {stats['sites']} ConvTranspose sites ({stats['symbolic']} declared symbolic): "
+              f"{stats['exact']} same kernel, "
+              f"{stats['dilated']} dilated (same kernel, dilation restored), "
+              f"{stats['stride1']} stride 1 on every axis (plain Conv, no depth-to-space, not parsed), "
+              f"{stats['fallback']} back in the Pad/Slice/Add fallback form; "
+              f"worst error/tolerance {max(stats['ratios']):.4f}")
+
+
+@pytest.mark.parametrize("batch", range(3))
+def test_round_trip_gives_back_the_kernel(batch, round_trip_stats):
+    opset = (11, 13, 17)[batch]
+    rng = random.Random(9000 + batch)
+    configs = [random_config(rng) for _ in range(100)]
+    model, feeds, terms = batch_model(configs, opset, seed=9000 + batch)
+    original = _run(model, feeds)
+    before = {s.node: s for s in find_sites(model)[0]}
+    shapes = {name: x.shape for name, x in feeds.items()}  # symbolic inputs: measure the shuffles at these
+
+    sub = up.convert(model, to="subpixel", verify=False)
+    assert not sub.report.refused
+    back = up.convert(sub.model, to="convtranspose", verify=False, shapes=shapes)
+    assert not back.report.refused, [s.reason for s in back.report.refused][:3]
+    assert not {"Shape", "Gather", "Concat", "Reshape", "Transpose", "DepthToSpace"} & set(_ops(back.model))
+    got = _run(back.model, feeds)
+    after = {s.output: s for s in find_sites(back.model)[0]}
+    round_trip_stats["sites"] += len(configs)
+    round_trip_stats["symbolic"] += sum(c.symbolic for c in configs)
+    for i, c in enumerate(configs):
+        ref = original[f"y{i}"]
+        assert got[f"y{i}"].shape == ref.shape, (c, got[f"y{i}"].shape, ref.shape)
+        # terms of the dense dilated kernel: the sum may now run over its zero taps in another order
+        dense = math.prod((k - 1) * d + 1 for k, d in zip(c.kernel, c.dilations))
+        dense_terms = terms[i] * dense // math.prod(c.kernel)
+        tol = 8 * EPS32 * math.sqrt(dense_terms) * max(float(np.abs(ref).max()), 1e-30)
+        err = float(np.abs(got[f"y{i}"].astype(np.float64) - ref).max())
+        round_trip_stats["ratios"].append(err / tol)
+        assert err <= tol, (c, err, tol)
+
+        node = _feeding_convtranspose(back.model, f"y{i}")
+        if all(s == 1 for s in c.strides):
+            # the sub-pixel form of a stride-1 site is a plain Conv (+ Slice), which no parser reads
+            assert node is None
+            round_trip_stats["stride1"] += 1
+            continue
+        assert node is not None, c
+        w0 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == f"w{i}"))
+        w1 = _init(back.model, node.input[1])
+        attrs = _attrs(node)
+        assert attrs["group"] == c.group and attrs["strides"] == list(c.strides)
+        # Each tap k of W lands in phase k*d mod s at low-resolution tap k*d // s, and R2 puts it
+        # back at offset k*d: the dense dilated kernel, whose all-zero borders the parser trims and
+        # whose regular grid of taps gives back the dilation.  The same kernel, bit for bit.
+        assert np.array_equal(w1, w0), c
+        want = [d if k > 1 else 1 for d, k in zip(c.dilations, c.kernel)]
+        assert [d if k > 1 else 1 for d, k in zip(attrs.get("dilations", [1] * c.rank), c.kernel)] == want, c
+        round_trip_stats["exact" if all(d == 1 for d in want) else "dilated"] += 1
+        if c.bias:  # a plain per-channel bias again (not a per-phase one), on the node or in the Add after it
+            b0 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == f"b{i}"))
+            if len(node.input) > 2:
+                b1 = _init(back.model, node.input[2])
+            else:
+                add = next(n for n in back.model.graph.node if n.op_type == "Add" and n.output[0] == f"y{i}")
+                b1 = _init(back.model, add.input[1]).reshape(-1)
+            assert np.array_equal(b1, b0), c
+        if node.output[0] != f"y{i}":
+            round_trip_stats["fallback"] += 1
+        else:
+            # the plain form is the original transposed convolution, geometry included
+            a0 = [(a.stride, a.kernel, a.crop_begin, a.extension, a.dilation if a.kernel > 1 else 1)
+                  for a in before[f"ct{i}"].axes]
+            a1 = [(a.stride, a.kernel, a.crop_begin, a.extension, a.dilation if a.kernel > 1 else 1)
+                  for a in after[f"y{i}"].axes]
+            assert a1 == a0, c
