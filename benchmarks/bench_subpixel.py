@@ -1,4 +1,5 @@
-"""Latency of the sub-pixel form relative to the ConvTranspose, and the tool's own wall time.
+"""Latency of rewritten forms relative to the original (sub-pixel vs ConvTranspose per layer, Resize+Conv,
+bilinear, ESPCN and masked-Resize rewrites), and the tool's own wall time.
 
     python benchmarks/bench_subpixel.py [--runs 60]
 
@@ -46,16 +47,30 @@ def one_layer(x_shape, w_shape, attrs, seed=0):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def nearest_conv(x_shape, seed=0):
+def nearest_conv(x_shape, seed=0, mode="nearest"):
     rng = np.random.default_rng(seed)
     c = x_shape[1]
     inits = [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
              numpy_helper.from_array((rng.standard_normal((c, c, 3, 3)) * 0.05).astype(np.float32), "W"),
              numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "B")]
-    nodes = [helper.make_node("Resize", ["x", "", "scales"], ["u"], mode="nearest",
-                              coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+    ctm = "asymmetric" if mode == "nearest" else "half_pixel"
+    nodes = [helper.make_node("Resize", ["x", "", "scales"], ["u"], mode=mode,
+                              coordinate_transformation_mode=ctm, nearest_mode="floor"),
              helper.make_node("Conv", ["u", "W", "B"], ["y"], name="conv", pads=[1, 1, 1, 1])]
     graph = helper.make_graph(nodes, "nc", [helper.make_tensor_value_info("x", 1, list(x_shape))],
+                              [helper.make_tensor_value_info("y", 1, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def espcn_model(x_shape, seed=0):
+    """PyTorch ESPCN tail: Conv3x3 p1 to 4*C channels -> DepthToSpace(2, CRD)."""
+    rng = np.random.default_rng(seed)
+    c = x_shape[1]
+    inits = [numpy_helper.from_array((rng.standard_normal((4 * c, c, 3, 3)) * 0.05).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal(4 * c).astype(np.float32), "B")]
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("DepthToSpace", ["c"], ["y"], name="d2s", blocksize=2, mode="CRD")]
+    graph = helper.make_graph(nodes, "espcn", [helper.make_tensor_value_info("x", 1, list(x_shape))],
                               [helper.make_tensor_value_info("y", 1, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
@@ -100,6 +115,21 @@ def main():
             rewritten = up.convert(model, to=form).model
             t0, t1 = interleaved(sess(model), sess(rewritten), {"x": x}, args.runs)
             print(f"{f'{size}x{size} -> {form}':34s} {t0 * 1e3:17.3f} {t1 * 1e3:13.3f} {t1 / t0:6.2f}")
+
+    print(f"\n{'other sources and targets':34s} {'original ms':>17s} {'rewritten ms':>13s} {'ratio':>6s}")
+    espcn = espcn_model((1, 32, 64, 64))
+    cases = [
+        ("bilinear x2 + Conv3x3 64^2 -> subpixel", nearest_conv((1, 64, 64, 64), mode="linear"), "subpixel", (1, 64, 64, 64)),
+        ("bilinear x2 + Conv3x3 64^2 -> convtr.", nearest_conv((1, 64, 64, 64), mode="linear"), "convtranspose",
+         (1, 64, 64, 64)),
+        ("ESPCN Conv3x3+D2S(2) 64^2 -> convtr.", espcn, "convtranspose", (1, 32, 64, 64)),
+        ("k4s2p1 64->64 64^2 -> resize (masked)", one_layer(*LAYERS[2][1:]), "resize", (1, 64, 64, 64)),
+    ]
+    for name, model, form, xs in cases:
+        rewritten = up.convert(model, to=form).model
+        x = np.random.default_rng(1).standard_normal(xs).astype(np.float32)
+        t0, t1 = interleaved(sess(model), sess(rewritten), {"x": x}, args.runs)
+        print(f"{name:34s} {t0 * 1e3:17.3f} {t1 * 1e3:13.3f} {t1 / t0:6.2f}")
 
     models = Path(__file__).resolve().parent.parent / "models"
     largest = max((p for p in models.glob("*.onnx") if p.stem.count(".") == 0), key=lambda p: p.stat().st_size)
