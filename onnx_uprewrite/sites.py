@@ -262,6 +262,24 @@ class ConvGeometry:
     pads_end: tuple[int, ...]
 
 
+def conv_weights(node: onnx.NodeProto, index: GraphIndex):
+    """``(weight, weight chain, bias, bias chain, geometry)`` of a stride-1 float Conv that folds into
+    an upsampling; ValueError gives the one-line reason it cannot."""
+    try:
+        weight, w_chain, bias, b_chain = index.weight_and_bias(node, "Conv weight", "Conv bias")
+    except NotConstant as exc:
+        raise ValueError(str(exc)) from None
+    if not np.issubdtype(weight.dtype, np.floating):
+        raise ValueError(f"Conv weight dtype {weight.dtype} is not a float type")
+    if weight.ndim < 3:
+        raise ValueError(f"Conv weight has rank {weight.ndim}")
+    try:
+        geo = conv_geometry(node, weight)
+    except ValueError as exc:
+        raise ValueError(f"Conv {exc}") from None
+    return weight, w_chain, bias, b_chain, geo
+
+
 def conv_geometry(node: onnx.NodeProto, weight: np.ndarray) -> ConvGeometry:
     """Resolve a Conv's padding attributes; ValueError names the attribute that blocks a rewrite.
 

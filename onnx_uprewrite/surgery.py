@@ -81,14 +81,16 @@ class Builder:
         """
         rank = len(strides)
         extra = [-(-e // s) for s, e in zip(strides, extensions)]
-        if all(n is not None for n in lengths):
+        static = all(n is not None for n in lengths)
+        if static:
+            periods = [n + x for n, x in zip(lengths, extra)]
             out = [s * n + e for s, n, e in zip(strides, lengths, extensions)]
             if pattern.shape[0] * math.prod(out) <= PERIODIC_CONSTANT_MAX:  # a plain constant: portable
-                full = np.tile(pattern, [1] + [n + x for n, x in zip(lengths, extra)])
+                full = np.tile(pattern, [1] + periods)
                 return self.constant("periodic", full[(None, slice(None)) + tuple(slice(0, o) for o in out)])
         tiles = self.constant("period", pattern[None])
-        if all(n is not None for n in lengths):
-            repeats = self.constant("repeats", np.array([1, 1] + [n + x for n, x in zip(lengths, extra)], np.int64))
+        if static:
+            repeats = self.constant("repeats", np.array([1, 1] + periods, np.int64))
         else:
             shape = self.node("Shape", [like], "shape")
             index = self.constant("spatial_axes", np.arange(2, 2 + rank, dtype=np.int64))

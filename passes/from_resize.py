@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 from onnx import NodeProto
 
-from onnx_uprewrite.sites import GraphIndex, NotConstant, Refusal, Site
+from onnx_uprewrite.sites import GraphIndex, Refusal, Site
 from onnx_uprewrite.weights import interpolation_weight
 
-from .from_resize_conv import merges, resize_axes
+from .from_resize_conv import edge_padding, merges, resize_axes
 
 SOURCE = "resize"
 
@@ -39,32 +39,28 @@ def taps(node: NodeProto, index: GraphIndex) -> list[str]:
 def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
     name = node.name or node.output[0]
     conv = next(c for c in _convs(node, index) if merges(c, node, index) is False)
-    try:
-        dtype = index.constant(conv.input[1])[0].dtype
-    except NotConstant as exc:  # merges() read it already; kept for safety
-        return Refusal(name, SOURCE, f"{node.op_type} '{name}': {exc}")
-    rank = len(index.constant(conv.input[1])[0].shape) - 2
+    weight, _ = index.constant(conv.input[1])  # merges() read it: constant, rank >= 1
+    rank = weight.ndim - 2
     axes, consts = resize_axes(node, index, rank)
     shape = index.static_shapes.get(node.input[0]) or index.assumed_shapes.get(node.input[0])
     if shape is None or len(shape) != rank + 2 or shape[1] is None:
         return Refusal(name, SOURCE, f"{node.op_type} '{name}': the channel count of input '{node.input[0]}' is "
                        "unknown (a depthwise kernel needs it; pass --shape)")
     lengths = index.spatial_lengths(node.input[0], rank)
-    pre_pad = tuple(a.pad_begin for a in axes) + tuple(a.pad_end for a in axes)
-    padded = tuple(None if n is None else n + a.pad_begin + a.pad_end for n, a in zip(lengths, axes))
+    pre_pad, padded = edge_padding(axes, lengths)
     return Site(
         node=name,
         source=SOURCE,
         replaced_outputs=(node.output[0],),
         input=node.input[0],
         output=node.output[0],
-        weight=interpolation_weight(axes, int(shape[1]), dtype),
+        weight=interpolation_weight(axes, int(shape[1]), weight.dtype),
         bias=None,
         group=int(shape[1]),
         axes=tuple(a.axis() for a in axes),
         input_lengths=padded,
         weight_tensors=consts,
-        pre_pad=pre_pad if any(pre_pad) else None,
+        pre_pad=pre_pad,
         notes=("interpolation as a depthwise transposed convolution; the Conv after it is kept",),
         source_macs=_interpolation_macs(axes, int(shape[1]), lengths),
     )

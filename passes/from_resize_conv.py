@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import NodeProto
 
-from onnx_uprewrite.sites import GraphIndex, NotConstant, Refusal, Site, attributes, conv_geometry, text
+from onnx_uprewrite.sites import GraphIndex, NotConstant, Refusal, Site, attributes, conv_geometry, conv_weights, text
 from onnx_uprewrite.weights import InterpolationAxis, interpolation_axis, upsample_conv_axis, upsample_conv_weight
 
 SOURCE = "resize"
@@ -58,6 +58,14 @@ def foldable(axes: list[InterpolationAxis], geo) -> bool:
         a.pad_begin == 0 and a.pad_end == 0 and a.crop_begin == 0 and len(a.taps) == a.stride for a in axes
     )
     return zero_pads or uncropped
+
+
+def edge_padding(interp: list[InterpolationAxis], lengths) -> tuple[tuple[int, ...] | None, tuple]:
+    """``(Site.pre_pad or None, the input lengths after that edge padding)``."""
+    pads = tuple(a.pad_begin for a in interp) + tuple(a.pad_end for a in interp)
+    if not any(pads):
+        return None, tuple(lengths)
+    return pads, tuple(None if n is None else n + a.pad_begin + a.pad_end for n, a in zip(lengths, interp))
 
 
 def taps(node: NodeProto, index: GraphIndex) -> list[str]:
@@ -171,20 +179,12 @@ def conv_site(node: NodeProto, index: GraphIndex, source: str, interp, x: str, l
     """
     name = node.name or node.output[0]
     try:
-        weight, w_chain, bias, b_chain = index.weight_and_bias(node, "Conv weight", "Conv bias")
-    except NotConstant as exc:
+        weight, w_chain, bias, b_chain, geo = conv_weights(node, index)
+    except ValueError as exc:
         return refuse(str(exc))
-    if not np.issubdtype(weight.dtype, np.floating):
-        return refuse(f"Conv weight dtype {weight.dtype} is not a float type")
     rank = weight.ndim - 2
-    if rank < 1:
-        return refuse(f"Conv weight has rank {weight.ndim}")
     if interp is None or len(interp) != rank:
         return refuse(f"the upsampling has {0 if interp is None else len(interp)} spatial axes, the Conv {rank}")
-    try:
-        geo = conv_geometry(node, weight)
-    except ValueError as exc:
-        return refuse(f"Conv {exc}")
     if not foldable(interp, geo):
         return refuse("the Conv pads would read what the upsampling crops (not foldable); the Resize is "
                       "rewritten alone")
@@ -193,10 +193,7 @@ def conv_site(node: NodeProto, index: GraphIndex, source: str, interp, x: str, l
         upsample_conv_axis(ia.axis(), k, d, geo.pads_begin[i], geo.pads_end[i])
         for i, (ia, k, d) in enumerate(zip(interp, kernel, dilations))
     )
-    pre_pad = tuple(a.pad_begin for a in interp) + tuple(a.pad_end for a in interp)
-    padded = lengths
-    if any(pre_pad):
-        padded = tuple(None if n is None else n + a.pad_begin + a.pad_end for n, a in zip(lengths, interp))
+    pre_pad, padded = edge_padding(interp, lengths)
     c_up = [n * a.stride if n is not None else None for n, a in zip(lengths, interp)]
     source_macs = None if None in c_up else int(weight.shape[0] * weight.shape[1] * np.prod(kernel) * np.prod(
         [n + b + e - (k - 1) * d for n, b, e, k, d in zip(c_up, geo.pads_begin, geo.pads_end, kernel, dilations)]))
@@ -212,7 +209,7 @@ def conv_site(node: NodeProto, index: GraphIndex, source: str, interp, x: str, l
         axes=axes,
         input_lengths=padded,
         weight_tensors=w_chain + b_chain + tuple(tensors),
-        pre_pad=pre_pad if any(pre_pad) else None,
+        pre_pad=pre_pad,
         pre_perm=pre_perm,
         source_macs=source_macs,
     )

@@ -26,7 +26,7 @@ import numpy as np
 from onnx import NodeProto
 
 from onnx_uprewrite.sites import (
-    GraphIndex, NotConstant, Refusal, Site, attributes, conv_geometry, text,
+    GraphIndex, NotConstant, Refusal, Site, attributes, conv_weights, text,
 )
 from onnx_uprewrite.surgery import INT64_MAX
 from onnx_uprewrite.weights import (
@@ -249,18 +249,10 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
         if index.uses(inner.output[0]) - _shape_readers(inner.output[0], nodes, index) != 1:
             return refuse(f"tensor '{inner.output[0]}' is also read elsewhere, so it cannot be removed")
     try:
-        weight, w_chain, bias, b_chain = index.weight_and_bias(conv, "Conv weight", "Conv bias")
-    except NotConstant as exc:
-        return refuse(str(exc))
-    if not np.issubdtype(weight.dtype, np.floating):
-        return refuse(f"Conv weight dtype {weight.dtype} is not a float type")
-    rank = weight.ndim - 2
-    if rank < 1:
-        return refuse(f"Conv weight has rank {weight.ndim}")
-    try:
-        geo = conv_geometry(conv, weight)
+        weight, w_chain, bias, b_chain, geo = conv_weights(conv, index)
     except ValueError as exc:
-        return refuse(f"Conv {exc}")
+        return refuse(str(exc))
+    rank = weight.ndim - 2
     shuffle = _shuffle(conv, nodes, index, rank)
     if shuffle.problem:
         return refuse(shuffle.problem)

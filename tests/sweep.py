@@ -195,17 +195,6 @@ def run_model(model: onnx.ModelProto, feeds: dict) -> dict:
     return dict(zip(names, sess.run(names, feeds)))
 
 
-def _check(site: Site, x: np.ndarray, got: np.ndarray) -> float:
-    """Error over tolerance; asserts shape and tolerance."""
-    ref = conv_transpose_reference(x, site.weight, site.bias, site.axes, site.group)
-    assert got.shape == ref.shape, (site.params(), got.shape, ref.shape)
-    terms = (site.in_channels // site.group) * math.prod(a.kernel for a in site.axes)
-    tol = 8 * EPS32 * math.sqrt(terms) * max(float(np.abs(ref).max()), 1e-30)
-    err = float(np.abs(got.astype(np.float64) - ref).max())
-    assert err <= tol, (site.params(), site.input_lengths, x.shape, err, tol)
-    return err / tol
-
-
 def site_reference(site: Site, x: np.ndarray) -> np.ndarray:
     """float64 result of a canonical site, per-phase bias included."""
     ref = conv_transpose_reference(x, site.weight, site.bias, site.axes, site.group)
