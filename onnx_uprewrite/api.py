@@ -79,6 +79,8 @@ def find_sites(
             if parser.matches(node, index):
                 result = parser.parse(node, index)
                 if isinstance(result, Site):
+                    result = _with_weight_notes(result, index)
+                if isinstance(result, Site):
                     clash = sorted({claimed[t] for t in result.replaced_outputs if t in claimed})
                     if clash:
                         result = Refusal(result.node, result.source, f"{result.source} '{result.node}': "
@@ -91,6 +93,22 @@ def find_sites(
             for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
                 refusals.extend(_subgraph_refusals(g, node))
     return sites, refusals
+
+
+def _with_weight_notes(site: Site, index: GraphIndex) -> Site | Refusal:
+    """Say which weights were computed in the graph; refuse integer (QDQ) weights a parser could
+    only turn into floats: the rewrite must keep a quantized model quantized."""
+    kept = {q.node for q in (site.weight_quant, site.bias_quant) if q is not None}
+    dq = next((n for n in index.dequantize_nodes(site.weight_tensors) if n not in kept), None)
+    if dq is not None:
+        return Refusal(site.node, site.source, f"{site.source} '{site.node}': weights come through DequantizeLinear "
+                       f"'{dq}' and the {site.source} form cannot keep them quantized (the rewrite would change "
+                       "their integer values)")
+    folded = sorted({op for t in site.weight_tensors for op in index.folded.get(t, ())})
+    if folded:
+        site = dataclasses.replace(site, notes=site.notes + (
+            f"weights computed in the graph by {', '.join(folded)} were evaluated as constants",))
+    return site
 
 
 def _subgraph_refusals(graph: onnx.GraphProto, owner: onnx.NodeProto) -> list[Refusal]:

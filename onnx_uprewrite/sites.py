@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .weights import Axis
+from .weights import Axis, QuantizedWeight
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,6 +43,10 @@ class Site:
     pre_pad: tuple[int, ...] | None = None
     # a Transpose bringing ``input`` into [N, C, spatial...] layout first (tf2onnx NHWC graphs)
     pre_perm: tuple[int, ...] | None = None
+    # integer weight / bias read through DequantizeLinear (QDQ models), in ``weight`` / ``bias``
+    # layout: emitters rearrange the integers and keep the DequantizeLinear
+    weight_quant: QuantizedWeight | None = None
+    bias_quant: QuantizedWeight | None = None
 
     @property
     def rank(self) -> int:
@@ -106,6 +110,7 @@ class GraphIndex:
             (o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 0
         )
         self.initializers = {t.name: t for t in graph.initializer}
+        self.folded: dict[str, list[str]] = {}  # tensor -> op types evaluated to fold it
         self.graph_inputs = {i.name for i in graph.input}
         self.graph_outputs = {o.name for o in graph.output}
         self.producer: dict[str, onnx.NodeProto] = {}
@@ -150,7 +155,79 @@ class GraphIndex:
                 continue
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 return _constant_node_value(node), tuple(chain)
-            raise NotConstant(f"tensor '{name}' is computed by {node.op_type} node '{node.name}'")
+            value, folded = self._fold(name)
+            return value, tuple(chain[:-1]) + folded
+
+    def _fold(self, name: str) -> tuple[np.ndarray, tuple[str, ...]]:
+        """Evaluate the constant subgraph computing ``name`` in onnxruntime (weight norm, Cast,
+        DequantizeLinear, ... written by exporters that did not fold constants).
+
+        Every leaf must be a constant (an initializer callers cannot override, or a Constant
+        node), every node a deterministic standard op without subgraphs; otherwise NotConstant
+        names the tensor or node that blocks it.  Returns the value and every tensor involved.
+        """
+        nodes: dict[int, onnx.NodeProto] = {}
+        leaves: dict[str, onnx.TensorProto] = {}
+        stack, seen = [name], set()
+        while stack:
+            tensor = stack.pop()
+            if tensor in seen or not tensor:
+                continue
+            seen.add(tensor)
+            if tensor in self.initializers:
+                if tensor in self.graph_inputs and self.model.ir_version >= 4:
+                    raise NotConstant(f"tensor '{name}' depends on graph input '{tensor}' (an overridable initializer)")
+                leaves[tensor] = self.initializers[tensor]
+                continue
+            node = self.producer.get(tensor)
+            if node is None:
+                what = "graph input" if tensor in self.graph_inputs else "tensor produced by no node"
+                raise NotConstant(f"tensor '{name}' depends on {what} '{tensor}', not a constant")
+            if node.domain not in ("", "ai.onnx") or node.op_type in _NOT_FOLDABLE or any(
+                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute
+            ):
+                raise NotConstant(f"tensor '{name}' is computed by {node.op_type} node '{node.name}', "
+                                  "which is not constant-foldable")
+            nodes[id(node)] = node
+            if len(nodes) > _FOLD_MAX_NODES:
+                raise NotConstant(f"tensor '{name}' is computed by more than {_FOLD_MAX_NODES} nodes")
+            stack.extend(node.input)
+        order = [n for n in self.model.graph.node if id(n) in nodes]
+        try:
+            value = _evaluate(self.model, order, list(leaves.values()), name)
+        except Exception as exc:  # noqa: BLE001 - any failure means: not a constant we can use
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise NotConstant(f"tensor '{name}' is computed by nodes onnxruntime cannot fold: {first}") from None
+        ops = sorted({n.op_type for n in order})
+        self.folded[name] = ops
+        tensors = [o for n in order for o in n.output if o] + list(leaves)
+        return value, tuple(dict.fromkeys([name, *tensors]))
+
+    def quantized(self, name: str) -> QuantizedWeight | None:
+        """The integer tensor, scale and zero point of a weight read through ``DequantizeLinear``
+        (possibly behind Identity nodes), or None; NotConstant if its inputs are not constant."""
+        while True:
+            node = self.producer.get(name)
+            if node is None or node.domain not in ("", "ai.onnx") or name in self.initializers:
+                return None
+            if node.op_type == "Identity":
+                name = node.input[0]
+                continue
+            if node.op_type != "DequantizeLinear":
+                return None
+            break
+        attrs = attributes(node)
+        if int(attrs.get("block_size", 0)):
+            raise NotConstant(f"DequantizeLinear '{node.name}' uses block quantization (block_size)")
+        values, _ = self.constant(node.input[0])
+        scale, _ = self.constant(node.input[1])
+        zero = self.constant(node.input[2])[0] if len(node.input) > 2 and node.input[2] else None
+        if not np.issubdtype(values.dtype, np.integer):
+            return None  # float8 and friends: folded like any other constant computation
+        axis = int(attrs.get("axis", 1)) if scale.ndim == 1 and scale.size > 1 else None
+        if axis is not None and axis < 0:
+            axis += values.ndim
+        return QuantizedWeight(values, scale, zero, axis, node.name or node.output[0])
 
     def weight_and_bias(self, node: onnx.NodeProto, weight_label: str, bias_label: str):
         """``(weight, weight chain, bias or None, bias chain)`` of a Conv-like node; NotConstant says why."""
@@ -196,9 +273,44 @@ class GraphIndex:
                 stack.extend(node.input)
         return tuple(found)
 
+    def dequantize_nodes(self, chain: tuple[str, ...]) -> list[str]:
+        """Names of the DequantizeLinear nodes producing tensors of ``chain``."""
+        nodes = (self.producer.get(t) for t in chain)
+        return [n.name or n.output[0] for n in nodes if n is not None and n.op_type == "DequantizeLinear"]
+
     def uses(self, name: str) -> int:
         """How many node inputs (subgraphs included) and graph outputs read this tensor."""
         return len(self.consumers.get(name, ())) + (name in self.graph_outputs)
+
+
+_FOLD_MAX_NODES = 64
+#: ops never folded: random generators (a value that changes per run is not a weight) and
+#: ops whose result is not a pure function of its inputs
+_NOT_FOLDABLE = {
+    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+    "If", "Loop", "Scan",
+}
+
+
+def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], leaves: list[onnx.TensorProto], name: str):
+    """Run ``nodes`` (a constant subgraph of ``model``) in onnxruntime and return tensor ``name``."""
+    import onnxruntime
+
+    graph = onnx.helper.make_graph(nodes, "fold", [], [onnx.ValueInfoProto(name=name)], initializer=leaves)
+    small = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
+    small.ir_version = model.ir_version
+    small.functions.extend(model.functions)
+    typed = onnx.shape_inference.infer_shapes(small, strict_mode=False)
+    known = {vi.name: vi for vi in list(typed.graph.value_info) + list(typed.graph.output)}
+    out = known.get(name)
+    if out is None or not out.type.tensor_type.elem_type:
+        raise ValueError(f"cannot infer the type of '{name}'")
+    del small.graph.output[:]
+    small.graph.output.append(out)
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(small.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run([name], {})[0]
 
 
 _SHAPE_OPS = {

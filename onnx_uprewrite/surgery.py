@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .weights import rearrange_quantized
+
 INT64_MAX = np.iinfo(np.int64).max
 #: periodic tensors (per-phase bias, zero-insertion mask) up to this many elements are written as
 #: constants; larger ones, and those of symbolic size, are built at run time by Tile
@@ -61,6 +63,24 @@ class Builder:
         name = self.namer(f"{self.prefix}/{suffix}")
         self.emission.initializers.append(numpy_helper.from_array(np.asarray(value), name))
         return name
+
+    def weight(self, suffix: str, value: np.ndarray, quant, transform, channel_axis: int | None, opset: int) -> str:
+        """``transform(value)`` as a constant or, for a weight read through DequantizeLinear (``quant``),
+        the rearranged integers + scale + zero point through a new DequantizeLinear.
+
+        ValueError when ``transform`` changes integer values (only rearrangements keep a QDQ
+        weight exact) or a per-channel scale needs an opset without per-channel DequantizeLinear.
+        """
+        if quant is None:
+            return self.constant(suffix, transform(value))
+        q = rearrange_quantized(quant, transform, channel_axis)
+        if opset < 10 or (q.axis is not None and opset < 13):
+            raise ValueError(f"opset {opset} has no {'per-channel ' if q.axis is not None else ''}DequantizeLinear")
+        inputs = [self.constant(f"{suffix}_quantized", q.values), self.constant(f"{suffix}_scale", q.scale)]
+        if q.zero_point is not None:
+            inputs.append(self.constant(f"{suffix}_zero_point", q.zero_point))
+        attrs = {"axis": q.axis} if q.axis is not None else {}
+        return self.node("DequantizeLinear", inputs, f"{suffix}_dequantize", **attrs)
 
     def slice(self, x: str, starts, ends, axes, opset: int, output: str | None = None) -> str:
         """Slice ``x``; ends are python-style (negative counts from the end, None means to the end)."""

@@ -543,3 +543,89 @@ def interpolation_weight(axes: list[InterpolationAxis], channels: int, dtype) ->
     for a in axes:
         kernel = np.multiply.outer(kernel, np.asarray(a.taps, dtype=np.float64))
     return np.broadcast_to(kernel.astype(dtype), (channels, 1) + kernel.shape).copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# quantized weights (QDQ models): rearrangements carry the integers, scales and zero points along
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """A weight read through ``DequantizeLinear``: ``(values - zero_point) * scale``.
+
+    ``axis`` is the per-channel axis of ``values`` (None: one scale for the whole tensor).
+    """
+
+    values: np.ndarray  # integer tensor
+    scale: np.ndarray  # 0-d / 1-element (per tensor) or 1-D along ``axis``
+    zero_point: np.ndarray | None
+    axis: int | None
+    node: str  # the DequantizeLinear node, for messages
+
+    def channel_scale(self, channel: int) -> tuple:
+        """(scale, zero point) of one index along ``axis`` (the only pair when per tensor)."""
+        zp = self.zero_point if self.zero_point is not None else np.zeros_like(self.scale, dtype=self.values.dtype)
+        if self.axis is None:
+            return self.scale.reshape(-1)[0], zp.reshape(-1)[0]
+        return self.scale[channel], zp[channel]
+
+
+def gather_map(transform, shape: tuple[int, ...]) -> np.ndarray | None:
+    """Flat index map of a linear weight transform that only moves entries, or None.
+
+    ``transform(w).flat[i] == w.flat[m[i]]`` for ``m[i] >= 0`` and ``0`` where ``m[i] == -1``.
+    Found by transforming the numbers 1..N (exact in float64), confirmed on a random probe:
+    any transform that adds, scales or mixes entries fails one of the two checks.
+    """
+    n = math.prod(shape)
+    if n >= 1 << 52:
+        return None
+    ids = transform(np.arange(1, n + 1, dtype=np.float64).reshape(shape))
+    flat = np.asarray(ids, dtype=np.float64).reshape(-1)
+    m = np.rint(flat).astype(np.int64) - 1
+    if not np.array_equal(flat, (m + 1).astype(np.float64)) or (m.size and (m.min() < -1 or m.max() >= n)):
+        return None
+    probe = np.random.default_rng(0).uniform(1.0, 2.0, size=shape)
+    moved = np.asarray(transform(probe), dtype=np.float64).reshape(-1)
+    expected = np.where(m >= 0, probe.reshape(-1)[np.maximum(m, 0)], 0.0)
+    return m.reshape(ids.shape) if np.array_equal(moved, expected) else None
+
+
+def rearrange_quantized(quant: QuantizedWeight, transform, channel_axis: int | None) -> QuantizedWeight:
+    """Apply a pure rearrangement ``transform`` (float weight -> float weight) to a quantized weight.
+
+    The integers move like the floats; entries the transform creates (structural zeros) get the
+    zero point of their channel, so they dequantize to exactly 0.  A per-channel scale follows its
+    channel to ``channel_axis`` of the result; ValueError when the transform mixes values (box
+    factorization, kernel sums) or scatters one channel's entries across several result channels.
+    """
+    m = gather_map(transform, quant.values.shape)
+    if m is None:
+        raise ValueError(f"it changes the values of the int weights of DequantizeLinear '{quant.node}', "
+                         "so the quantization would not be exact")
+    values = quant.values.reshape(-1)[np.maximum(m, 0)]
+    if quant.axis is None:
+        zp = quant.channel_scale(0)[1]
+        values = np.where(m >= 0, values, zp).astype(quant.values.dtype)
+        return QuantizedWeight(values, quant.scale, quant.zero_point, None, quant.node)
+    if channel_axis is None:
+        raise ValueError(f"DequantizeLinear '{quant.node}' is per channel and the target weight has no channel axis")
+    source_channel = np.unravel_index(np.maximum(m, 0), quant.values.shape)[quant.axis]
+    source_channel = np.where(m >= 0, source_channel, -1)
+    moved = np.moveaxis(source_channel, channel_axis, 0).reshape(m.shape[channel_axis], -1)
+    n_out = moved.shape[0]
+    scale = np.ones(n_out, dtype=quant.scale.dtype)
+    zp_src = quant.zero_point if quant.zero_point is not None else np.zeros(quant.scale.shape, quant.values.dtype)
+    zero = np.zeros(n_out, dtype=zp_src.dtype)
+    for j in range(n_out):
+        chans = np.unique(moved[j][moved[j] >= 0])
+        if len(chans) > 1:
+            raise ValueError(f"per-channel scales of DequantizeLinear '{quant.node}' (axis {quant.axis}) do not "
+                             f"map to one channel each of the target weight")
+        if len(chans) == 1:
+            scale[j], zero[j] = quant.scale[chans[0]], zp_src[chans[0]]
+    fill = np.moveaxis(np.broadcast_to(zero.reshape((-1,) + (1,) * (m.ndim - 1)),
+                                       (n_out,) + tuple(np.delete(m.shape, channel_axis))), 0, channel_axis)
+    values = np.where(m >= 0, values, fill).astype(quant.values.dtype)
+    return QuantizedWeight(values, scale, zero if quant.zero_point is not None or np.any(zero) else None,
+                           channel_axis, quant.node)

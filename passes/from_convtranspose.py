@@ -78,6 +78,11 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
         weight, w_chain, bias, b_chain = index.weight_and_bias(node, "weight W", "bias B")
     except NotConstant as exc:
         return refuse(str(exc))
+    try:
+        weight_quant = index.quantized(node.input[1])
+        bias_quant = index.quantized(node.input[2]) if bias is not None else None
+    except NotConstant as exc:
+        return refuse(str(exc))
     if weight.dtype.name not in FLOAT_TYPES and str(weight.dtype) != "bfloat16":
         return refuse(f"weight dtype {weight.dtype} is not a float type")
     rank = weight.ndim - 2
@@ -146,23 +151,74 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
         axes.append(Axis(strides[i], dilations[i], kernel[i], pb, e))
         if lengths[i] is not None and axes[-1].output_length(lengths[i]) < 1:
             return refuse(f"spatial axis {i} would have output length {axes[-1].output_length(lengths[i])}")
-    notes = ()
+    notes = []
     positions = None if None in lengths else int(np.prod(lengths))
     source_macs = None if positions is None else weight.shape[0] * weight.shape[1] * int(np.prod(kernel)) * positions
     if index.model.ir_version < 4 and any(t in index.graph_inputs for t in w_chain + b_chain):
-        notes = ("weights are also listed as graph inputs (IR < 4 convention): treated as constant",)
+        notes.append("weights are also listed as graph inputs (IR < 4 convention): treated as constant")
+    replaced, output, tensors = (node.output[0],), node.output[0], w_chain + b_chain
+    norm = _batch_norm_after(node, index, weight.shape[1] * group) if weight_quant is None else None
+    if norm is not None:
+        bn, params, p_chain = norm
+        weight, bias = fold_batch_norm(weight, bias, group, *params)
+        replaced, output, tensors = replaced + (bn.output[0],), bn.output[0], tensors + p_chain
+        notes.append(f"BatchNormalization '{bn.name or bn.output[0]}' folded into the weights and bias")
     return Site(
         node=name,
         source=SOURCE,
-        replaced_outputs=(node.output[0],),
+        replaced_outputs=replaced,
         input=node.input[0],
-        output=node.output[0],
+        output=output,
         weight=weight,
         bias=bias,
         group=group,
         axes=tuple(axes),
         input_lengths=lengths,
-        weight_tensors=w_chain + b_chain,
-        notes=notes,
+        weight_tensors=tensors,
+        notes=tuple(notes),
         source_macs=source_macs,
+        weight_quant=weight_quant,
+        bias_quant=bias_quant,
     )
+
+
+def _batch_norm_after(node: NodeProto, index: GraphIndex, channels: int):
+    """``(bn node, (scale, B, mean, var, epsilon), constant chain)`` of an inference-mode
+    BatchNormalization that is the only reader of the ConvTranspose output, or None."""
+    out = node.output[0]
+    readers = index.consumers.get(out, [])
+    if index.uses(out) != 1 or len(readers) != 1:
+        return None
+    bn = readers[0]
+    if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or list(bn.input[:1]) != [out]:
+        return None
+    if len(bn.input) != 5 or any(o and index.uses(o) for o in bn.output[1:]):
+        return None  # training-mode outputs (running mean/var) are read: not an inference BN
+    attrs = attributes(bn)
+    if int(attrs.get("training_mode", 0)) or int(attrs.get("spatial", 1)) != 1 or int(attrs.get("is_test", 1)) != 1:
+        return None
+    try:
+        values = [index.constant(t) for t in bn.input[1:]]
+    except NotConstant:
+        return None
+    params = [np.asarray(v, dtype=np.float64).reshape(-1) for v, _ in values]
+    if any(p.size != channels for p in params):
+        return None
+    chain = tuple(t for _, c in values for t in c)
+    return bn, (*params, float(attrs.get("epsilon", 1e-5))), chain
+
+
+def fold_batch_norm(weight, bias, group, scale, beta, mean, var, epsilon):
+    """ConvTranspose ``(W [Cin, Cout/g, K...], b)`` followed by ``BatchNormalization`` -> one ConvTranspose.
+
+    ``y = (x - mean) / sqrt(var + eps) * scale + beta`` per output channel ``o = g*Cout/g + c``,
+    so ``W'[:, c] = W[:, c] * a[o]`` and ``b' = (b - mean) * a + beta`` with ``a = scale / sqrt(var + eps)``,
+    computed in float64 and cast back (one rounding per value).
+    """
+    c_in, cog = weight.shape[:2]
+    c_out = cog * group
+    a = scale / np.sqrt(var + epsilon)
+    w = weight.astype(np.float64).reshape((group, c_in // group, cog) + weight.shape[2:])
+    w = w * a.reshape((group, 1, cog) + (1,) * (weight.ndim - 2))
+    b = np.zeros(c_out) if bias is None else bias.astype(np.float64)
+    return w.reshape(weight.shape).astype(weight.dtype), ((b - mean) * a + beta).astype(weight.dtype)

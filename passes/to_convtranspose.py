@@ -85,14 +85,14 @@ def emit(site: Site, b: Builder, opset: int) -> str:
     }
     if any(p.output_padding for p in plans):
         attrs["output_padding"] = [p.output_padding for p in plans]
-    inputs = [site.input, b.constant("weight", site.weight)]
+    inputs = [site.input, b.weight("weight", site.weight, site.weight_quant, _same, 1, opset)]
     kernel = "x".join(str(a.kernel) for a in site.axes)
     head = f"ConvTranspose {kernel} pads {attrs['pads']}" + (
         f" output_padding {attrs['output_padding']}" if "output_padding" in attrs else ""
     )
     if plain:
         if site.bias is not None:
-            inputs.append(b.constant("bias", site.bias))
+            inputs.append(b.weight("bias", site.bias, site.bias_quant, _same, 0, opset))
         b.node("ConvTranspose", inputs, "conv_transpose", output=site.output, **attrs)
         return head
 
@@ -114,10 +114,14 @@ def emit(site: Site, b: Builder, opset: int) -> str:
     return " + ".join(parts)
 
 
+def _same(value: np.ndarray) -> np.ndarray:
+    return value
+
+
 def add_bias(b: Builder, y: str, site: Site, output: str | None, opset: int) -> str:
     """``y + bias``: a per-channel constant, or a periodic one built by Tile for a per-phase bias."""
     if site.phase_bias is None:
-        shaped = b.constant("bias", site.bias.reshape((-1,) + (1,) * site.rank))
+        shaped = b.weight("bias", site.bias, site.bias_quant, lambda v: v.reshape((-1,) + (1,) * site.rank), 0, opset)
     else:
         shaped = b.periodic(
             phase_pattern(site.phase_bias, site.axes), site.input, [a.stride for a in site.axes],

@@ -34,6 +34,7 @@ FORM = "resize"
 @dataclass(frozen=True)
 class _ConvPlan:
     weight: np.ndarray  # Conv weight [Cout, Cin/g, Kc...]
+    transform: object  # site.weight -> weight
     dilations: tuple[int, ...]
     masked: bool
     why_masked: str
@@ -42,15 +43,19 @@ class _ConvPlan:
 def _plan(site: Site) -> _ConvPlan:
     strides = [a.stride for a in site.axes]
     dense = dilate_kernel(site.weight, [a.dilation for a in site.axes])
-    if np.issubdtype(site.weight.dtype, np.floating):
+    if site.weight_quant is not None:
+        factor, why = None, "integer weights (QDQ): a box-factored kernel would change their values"
+    elif np.issubdtype(site.weight.dtype, np.floating):
         eps = float(np.finfo(site.weight.dtype).eps)
         factor, why = factor_box(dense, strides, rtol=4 * eps * max(strides))
     else:
         factor, why = None, f"weight dtype {site.weight.dtype} is not a float type"
     if factor is not None:
-        return _ConvPlan(transposed_to_conv_weight(factor, site.group), (1,) * site.rank, False, "")
-    return _ConvPlan(transposed_to_conv_weight(site.weight, site.group), tuple(a.dilation for a in site.axes),
-                     True, why)
+        return _ConvPlan(transposed_to_conv_weight(factor, site.group), None, (1,) * site.rank, False, "")
+
+    def flipped(w):
+        return transposed_to_conv_weight(w, site.group)
+    return _ConvPlan(flipped(site.weight), flipped, tuple(a.dilation for a in site.axes), True, why)
 
 
 def emit(site: Site, b: Builder, opset: int) -> str:
@@ -82,9 +87,13 @@ def emit(site: Site, b: Builder, opset: int) -> str:
         pads_end.append(end)
     crop = any(c != (0, 0) for c in crops)
     phase_bias = site.phase_bias is not None
-    inputs = [upsampled, b.constant("weight", plan.weight)]
+    if plan.transform is None:
+        weight = b.constant("weight", plan.weight)
+    else:  # the masked kernel only moves entries: a QDQ weight stays integer
+        weight = b.weight("weight", site.weight, site.weight_quant, plan.transform, 0, opset)
+    inputs = [upsampled, weight]
     if site.bias is not None and not phase_bias:
-        inputs.append(b.constant("bias", site.bias))
+        inputs.append(b.weight("bias", site.bias, site.bias_quant, lambda v: v, 0, opset))
     last = site.output if not (crop or phase_bias) else None
     y = b.node("Conv", inputs, "conv", output=last, kernel_shape=list(kernel), pads=pads_begin + pads_end,
                dilations=list(plan.dilations), strides=[1] * site.rank, group=site.group)

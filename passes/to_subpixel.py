@@ -33,12 +33,13 @@ def emit(site: Site, b: Builder, opset: int) -> str:
     n_phase = math.prod(strides)
     rank = site.rank
     c_out = site.out_channels
-    weight = b.constant("weight", subpixel_weight(site.weight, site.group, plans))
+    weight = b.weight("weight", site.weight, site.weight_quant,
+                      lambda w: subpixel_weight(w, site.group, plans), 0, opset)
     inputs = [site.input, weight]
     if site.phase_bias is not None:  # [C, s...] by phase: already CRD order when flattened
         inputs.append(b.constant("bias", site.phase_bias.reshape(-1)))
     elif site.bias is not None:
-        inputs.append(b.constant("bias", subpixel_bias(site.bias, n_phase)))
+        inputs.append(b.weight("bias", site.bias, site.bias_quant, lambda v: subpixel_bias(v, n_phase), 0, opset))
     crop = any(p.crop_start or p.crop_drop_end for p in plans)
     steps_after_conv = (n_phase > 1) + crop
     y = b.node(
