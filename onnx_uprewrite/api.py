@@ -199,11 +199,7 @@ def convert(
             continue
         builder = Builder(namer, site.node)
         try:
-            form = emitter.emit(prepared(site, builder, opset), builder, opset)
-            if site.pre_pad:
-                form = f"Pad(edge) + {form}"
-            if site.pre_perm:
-                form = f"Transpose{list(site.pre_perm)} + {form}"
+            form = emit_site(site, emitter, builder, opset)
         except ValueError as exc:
             refusals.append(Refusal(site.node, site.source, f"{site.source} '{site.node}': {exc}"))
             continue
@@ -235,6 +231,25 @@ def convert(
         timings["save_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     return ConvertResult(model=model, report=report, output=out_path)
+
+
+def emit_site(site: Site, emitter, b: Builder, opset: int) -> str:
+    """Emit ``site`` with ``emitter`` into ``b``, with its input layout, edge padding and re-quantization;
+    returns the description of the form.  ValueError says why the form is not possible."""
+    target = prepared(site, b, opset)
+    if site.requantize is not None:
+        if opset < 10:
+            raise ValueError(f"opset {opset} has no QuantizeLinear to re-apply the removed Q/DQ pair")
+        target = dataclasses.replace(target, output=b.namer(f"{site.node}/before_requantize"))
+    form = emitter.emit(target, b, opset)
+    if site.requantize is not None:
+        b.quantize_dequantize(target.output, *site.requantize, output=site.output)
+        form += " + QuantizeLinear/DequantizeLinear"
+    if site.pre_pad:
+        form = f"Pad(edge) + {form}"
+    if site.pre_perm:
+        form = f"Transpose{list(site.pre_perm)} + {form}"
+    return form
 
 
 def prepared(site: Site, b: Builder, opset: int) -> Site:
@@ -323,7 +338,7 @@ def exact_forms(site: Site, opset: int) -> dict[str, str]:
     for form, emitter in sorted(EMITTERS.items()):
         b = Builder(Namer(onnx.ModelProto()), site.node)
         try:
-            forms[form] = emitter.emit(prepared(site, b, opset), b, opset)
+            forms[form] = emit_site(site, emitter, b, opset)
         except ValueError as exc:
             forms[form] = f"not possible: {exc}"
     return forms

@@ -47,6 +47,12 @@ class Site:
     # layout: emitters rearrange the integers and keep the DequantizeLinear
     weight_quant: QuantizedWeight | None = None
     bias_quant: QuantizedWeight | None = None
+    # per-tensor (scale, zero point) of the QuantizeLinear reading the site's output (QDQ models):
+    # the sub-pixel emitter quantizes its Conv output with it (exact: depth-to-space only moves values)
+    output_quant: tuple[np.ndarray, np.ndarray] | None = None
+    # a QuantizeLinear -> DequantizeLinear pair inside the source form (between a sub-pixel Conv and
+    # its depth-to-space), removed with it: emitters re-apply it to the site's output
+    requantize: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def rank(self) -> int:
@@ -272,6 +278,43 @@ class GraphIndex:
             if node.op_type != "Shape":
                 stack.extend(node.input)
         return tuple(found)
+
+    def tensor_quant(self, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray] | None:
+        """Constant per-tensor ``(scale, zero point)`` of a QuantizeLinear/DequantizeLinear, or None."""
+        if node.domain not in ("", "ai.onnx") or len(node.input) < 3 or not node.input[2]:
+            return None
+        attrs = attributes(node)
+        if int(attrs.get("block_size", 0)) or "output_dtype" in attrs:
+            return None
+        try:
+            scale, _ = self.constant(node.input[1])
+            zero, _ = self.constant(node.input[2])
+        except NotConstant:
+            return None
+        if scale.size != 1 or zero.size != 1 or not np.issubdtype(zero.dtype, np.integer):
+            return None
+        return scale.reshape(()), zero.reshape(())
+
+    def quantized_output(self, tensor: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per-tensor ``(scale, zero point)`` when the only reader of ``tensor`` is a QuantizeLinear."""
+        readers = self.consumers.get(tensor, [])
+        if self.uses(tensor) != 1 or len(readers) != 1 or readers[0].op_type != "QuantizeLinear":
+            return None
+        return self.tensor_quant(readers[0])
+
+    def qdq_pair_before(self, tensor: str) -> tuple[tuple[onnx.NodeProto, onnx.NodeProto], tuple] | None:
+        """``((Q, DQ), (scale, zero point))`` when ``tensor`` is ``DequantizeLinear(QuantizeLinear(t))``
+        with equal per-tensor parameters and nothing else reads the quantized tensor."""
+        dq = self.producer.get(tensor)
+        if dq is None or dq.op_type != "DequantizeLinear" or not dq.input:
+            return None
+        q = self.producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or self.uses(dq.input[0]) != 1:
+            return None
+        a, b = self.tensor_quant(q), self.tensor_quant(dq)
+        if a is None or b is None or not all(x.dtype == y.dtype and x == y for x, y in zip(a, b)):
+            return None
+        return (q, dq), a
 
     def dequantize_nodes(self, chain: tuple[str, ...]) -> list[str]:
         """Names of the DequantizeLinear nodes producing tensors of ``chain``."""

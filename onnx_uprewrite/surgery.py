@@ -82,6 +82,12 @@ class Builder:
         attrs = {"axis": q.axis} if q.axis is not None else {}
         return self.node("DequantizeLinear", inputs, f"{suffix}_dequantize", **attrs)
 
+    def quantize_dequantize(self, x: str, scale: np.ndarray, zero_point: np.ndarray, output: str | None = None) -> str:
+        """``DequantizeLinear(QuantizeLinear(x))`` with one per-tensor scale and zero point."""
+        s, z = self.constant("requant_scale", scale), self.constant("requant_zero_point", zero_point)
+        q = self.node("QuantizeLinear", [x, s, z], "quantize")
+        return self.node("DequantizeLinear", [q, s, z], "dequantize", output=output)
+
     def slice(self, x: str, starts, ends, axes, opset: int, output: str | None = None) -> str:
         """Slice ``x``; ends are python-style (negative counts from the end, None means to the end)."""
         ends = [INT64_MAX if e is None else e for e in ends]

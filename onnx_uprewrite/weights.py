@@ -607,7 +607,8 @@ def rearrange_quantized(quant: QuantizedWeight, transform, channel_axis: int | N
     if quant.axis is None:
         zp = quant.channel_scale(0)[1]
         values = np.where(m >= 0, values, zp).astype(quant.values.dtype)
-        return QuantizedWeight(values, quant.scale, quant.zero_point, None, quant.node)
+        zero_point = None if quant.zero_point is None else quant.zero_point.reshape(-1)[:1].reshape(())
+        return QuantizedWeight(values, quant.scale.reshape(-1)[:1].reshape(()), zero_point, None, quant.node)
     if channel_axis is None:
         raise ValueError(f"DequantizeLinear '{quant.node}' is per channel and the target weight has no channel axis")
     source_channel = np.unravel_index(np.maximum(m, 0), quant.values.shape)[quant.axis]

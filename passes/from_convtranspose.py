@@ -179,6 +179,7 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
         source_macs=source_macs,
         weight_quant=weight_quant,
         bias_quant=bias_quant,
+        output_quant=index.quantized_output(output) if weight_quant is not None else None,
     )
 
 

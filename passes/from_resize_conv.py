@@ -26,7 +26,11 @@ SOURCE = "resize"
 def _upsampler(node: NodeProto, index: GraphIndex | None) -> NodeProto | None:
     if index is None or not node.input:
         return None
-    producer = index.producer.get(node.input[0])
+    tensor = node.input[0]
+    pair = index.qdq_pair_before(tensor)
+    if pair is not None:  # QDQ model: Resize -> QuantizeLinear -> DequantizeLinear -> Conv
+        tensor = pair[0][0].input[0]
+    producer = index.producer.get(tensor)
     if producer is not None and producer.op_type in ("Resize", "Upsample") and producer.domain in ("", "ai.onnx"):
         return producer
     return None
@@ -158,6 +162,9 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
     def refuse(reason: str) -> Refusal:
         return Refusal(name, SOURCE, f"{resize.op_type} '{rname}' + Conv '{name}': {reason}")
 
+    if resize.output[0] != node.input[0]:
+        return refuse("the upsampled activation is quantized (QuantizeLinear/DequantizeLinear between them); "
+                      "one transposed convolution cannot keep that quantization step")
     try:
         weight, _ = index.constant(node.input[1]) if len(node.input) > 1 else (None, ())
         rank = weight.ndim - 2 if weight is not None else 0

@@ -30,7 +30,7 @@ from onnx_uprewrite.sites import (
 )
 from onnx_uprewrite.surgery import INT64_MAX
 from onnx_uprewrite.weights import (
-    Axis, depth_to_space_map, split_phase_bias, subpixel_conv_axis, subpixel_conv_weight,
+    Axis, depth_to_space_map, rearrange_quantized, split_phase_bias, subpixel_conv_axis, subpixel_conv_weight,
 )
 
 SOURCE = "subpixel"
@@ -55,18 +55,31 @@ def _op(index: GraphIndex, name: str, op_type: str) -> NodeProto | None:
     return None
 
 
-def _chain(node: NodeProto, index: GraphIndex | None) -> tuple[NodeProto, tuple[NodeProto, ...]] | None:
-    """(Conv, depth-to-space nodes) when ``node`` ends a depth-to-space fed by a Conv."""
+def _conv_before(index: GraphIndex, tensor: str):
+    """``(Conv, (Q, DQ) or (), (scale, zero point) or None)`` when ``tensor`` is a Conv output, or
+    one read back through a per-tensor QuantizeLinear -> DequantizeLinear pair (QDQ models:
+    quantizing commutes with depth-to-space, which only moves values)."""
+    conv = _op(index, tensor, "Conv")
+    if conv is not None:
+        return conv, (), None
+    pair = index.qdq_pair_before(tensor)
+    conv = pair and _op(index, pair[0][0].input[0], "Conv")
+    return (conv, pair[0], pair[1]) if conv is not None else None
+
+
+def _chain(node: NodeProto, index: GraphIndex | None):
+    """``(Conv, depth-to-space nodes, Q/DQ nodes, their (scale, zero point))`` when ``node`` ends a
+    depth-to-space fed by a Conv."""
     if index is None or node.domain not in ("", "ai.onnx") or not node.input:
         return None
     if node.op_type == "DepthToSpace":
-        conv = _op(index, node.input[0], "Conv")
-        return (conv, (node,)) if conv is not None else None
+        found = _conv_before(index, node.input[0])
+        return (found[0], (node,), found[1], found[2]) if found is not None else None
     if node.op_type == "Reshape":
         transpose = _op(index, node.input[0], "Transpose")
         split = transpose and _op(index, transpose.input[0], "Reshape")
-        conv = split and _op(index, split.input[0], "Conv")
-        return (conv, (split, transpose, node)) if conv is not None else None
+        found = split and _conv_before(index, split.input[0])
+        return (found[0], (split, transpose, node), found[1], found[2]) if found else None
     return None
 
 
@@ -75,8 +88,8 @@ def matches(node: NodeProto, index: GraphIndex | None) -> bool:
 
 
 def taps(node: NodeProto, index: GraphIndex) -> list[str]:
-    conv, nodes = _chain(node, index)
-    return [conv.input[0]] + [n.output[0] for n in nodes] + [conv.output[0]]
+    conv, nodes, qdq, _ = _chain(node, index)
+    return [conv.input[0]] + [n.output[0] for n in qdq + nodes] + [conv.output[0]]
 
 
 def _shape(index: GraphIndex, name: str):
@@ -98,7 +111,7 @@ def _shuffle(conv: NodeProto, nodes: tuple[NodeProto, ...], index: GraphIndex, r
         return _Shuffle(conv, nodes, (block, block), order, ())
     split, transpose, merge = nodes
     consts = tuple(t for n in (split, merge) if len(n.input) > 1 for t in index.shape_computation(n.input[1]))
-    shapes = [_shape(index, t) for t in (conv.output[0], split.output[0], merge.output[0])]
+    shapes = [_shape(index, t) for t in (split.input[0], split.output[0], merge.output[0])]
     if any(s is None or None in s for s in shapes):
         return _Shuffle(conv, nodes, None, None, consts,
                         "Reshape-Transpose-Reshape needs known tensor shapes to be read as a pixel shuffle "
@@ -237,7 +250,7 @@ def _shape_readers(tensor: str, nodes: tuple[NodeProto, ...], index: GraphIndex)
 
 
 def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
-    conv, nodes = _chain(node, index)
+    conv, nodes, qdq, requantize = _chain(node, index)
     name = node.name or node.output[0]
     cname = conv.name or conv.output[0]
     label = f"Conv '{cname}' + {'DepthToSpace' if len(nodes) == 1 else 'Reshape-Transpose-Reshape'} '{name}'"
@@ -245,7 +258,7 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
     def refuse(reason: str) -> Refusal:
         return Refusal(name, SOURCE, f"{label}: {reason}")
 
-    for inner in (conv,) + nodes[:-1]:
+    for inner in (conv,) + qdq + nodes[:-1]:
         if index.uses(inner.output[0]) - _shape_readers(inner.output[0], nodes, index) != 1:
             return refuse(f"tensor '{inner.output[0]}' is also read elsewhere, so it cannot be removed")
     try:
@@ -265,10 +278,17 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
     channel_map = depth_to_space_map(c_conv // n_phase, strides, shuffle.order)
     w, group = subpixel_conv_weight(weight, geo.group, strides, geo.dilations, channel_map)
     plain_bias, phase_bias = (None, None) if bias is None else split_phase_bias(bias, channel_map, strides)
+    try:
+        weight_quant, bias_quant = _quantized(conv, index, geo.group, strides, geo.dilations, channel_map)
+    except (NotConstant, ValueError) as exc:
+        return refuse(f"quantized weights: {exc}")
+    if bias_quant is not None and phase_bias is not None:
+        return refuse("the quantized Conv bias differs across the phases of a channel (a per-phase Add "
+                      "would need a float bias)")
     axes = [subpixel_conv_axis(s, k, d, b, e) for s, k, d, b, e in
             zip(strides, geo.kernel, geo.dilations, geo.pads_begin, geo.pads_end)]
     lengths = index.spatial_lengths(conv.input[0], rank)
-    replaced = [conv.output[0]] + [n.output[0] for n in nodes]
+    replaced = [conv.output[0]] + [n.output[0] for n in qdq + nodes]
     consts = list(shuffle.consts)
     crop = _trailing_slice(nodes[-1], index, rank)
     if crop is not None:
@@ -284,7 +304,8 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
     q = [None if n is None else n + b + e - d * (k - 1) for n, b, e, d, k in
          zip(lengths, geo.pads_begin, geo.pads_end, geo.dilations, geo.kernel)]
     source_macs = None if None in q else c_conv * (weight.shape[1]) * math.prod(geo.kernel) * math.prod(q)
-    w, axes = _trim_zero_borders(w, axes)
+    if weight_quant is None:  # integer weights keep their layout: trimming is value-dependent
+        w, axes = _trim_zero_borders(w, axes)
     notes = ()
     if group != geo.group:
         notes = (f"the depth-to-space order mixes Conv groups: dense ConvTranspose kernel (group 1, was {geo.group})",)
@@ -303,4 +324,21 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
         notes=notes,
         phase_bias=phase_bias,
         source_macs=source_macs,
+        weight_quant=weight_quant,
+        bias_quant=bias_quant,
+        requantize=requantize,
     )
+
+
+def _quantized(conv: NodeProto, index: GraphIndex, group: int, strides, dilations, channel_map):
+    """The Conv's DequantizeLinear weight and bias rearranged like the float ones (R2 is a pure
+    rearrangement); ValueError when a per-channel scale cannot follow (one ConvTranspose output
+    channel gathers S Conv channels, so per-channel scales must agree across phases)."""
+    weight_quant = index.quantized(conv.input[1])
+    bias_quant = index.quantized(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+    if weight_quant is not None:
+        weight_quant = rearrange_quantized(
+            weight_quant, lambda v: subpixel_conv_weight(v, group, strides, dilations, channel_map)[0], 1)
+    if bias_quant is not None:
+        bias_quant = rearrange_quantized(bias_quant, lambda v: v[channel_map[:, 0]], 0)
+    return weight_quant, bias_quant

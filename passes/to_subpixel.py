@@ -52,6 +52,11 @@ def emit(site: Site, b: Builder, opset: int) -> str:
         group=site.group,
     )
     parts = [f"Conv {'x'.join(str(p.kernel) for p in plans)} -> {c_out * n_phase} ch"]
+    if site.output_quant is not None and steps_after_conv and opset >= 10:
+        # QDQ model: quantize the Conv output as the site output is quantized; exact, since
+        # depth-to-space and Slice only move values and Q(DQ(Q(v))) == Q(v)
+        y = b.quantize_dequantize(y, *site.output_quant)
+        parts.append("Q/DQ")
     if n_phase > 1:
         last = site.output if not crop else None
         if rank == 2 and strides[0] == strides[1] and opset >= 11:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 import onnx_uprewrite as up
@@ -21,7 +22,15 @@ GONE = {
     "resize": {"ConvTranspose", "DepthToSpace", "Unsqueeze"},
 }
 # sites refused on purpose, with the words their reason must contain
-REFUSED: dict[str, str] = {}
+REFUSED = {
+    # per-channel int8 Conv weights: the S phases of one output channel have S different scales,
+    # one ConvTranspose channel can only have one
+    "torch_pixelshuffle_op17_qdq_pc": "per-channel scales",
+    # the int32 Conv bias differs across phases: a per-phase Add would need a float bias
+    "torch_pixelshuffle_op17_qdq_pt": "differs across the phases",
+    # Resize -> Q -> DQ -> Conv: one transposed convolution cannot keep the quantization step between
+    "torch_upsample_nearest_conv_op17_qdq_pt": "upsampled activation is quantized",
+}
 # notes some sites must carry: graph-computed weights that were folded, BatchNorm folded
 NOTES = {
     "torch_weightnorm_convtranspose_op13": "evaluated as constants",
@@ -34,6 +43,20 @@ def _load(stem):
     inputs = {k: data[k] for k in data.files if not k.startswith("out:")}
     outputs = {k[4:]: data[k] for k in data.files if k.startswith("out:")}
     return inputs, outputs
+
+
+def _assert_still_quantized(model, no_float_constants):
+    """Every Conv/ConvTranspose reads int8 weights through DequantizeLinear; for the sub-pixel form,
+    no float tensor was added at all (the masked Resize form adds its 0/1 phase mask)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose"):
+            dq = producer.get(node.input[1])
+            assert dq is not None and dq.op_type == "DequantizeLinear", node.name
+            assert inits[dq.input[0]].data_type == onnx.TensorProto.INT8, node.name
+    floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) > 1]
+    assert not (no_float_constants and floats), [t.name for t in floats]
 
 
 def test_corpus_is_there():
@@ -59,6 +82,8 @@ def test_exported_model_converts_and_matches_reference(stem, to):
         assert any(NOTES[stem] in note for s in report.sites for note in s.notes), [s.notes for s in report.sites]
     left = set(report.ops_after) & GONE[to]
     assert not left, (left, report.ops_after)
+    if "_qdq_" in stem:
+        _assert_still_quantized(result.model, no_float_constants=to == "subpixel")
     got = run_rewritten(result.model, inputs)
     for name, ref in outputs.items():  # the outputs saved at export time, by the original model
         scale = max(float(np.abs(ref).max()), 1.0)
