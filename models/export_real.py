@@ -272,22 +272,24 @@ def keras_models() -> None:
 
     keras = tf.keras
 
-    def build(seed, layers_fn):
+    def build(seed, layers_fn, shape):
         tf.keras.utils.set_random_seed(seed)
-        inp = keras.Input(shape=(8, 8, 4), batch_size=1, name="input")
+        inp = keras.Input(shape=shape[1:], batch_size=shape[0], name="input")
         out = layers_fn(inp)
         return keras.Model(inp, out)
 
-    def export(name, seed, layers_fn):
-        model = build(seed, layers_fn)
-        arr = _input_array(seed + 1000, (1, 8, 8, 4))
-        spec = (tf.TensorSpec((1, 8, 8, 4), tf.float32, name="input"),)
+    def export(name, seed, layers_fn, opset=13, shape=(1, 8, 8, 4), run_shape=None):
+        """``shape`` is the declared input shape (None: symbolic), ``run_shape`` the one exported with."""
+        model = build(seed, layers_fn, shape)
+        run_shape = run_shape or shape
+        arr = _input_array(seed + 1000, run_shape)
+        spec = (tf.TensorSpec(shape, tf.float32, name="input"),)
 
         @tf.function(input_signature=spec)
         def fn(x):
             return model(x, training=False)
 
-        proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=13)
+        proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=opset)
         expected = [np.asarray(fn(tf.constant(arr)))]
         finalize(name, proto, [arr], f"tf {tf.__version__} / tf2onnx {tf2onnx.__version__}",
                  expected)
@@ -306,6 +308,16 @@ def keras_models() -> None:
     attempt("keras_upsampling2d_bilinear_conv", lambda: export(
         "keras_upsampling2d_bilinear_conv", 24,
         lambda x: L.Conv2D(8, 3, padding="same")(L.UpSampling2D(2, interpolation="bilinear")(x))))
+    attempt("keras_conv2dtranspose_valid_op17", lambda: export(
+        "keras_conv2dtranspose_valid_op17", 25,
+        lambda x: L.Conv2DTranspose(6, 3, strides=2, padding="valid")(x), opset=17))
+    attempt("keras_conv1dtranspose_op17", lambda: export(
+        "keras_conv1dtranspose_op17", 26,
+        lambda x: L.Conv1DTranspose(6, 5, strides=2, padding="same")(x), opset=17, shape=(1, 16, 4)))
+    attempt("keras_conv2dtranspose_same_dynamic_op17", lambda: export(
+        "keras_conv2dtranspose_same_dynamic_op17", 27,
+        lambda x: L.Conv2DTranspose(6, 3, strides=2, padding="same")(x), opset=17,
+        shape=(None, None, None, 4), run_shape=(1, 8, 8, 4)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -167,6 +167,7 @@ def convert(
     t = time.perf_counter()
     try:
         feeds, reference, measured = _measure(model, inputs, shapes, seed, required=verify)
+        second = _second_size(model, feeds, seed) if verify else None
     except (UsageError, VerificationImpossible) as exc:
         raise type(exc)(f"{label}: {exc}") from None
     timings["reference_run_s"] = time.perf_counter() - t
@@ -220,7 +221,7 @@ def convert(
 
     if verify:
         t = time.perf_counter()
-        _verify(reference, feeds, model, report, atol, rtol, terms)
+        _verify(reference, feeds, model, report, atol, rtol, terms, second)
         timings["verify_s"] = time.perf_counter() - t
     else:
         report.verification = "skipped (--no-verify): the rewritten model was NOT checked"
@@ -291,22 +292,71 @@ def _measure(model, inputs, shapes, seed, required: bool):
     return feeds, reference, measured
 
 
-def _verify(reference, feeds, rewritten, report, atol, rtol, terms) -> None:
+#: the second-size check of a model with symbolic input dims is skipped above this many input elements
+SECOND_SIZE_MAX_ELEMENTS = 1 << 24
+
+
+def _second_size(model, feeds, seed):
+    """``(feeds, reference outputs)`` at a second input size for models with symbolic input dims
+    (every symbolic dim doubled: a size the model's own divisibility constraints still accept), so
+    the rewrite is checked not to depend on the size it was verified at; a string says why not."""
+    if not feeds:
+        return None
+    shapes = {}
+    for vi in feed_inputs(model):
+        dims = vi.type.tensor_type.shape.dim
+        shape = feeds[vi.name].shape
+        shapes[vi.name] = tuple(n * 2 if i < len(dims) and not (dims[i].HasField("dim_value") and dims[i].dim_value > 0)
+                                else n for i, n in enumerate(shape))
+    if all(shapes[k] == feeds[k].shape for k in shapes):
+        return None
+    if sum(int(np.prod(s)) for s in shapes.values()) > SECOND_SIZE_MAX_ELEMENTS:
+        return "second input size not checked: the doubled inputs exceed 2^24 elements"
+    rng = np.random.default_rng(seed + 1)
+    second = {k: rng.standard_normal(s).astype(v.dtype) if np.issubdtype(v.dtype, np.floating)
+              else np.zeros(s, v.dtype) for (k, s), v in zip(shapes.items(), feeds.values())}
     try:
-        result = run_rewritten(rewritten, feeds)
-    except Exception as exc:
-        report.verification = f"failed: onnxruntime cannot run the rewritten model: {str(exc).splitlines()[0]}"
-        raise VerificationFailed(f"{report.model}: {report.verification}; nothing written", report) from None
+        return second, run_original(model, second)
+    except VerificationImpossible:
+        return (f"second input size not checked: the original model does not run at "
+                f"{', '.join(f'{k}={_dims(s)}' for k, s in shapes.items())}")
+
+
+def _dims(shape) -> str:
+    return "x".join(str(n) for n in shape)
+
+
+def _verify(reference, feeds, rewritten, report, atol, rtol, terms, second=None) -> None:
     dtype = next((r.dtype for r in reference.values() if np.issubdtype(r.dtype, np.floating)), np.float32)
     tol = derive_tolerance(dtype, terms, atol, rtol)
     report.tolerance = tol.derivation
-    report.outputs = compare(reference, result, tol)
-    bad = [o for o in report.outputs if not o.ok]
-    if bad:
-        report.verification = "failed: " + "; ".join(o.describe() for o in bad)
-        raise VerificationFailed(f"{report.model}: verification {report.verification}; nothing written", report)
+    report.outputs = _check(rewritten, feeds, reference, tol, report)
+    if isinstance(second, tuple):
+        report.second_size = {k: list(v.shape) for k, v in second[0].items()}
+        report.outputs_second_size = _check(rewritten, second[0], second[1], tol, report)
+    elif isinstance(second, str):
+        report.notes.append(second)
     report.verified = True
-    report.verification = "passed"
+    report.verification = "passed" + (f" (also at {', '.join(f'{k}={_dims(s)}' for k, s in report.second_size.items())})"
+                                      if report.second_size else "")
+
+
+def _check(rewritten, feeds, reference, tol, report):
+    """Run the rewritten model on ``feeds`` and compare; VerificationFailed names what differs."""
+    at = ", ".join(f"{k}={_dims(v.shape)}" for k, v in feeds.items())
+    try:
+        result = run_rewritten(rewritten, feeds)
+    except Exception as exc:
+        report.verification = (f"failed: onnxruntime cannot run the rewritten model at {at}: "
+                               f"{str(exc).splitlines()[0]}")
+        raise VerificationFailed(f"{report.model}: {report.verification}; nothing written", report) from None
+    checks = compare(reference, result, tol)
+    bad = [o for o in checks if not o.ok]
+    if bad:
+        report.outputs = report.outputs or checks
+        report.verification = f"failed at {at}: " + "; ".join(o.describe() for o in bad)
+        raise VerificationFailed(f"{report.model}: verification {report.verification}; nothing written", report)
+    return checks
 
 
 def inspect(model, shapes: dict | None = None) -> dict:

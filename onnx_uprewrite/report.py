@@ -32,6 +32,10 @@ class Report:
     verification: str = "not run"
     tolerance: str | None = None
     outputs: list[OutputCheck] = field(default_factory=list)
+    # models with symbolic input dims are also checked at a second size (every symbolic dim doubled)
+    second_size: dict[str, list[int]] | None = None
+    outputs_second_size: list[OutputCheck] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     ops_before: dict[str, int] = field(default_factory=dict)
     ops_after: dict[str, int] = field(default_factory=dict)
     written: list[str] = field(default_factory=list)
@@ -48,16 +52,17 @@ class Report:
 
     @property
     def worst_ratio(self) -> float | None:
-        return max((o.ratio for o in self.outputs), default=None)
+        return max((o.ratio for o in self.outputs + self.outputs_second_size), default=None)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["outputs"] = [
-            {"name": o.name, "shape": list(o.shape), "max_abs_error": _finite(o.max_abs_error),
-             "max_abs_reference": o.max_abs_reference, "tolerance": o.tolerance, "ratio": _finite(o.ratio),
-             "ok": o.ok, "rewritten_shape": None if o.rewritten_shape is None else list(o.rewritten_shape)}
-            for o in self.outputs
-        ]
+        for key in ("outputs", "outputs_second_size"):
+            d[key] = [
+                {"name": o.name, "shape": list(o.shape), "max_abs_error": _finite(o.max_abs_error),
+                 "max_abs_reference": o.max_abs_reference, "tolerance": o.tolerance, "ratio": _finite(o.ratio),
+                 "ok": o.ok, "rewritten_shape": None if o.rewritten_shape is None else list(o.rewritten_shape)}
+                for o in getattr(self, key)
+            ]
         d["summary"] = {"sites": len(self.sites), "rewritten": len(self.rewritten), "refused": len(self.refused)}
         return d
 
@@ -87,9 +92,16 @@ class Report:
                     f"  verified   output '{o.name}': max abs error {o.max_abs_error:.3g} <= tolerance "
                     f"{o.tolerance:.3g} ({o.ratio:.3f} of it)"
                 )
+            for o in self.outputs_second_size:
+                lines.append(
+                    f"  verified   output '{o.name}' {list(o.shape)}: max abs error {o.max_abs_error:.3g} <= "
+                    f"tolerance {o.tolerance:.3g} ({o.ratio:.3f} of it)"
+                )
             lines.append(f"  tolerance  {self.tolerance}")
         else:
             lines.append(f"  verification: {self.verification}")
+        for n in self.notes:
+            lines.append(f"  note       {n}")
         for w in self.written:
             lines.append(f"  wrote      {w}")
         return "\n".join(lines)

@@ -183,6 +183,7 @@ def test_convert_explicit_output_and_report(tmp_path, model_file):
     assert report["written"] == [str(out)]
     assert report["ops_before"] == {"ConvTranspose": 1}
     assert "ConvTranspose" not in report["ops_after"]
+    assert report["second_size"] is None and report["outputs_second_size"] == [] and report["notes"] == []
 
 
 def test_convert_quiet_prints_nothing(tmp_path, model_file):
@@ -644,3 +645,15 @@ def test_inspect_lists_exact_forms_with_what_they_would_be(model_file):
     assert "masked" in site["forms"]["resize"] and "DepthToSpace" in site["forms"]["subpixel"]
     text = invoke("inspect", model_file()).output
     assert "resize (masked zero insertion)" in text
+
+
+def test_report_of_a_dynamic_model_has_the_second_size(tmp_path):
+    src = Path(__file__).resolve().parent.parent / "models" / "exported" / "torch_dynamic_hw_op17.onnx"
+    rep = tmp_path / "r.json"
+    result = invoke("convert", src, "-o", tmp_path / "o.onnx", "--shape", "input=1x8x6x6", "--report", rep)
+    assert result.exit_code == 0, result.output
+    report = json.loads(rep.read_text())
+    assert report["second_size"] == {"input": [2, 8, 12, 12]}
+    assert [o["name"] for o in report["outputs_second_size"]] == ["output"]
+    assert all(o["ok"] for o in report["outputs_second_size"])
+    assert "also at input=2x8x12x12" in report["verification"]

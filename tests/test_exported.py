@@ -17,9 +17,9 @@ EXPORTED = Path(__file__).resolve().parent.parent / "models" / "exported"
 MODELS = sorted(p.stem for p in EXPORTED.glob("*.onnx"))
 # ops that must be gone after rewriting every site into the target form
 GONE = {
-    "subpixel": {"ConvTranspose", "Resize", "Upsample", "Unsqueeze"},
-    "convtranspose": {"DepthToSpace", "Resize", "Upsample", "Unsqueeze"},
-    "resize": {"ConvTranspose", "DepthToSpace", "Unsqueeze"},
+    "subpixel": {"ConvTranspose", "Resize", "Upsample"},
+    "convtranspose": {"DepthToSpace", "Resize", "Upsample"},
+    "resize": {"ConvTranspose", "DepthToSpace"},
 }
 # sites refused on purpose, with the words their reason must contain
 REFUSED = {
@@ -82,9 +82,34 @@ def test_exported_model_converts_and_matches_reference(stem, to):
         assert any(NOTES[stem] in note for s in report.sites for note in s.notes), [s.notes for s in report.sites]
     left = set(report.ops_after) & GONE[to]
     assert not left, (left, report.ops_after)
+    if report.ops_before.get("Tile"):  # Keras repeats (Unsqueeze-Tile-Reshape) are gone
+        assert report.ops_after.get("Tile", 0) < report.ops_before["Tile"], report.ops_after
     if "_qdq_" in stem:
         _assert_still_quantized(result.model, no_float_constants=to == "subpixel")
     got = run_rewritten(result.model, inputs)
     for name, ref in outputs.items():  # the outputs saved at export time, by the original model
         scale = max(float(np.abs(ref).max()), 1.0)
         assert float(np.abs(got[name] - ref).max()) <= 1e-4 * scale, name
+
+
+@pytest.mark.parametrize("to", sorted(GONE))
+def test_dynamic_model_stays_symbolic_and_matches_at_two_sizes(to):
+    """Symbolic batch/H/W survive; verification itself also ran at a second size (dims doubled)."""
+    stem = "torch_dynamic_hw_op17"
+    inputs, _ = _load(stem)
+    result = up.convert(EXPORTED / f"{stem}.onnx", to=to, inputs=inputs)
+    report = result.report
+    assert report.verified and report.second_size and report.outputs_second_size
+    assert "also at" in report.verification
+    dims = result.model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == [d.dim_param for d in
+                                           onnx.load(EXPORTED / f"{stem}.onnx").graph.input[0].type.tensor_type.shape.dim]
+    assert sum(bool(d.dim_param) for d in dims) == 3
+    original = onnx.load(EXPORTED / f"{stem}.onnx")
+    rng = np.random.default_rng(0)
+    for shape in [(1, 8, 6, 10), (3, 8, 16, 4)]:
+        x = {"input": rng.standard_normal(shape).astype(np.float32)}
+        ref, got = run_rewritten(original, x), run_rewritten(result.model, x)
+        for name in ref:
+            assert got[name].shape == ref[name].shape
+            assert float(np.abs(got[name] - ref[name]).max()) <= 1e-4 * max(1.0, float(np.abs(ref[name]).max()))
