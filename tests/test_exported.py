@@ -100,7 +100,6 @@ def test_dynamic_model_stays_symbolic_and_matches_at_two_sizes(to):
     result = up.convert(EXPORTED / f"{stem}.onnx", to=to, inputs=inputs)
     report = result.report
     assert report.verified and report.second_size and report.outputs_second_size
-    assert "also at" in report.verification
     dims = result.model.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param for d in dims] == [d.dim_param for d in
                                            onnx.load(EXPORTED / f"{stem}.onnx").graph.input[0].type.tensor_type.shape.dim]
