@@ -75,6 +75,29 @@ def espcn_model(x_shape, seed=0):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+def qdq_layer(model, x_shape, per_channel):
+    """onnxruntime's quantize_static (QDQ, int8 weights, uint8 activations) of a float model."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(2)
+            self.it = iter([{"x": rng.standard_normal(x_shape).astype(np.float32)} for _ in range(2)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
+        onnx.save(model, src)
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+        return onnx.load(dst)
+
+
 def sess(model):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
@@ -130,6 +153,16 @@ def main():
         x = np.random.default_rng(1).standard_normal(xs).astype(np.float32)
         t0, t1 = interleaved(sess(model), sess(rewritten), {"x": x}, args.runs)
         print(f"{name:34s} {t0 * 1e3:17.3f} {t1 * 1e3:13.3f} {t1 / t0:6.2f}")
+
+    print(f"\n{'QDQ (quantize_static, int8)':34s} {'ConvTranspose ms':>17s} {'sub-pixel ms':>13s} {'ratio':>6s}")
+    for name, xs, ws, attrs in (LAYERS[1], LAYERS[2]):
+        for per_channel in (False, True):
+            model = qdq_layer(one_layer(xs, ws, attrs), xs, per_channel)
+            x = np.random.default_rng(1).standard_normal(xs).astype(np.float32)
+            rewritten = up.convert(model, inputs={"x": x}).model
+            t0, t1 = interleaved(sess(model), sess(rewritten), {"x": x}, args.runs)
+            label = f"{name.split(' ', 1)[-1]} {'per-ch' if per_channel else 'per-t'}"
+            print(f"{label:34s} {t0 * 1e3:17.3f} {t1 * 1e3:13.3f} {t1 / t0:6.2f}")
 
     models = Path(__file__).resolve().parent.parent / "models"
     largest = max((p for p in models.glob("*.onnx") if p.stem.count(".") == 0), key=lambda p: p.stat().st_size)

@@ -197,7 +197,10 @@ def run_rewritten(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[
     return dict(zip(names, sess.run(names, feeds)))
 
 
-def compare(reference: dict[str, np.ndarray], result: dict[str, np.ndarray], tol: Tolerance) -> list[OutputCheck]:
+def compare(reference: dict[str, np.ndarray], result: dict[str, np.ndarray], tol: Tolerance,
+            steps: dict[str, float] | None = None) -> list[OutputCheck]:
+    """Per-output checks; ``steps`` adds one quantization step to the tolerance of quantized outputs."""
+    steps = steps or {}
     checks = []
     for name, ref in reference.items():
         got = result.get(name)
@@ -214,7 +217,8 @@ def compare(reference: dict[str, np.ndarray], result: dict[str, np.ndarray], tol
         finite = np.abs(r[np.isfinite(r)])
         max_ref = float(finite.max()) if finite.size else 0.0
         max_err = float(diff.max()) if diff.size else 0.0
-        checks.append(OutputCheck(name, tuple(ref.shape), max_err, max_ref, tol.atol + tol.rtol * max_ref))
+        checks.append(OutputCheck(name, tuple(ref.shape), max_err, max_ref,
+                                  tol.atol + tol.rtol * max_ref + steps.get(name, 0.0)))
     return checks
 
 

@@ -21,7 +21,7 @@ import onnx_uprewrite as up
 from onnx_uprewrite.weights import (
     QuantizedWeight, gather_map, rearrange_quantized, subpixel_weight, transposed_to_conv_weight,
 )
-from sweep import random_config
+from sweep import Config, random_config
 
 N_SITES = 160
 
@@ -206,3 +206,16 @@ def test_rearranged_int8_weight_dequantizes_to_the_rearranged_float_weight(group
         out = rearrange_quantized(quant, transform, axis)
         assert out.values.dtype == np.int8
         assert np.array_equal(dequant(out, None), transform(dequant(quant, None)))
+
+
+def test_quantized_output_allows_one_step_and_says_so():
+    """A wide int8 layer: float sums reordered by the rewrite may round a value that sits on a
+    half step either way; outputs read through DequantizeLinear allow exactly one step."""
+    config = Config(2, (24, 24), (2, 2), (4, 4), (1, 1), 1, 64, 64, (1, 1, 1, 1), (0, 0), "NOTSET", None,
+                    True, 1, False)
+    model, feeds = _qdq_model([config], [True], seed=8)
+    report = up.convert(model, to="subpixel", inputs=feeds).report
+    assert report.verified
+    assert "one quantization step for outputs read through DequantizeLinear (y0)" in report.tolerance
+    step = 0.05  # the output scale _qdq_model writes
+    assert report.outputs[0].tolerance >= step and report.outputs[0].max_abs_error <= step * 1.0001
