@@ -117,6 +117,7 @@ class GraphIndex:
         )
         self.initializers = {t.name: t for t in graph.initializer}
         self.folded: dict[str, list[str]] = {}  # tensor -> op types evaluated to fold it
+        self._fold_cache: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {}
         self.graph_inputs = {i.name for i in graph.input}
         self.graph_outputs = {o.name for o in graph.output}
         self.producer: dict[str, onnx.NodeProto] = {}
@@ -170,8 +171,11 @@ class GraphIndex:
 
         Every leaf must be a constant (an initializer callers cannot override, or a Constant
         node), every node a deterministic standard op without subgraphs; otherwise NotConstant
-        names the tensor or node that blocks it.  Returns the value and every tensor involved.
+        names the tensor or node that blocks it.  Returns the value and every tensor involved
+        (memoized: parsers ask for the same weight in ``matches`` and ``parse``).
         """
+        if name in self._fold_cache:
+            return self._fold_cache[name]
         nodes: dict[int, onnx.NodeProto] = {}
         leaves: dict[str, onnx.TensorProto] = {}
         stack, seen = [name], set()
@@ -207,7 +211,8 @@ class GraphIndex:
         ops = sorted({n.op_type for n in order})
         self.folded[name] = ops
         tensors = [o for n in order for o in n.output if o] + list(leaves)
-        return value, tuple(dict.fromkeys([name, *tensors]))
+        self._fold_cache[name] = value, tuple(dict.fromkeys([name, *tensors]))
+        return self._fold_cache[name]
 
     def quantized(self, name: str) -> QuantizedWeight | None:
         """The integer tensor, scale and zero point of a weight read through ``DequantizeLinear``
