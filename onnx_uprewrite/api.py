@@ -79,7 +79,7 @@ def find_sites(
             if parser.matches(node, index):
                 result = parser.parse(node, index)
                 if isinstance(result, Site):
-                    result = _with_weight_notes(result, index)
+                    result = _check_weight_origin(result, index)
                 if isinstance(result, Site):
                     clash = sorted({claimed[t] for t in result.replaced_outputs if t in claimed})
                     if clash:
@@ -95,7 +95,7 @@ def find_sites(
     return sites, refusals
 
 
-def _with_weight_notes(site: Site, index: GraphIndex) -> Site | Refusal:
+def _check_weight_origin(site: Site, index: GraphIndex) -> Site | Refusal:
     """Say which weights were computed in the graph; refuse integer (QDQ) weights a parser could
     only turn into floats: the rewrite must keep a quantized model quantized."""
     kept = {q.node for q in (site.weight_quant, site.bias_quant) if q is not None}
@@ -313,8 +313,8 @@ def _second_size(model, feeds, seed):
     if sum(int(np.prod(s)) for s in shapes.values()) > SECOND_SIZE_MAX_ELEMENTS:
         return "second input size not checked: the doubled inputs exceed 2^24 elements"
     rng = np.random.default_rng(seed + 1)
-    second = {k: rng.standard_normal(s).astype(v.dtype) if np.issubdtype(v.dtype, np.floating)
-              else np.zeros(s, v.dtype) for (k, s), v in zip(shapes.items(), feeds.values())}
+    second = {k: rng.standard_normal(s).astype(feeds[k].dtype) if np.issubdtype(feeds[k].dtype, np.floating)
+              else np.zeros(s, feeds[k].dtype) for k, s in shapes.items()}
     try:
         return second, run_original(model, second)
     except VerificationImpossible:

@@ -342,7 +342,7 @@ _NOT_FOLDABLE = {
 
 def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], leaves: list[onnx.TensorProto], name: str):
     """Run ``nodes`` (a constant subgraph of ``model``) in onnxruntime and return tensor ``name``."""
-    import onnxruntime
+    from .verify import session
 
     graph = onnx.helper.make_graph(nodes, "fold", [], [onnx.ValueInfoProto(name=name)], initializer=leaves)
     small = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
@@ -355,10 +355,7 @@ def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], leaves: list[
         raise ValueError(f"cannot infer the type of '{name}'")
     del small.graph.output[:]
     small.graph.output.append(out)
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(small.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run([name], {})[0]
+    return session(small).run([name], {})[0]
 
 
 _SHAPE_OPS = {

@@ -562,13 +562,6 @@ class QuantizedWeight:
     axis: int | None
     node: str  # the DequantizeLinear node, for messages
 
-    def channel_scale(self, channel: int) -> tuple:
-        """(scale, zero point) of one index along ``axis`` (the only pair when per tensor)."""
-        zp = self.zero_point if self.zero_point is not None else np.zeros_like(self.scale, dtype=self.values.dtype)
-        if self.axis is None:
-            return self.scale.reshape(-1)[0], zp.reshape(-1)[0]
-        return self.scale[channel], zp[channel]
-
 
 def gather_map(transform, shape: tuple[int, ...]) -> np.ndarray | None:
     """Flat index map of a linear weight transform that only moves entries, or None.
@@ -605,9 +598,8 @@ def rearrange_quantized(quant: QuantizedWeight, transform, channel_axis: int | N
                          "so the quantization would not be exact")
     values = quant.values.reshape(-1)[np.maximum(m, 0)]
     if quant.axis is None:
-        zp = quant.channel_scale(0)[1]
-        values = np.where(m >= 0, values, zp).astype(quant.values.dtype)
         zero_point = None if quant.zero_point is None else quant.zero_point.reshape(-1)[:1].reshape(())
+        values = np.where(m >= 0, values, 0 if zero_point is None else zero_point).astype(quant.values.dtype)
         return QuantizedWeight(values, quant.scale.reshape(-1)[:1].reshape(()), zero_point, None, quant.node)
     if channel_axis is None:
         raise ValueError(f"DequantizeLinear '{quant.node}' is per channel and the target weight has no channel axis")
