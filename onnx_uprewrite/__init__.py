@@ -36,6 +36,7 @@ _attach_source_passes()
 from .api import ConvertResult, convert, inspect, verify  # noqa: E402
 from .errors import (  # noqa: E402
     InvalidModelError,
+    ResourceLimit,
     UprewriteError,
     UsageError,
     VerificationFailed,
@@ -52,4 +53,5 @@ __all__ = [
     "InvalidModelError",
     "VerificationFailed",
     "VerificationImpossible",
+    "ResourceLimit",
 ]

@@ -17,13 +17,16 @@ import onnxruntime
 
 from . import __version__
 from .passes import EMITTERS, PARSERS
-from .errors import UprewriteError, UsageError, VerificationFailed, VerificationImpossible
-from .model_io import has_external_data, load_model, output_files, save_model, validate_model
+from .budget import check_memory, default_memory_budget, weights_over_budget
+from .budget import time_budget as budget_time
+from .errors import ResourceLimit, UprewriteError, UsageError, VerificationFailed, VerificationImpossible
+from .model_io import check_data_file, has_external_data, load_model, output_files, save_model, validate_model
 from .report import Report, SiteResult
 from .sites import GraphIndex, Refusal, Site, infer_static_shapes
 from .surgery import Builder, Namer, drop_unused, op_census, splice
 from .verify import (
-    compare, derive_tolerance, feed_inputs, make_inputs, run_original, run_rewritten, run_with_taps, session,
+    compare, derive_tolerance, feed_inputs, input_shapes, make_inputs, run_original, run_rewritten, run_with_taps,
+    session,
 )
 
 FORMS = ("subpixel", "resize", "convtranspose")
@@ -91,7 +94,10 @@ def find_sites(
                 break
         for attr in node.attribute:
             for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                refusals.extend(_subgraph_refusals(g, node))
+                refusals.extend(_subgraph_refusals(g, f"a subgraph of {node.op_type} '{node.name}'"))
+    for function in model.functions:
+        body = onnx.helper.make_graph(list(function.node), function.name, [], [])
+        refusals.extend(_subgraph_refusals(body, f"model-local function '{function.domain}.{function.name}'"))
     return sites, refusals
 
 
@@ -111,17 +117,18 @@ def _check_weight_origin(site: Site, index: GraphIndex) -> Site | Refusal:
     return site
 
 
-def _subgraph_refusals(graph: onnx.GraphProto, owner: onnx.NodeProto) -> list[Refusal]:
+def _subgraph_refusals(graph: onnx.GraphProto, where: str) -> list[Refusal]:
+    """Upsampling nodes inside a subgraph or function body: left alone, each with the reason."""
     found = []
     for node in graph.node:
         for parser in PARSERS:
             if parser.matches(node, None):
                 name = node.name or node.output[0]
-                found.append(Refusal(name, parser.SOURCE, f"{node.op_type} '{name}': inside a subgraph of "
-                                     f"{owner.op_type} '{owner.name}'; subgraphs are not rewritten"))
+                found.append(Refusal(name, parser.SOURCE, f"{node.op_type} '{name}': inside {where}; "
+                                     "subgraphs and functions are not rewritten (left unchanged)"))
         for attr in node.attribute:
             for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                found.extend(_subgraph_refusals(g, owner))
+                found.extend(_subgraph_refusals(g, where))
     return found
 
 
@@ -138,14 +145,19 @@ def convert(
     verify: bool = True,
     seed: int = 0,
     also_writes=(),
+    memory_budget: int | None = None,
+    time_budget: float | None = None,
 ) -> ConvertResult:
     """Rewrite every upsampling site of ``model`` (path or ModelProto) into form ``to``.
 
     Verifies in onnxruntime unless ``verify=False`` and writes ``output`` only when given and
     verification passed.  ``only`` restricts to sites by node name, ``sources`` to sites by
     source form (``SOURCES``).  ``also_writes`` names other files the caller will write (a report):
-    they are checked against the input and output files.  Raises UsageError, InvalidModelError, VerificationImpossible or
-    VerificationFailed (with ``.report``).
+    they are checked against the input and output files.  ``memory_budget`` (bytes; default half
+    of physical memory) refuses a verification whose estimated memory exceeds it before anything
+    runs; ``time_budget`` (seconds) stops verification that runs longer (budget.py).  Raises
+    UsageError, InvalidModelError, VerificationImpossible, ResourceLimit or VerificationFailed
+    (with ``.report``).
     """
     t0 = time.perf_counter()
     if to not in FORMS:
@@ -165,10 +177,13 @@ def convert(
     timings["load_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
+    budget = default_memory_budget() if memory_budget is None else int(memory_budget)
+    deadline = budget_time(time_budget)
     try:
-        feeds, reference, measured = _measure(model, inputs, shapes, seed, required=verify)
-        second = _second_size(model, feeds, seed) if verify else None
-    except (UsageError, VerificationImpossible) as exc:
+        with deadline:
+            feeds, reference, measured = _measure(model, inputs, shapes, seed, required=verify, budget=budget)
+            second = _second_size(model, feeds, seed, budget) if verify else None
+    except (UsageError, VerificationImpossible, ResourceLimit) as exc:
         raise type(exc)(f"{label}: {exc}") from None
     timings["reference_run_s"] = time.perf_counter() - t
 
@@ -200,7 +215,7 @@ def convert(
             continue
         builder = Builder(namer, site.node)
         try:
-            form = emit_site(site, emitter, builder, opset)
+            form = emit_site(site, emitter, builder, opset, budget)
         except ValueError as exc:
             refusals.append(Refusal(site.node, site.source, f"{site.source} '{site.node}': {exc}"))
             continue
@@ -221,7 +236,12 @@ def convert(
 
     if verify:
         t = time.perf_counter()
-        _verify(reference, feeds, model, report, atol, rtol, terms, second)
+        try:
+            check_memory(model, {k: v.shape for k, v in feeds.items()}, set(), budget, "running the rewritten model")
+            with deadline:
+                _verify(reference, feeds, model, report, atol, rtol, terms, second)
+        except ResourceLimit as exc:
+            raise ResourceLimit(f"{label}: {exc}") from None
         timings["verify_s"] = time.perf_counter() - t
     else:
         report.verification = "skipped (--no-verify): the rewritten model was NOT checked"
@@ -234,9 +254,13 @@ def convert(
     return ConvertResult(model=model, report=report, output=out_path)
 
 
-def emit_site(site: Site, emitter, b: Builder, opset: int) -> str:
+def emit_site(site: Site, emitter, b: Builder, opset: int, budget: int | None = None) -> str:
     """Emit ``site`` with ``emitter`` into ``b``, with its input layout, edge padding and re-quantization;
-    returns the description of the form.  ValueError says why the form is not possible."""
+    returns the description of the form.  ValueError says why the form is not possible (including
+    weights too big for the memory ``budget``, checked before any is computed)."""
+    too_big = weights_over_budget(emitter.weight_count(site), budget)
+    if too_big:
+        raise ValueError(f"the {emitter.FORM} form {too_big}")
     target = prepared(site, b, opset)
     if site.requantize is not None:
         if opset < 10:
@@ -270,7 +294,7 @@ def prepared(site: Site, b: Builder, opset: int) -> Site:
     return dataclasses.replace(site, input=padded)
 
 
-def _measure(model, inputs, shapes, seed, required: bool):
+def _measure(model, inputs, shapes, seed, required: bool, budget: int | None = None):
     """One onnxruntime run of the original: reference outputs and the true shapes of site inputs.
 
     onnx shape inference disagrees with onnxruntime after some ConvTranspose attribute
@@ -280,6 +304,7 @@ def _measure(model, inputs, shapes, seed, required: bool):
     index = GraphIndex(model)
     taps = sorted({t for n in model.graph.node for p in PARSERS if p.matches(n, index) for t in p.taps(n, index)})
     try:
+        check_memory(model, input_shapes(model, shapes, inputs), set(taps), budget, "running the original model")
         feeds = make_inputs(model, shapes, inputs, seed)
         outputs = run_with_taps(model, feeds, taps)
     except UprewriteError:
@@ -296,7 +321,7 @@ def _measure(model, inputs, shapes, seed, required: bool):
 SECOND_SIZE_MAX_ELEMENTS = 1 << 24
 
 
-def _second_size(model, feeds, seed):
+def _second_size(model, feeds, seed, budget: int | None = None):
     """``(feeds, reference outputs)`` at a second input size for models with symbolic input dims
     (every symbolic dim doubled: a size the model's own divisibility constraints still accept), so
     the rewrite is checked not to depend on the size it was verified at; a string says why not."""
@@ -312,6 +337,10 @@ def _second_size(model, feeds, seed):
         return None
     if sum(int(np.prod(s)) for s in shapes.values()) > SECOND_SIZE_MAX_ELEMENTS:
         return "second input size not checked: the doubled inputs exceed 2^24 elements"
+    try:
+        check_memory(model, shapes, set(), budget, "the second input size")
+    except ResourceLimit as exc:
+        return f"second input size not checked: {exc}"
     rng = np.random.default_rng(seed + 1)
     second = {k: rng.standard_normal(s).astype(feeds[k].dtype) if np.issubdtype(feeds[k].dtype, np.floating)
               else np.zeros(s, feeds[k].dtype) for k, s in shapes.items()}
@@ -363,6 +392,8 @@ def _check(rewritten, feeds, reference, tol, report, steps=None):
     at = ", ".join(f"{k}={_dims(v.shape)}" for k, v in feeds.items())
     try:
         result = run_rewritten(rewritten, feeds)
+    except UprewriteError:
+        raise
     except Exception as exc:
         report.verification = (f"failed: onnxruntime cannot run the rewritten model at {at}: "
                                f"{str(exc).splitlines()[0]}")
@@ -376,9 +407,10 @@ def _check(rewritten, feeds, reference, tol, report, steps=None):
     return checks
 
 
-def inspect(model, shapes: dict | None = None) -> dict:
+def inspect(model, shapes: dict | None = None, memory_budget: int | None = None) -> dict:
     """Every site with its canonical parameters and MACs, and every refusal with its reason."""
     model, label, _ = _open(model)
+    budget = default_memory_budget() if memory_budget is None else int(memory_budget)
     sites, refusals = find_sites(model, shapes)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return {
@@ -390,7 +422,7 @@ def inspect(model, shapes: dict | None = None) -> dict:
              "macs": {s.source: s.source_macs,
                       **{form: e.macs(s) for form, e in EMITTERS.items()}},
              "refused": None, "notes": list(s.notes)}
-            for s, forms in ((s, exact_forms(s, opset)) for s in sites)
+            for s, forms in ((s, exact_forms(s, opset, budget)) for s in sites)
         ] + [
             {"node": r.node, "source": r.source, "params": None, "exact_forms": [], "forms": {}, "macs": {},
              "refused": r.reason, "notes": []}
@@ -399,25 +431,31 @@ def inspect(model, shapes: dict | None = None) -> dict:
     }
 
 
-def exact_forms(site: Site, opset: int) -> dict[str, str]:
+def exact_forms(site: Site, opset: int, budget: int | None = None) -> dict[str, str]:
     """Every target form the site can be emitted in exactly, with what it would be (or why not)."""
     forms = {}
     for form, emitter in sorted(EMITTERS.items()):
         b = Builder(Namer(onnx.ModelProto()), site.node)
         try:
-            forms[form] = emit_site(site, emitter, b, opset)
+            forms[form] = emit_site(site, emitter, b, opset, budget)
         except ValueError as exc:
             forms[form] = f"not possible: {exc}"
     return forms
 
 
-def verify(a, b, inputs=None, shapes=None, atol: float | None = None, rtol: float | None = None, seed: int = 0):
+def verify(a, b, inputs=None, shapes=None, atol: float | None = None, rtol: float | None = None, seed: int = 0,
+           memory_budget: int | None = None, time_budget: float | None = None):
     """Compare two models in onnxruntime on the same inputs; returns the per-output checks."""
-    ma, _, _ = _open(a)
-    mb, _, _ = _open(b)
+    ma, la, _ = _open(a)
+    mb, lb, _ = _open(b)
+    budget = default_memory_budget() if memory_budget is None else int(memory_budget)
+    resolved = input_shapes(ma, shapes, inputs)
+    check_memory(ma, resolved, set(), budget, f"{la}: running the model")
+    check_memory(mb, resolved, set(), budget, f"{lb}: running the model")
     feeds = make_inputs(ma, shapes, inputs, seed)
-    ref = run_original(ma, feeds)
-    res = run_original(mb, feeds)
+    with budget_time(time_budget):
+        ref = run_original(ma, feeds)
+        res = run_original(mb, feeds)
     dtype = next((r.dtype for r in ref.values() if np.issubdtype(r.dtype, np.floating)), np.float32)
     tol = derive_tolerance(dtype, 1 << 12, atol, rtol)
     return compare(ref, res, tol), tol
@@ -428,6 +466,8 @@ def check_output_path(out_path: Path | None, inputs: list[Path], external: bool,
     outputs = output_files(out_path, external) if out_path is not None else []
     if out_path is not None and out_path.is_dir():
         raise UsageError(f"{out_path}: output is a directory; give a file name")
+    if out_path is not None and external:
+        check_data_file(out_path)
     for target in [*outputs, *extra]:
         for source in inputs:
             if _same_file(target, source):

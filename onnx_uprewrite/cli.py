@@ -2,12 +2,14 @@
 
 Exit codes: 0 written, every selected site rewritten (or none to rewrite); 1 verification ran and
 failed, nothing written; 2 usage error, unreadable/invalid model or verification impossible,
-nothing written; 3 written and verified, but some sites were refused (each with its reason).
+nothing written; 3 written and verified, but some sites were refused (each with its reason);
+130 / 143 interrupted by SIGINT / SIGTERM, no partial output left (outputs appear by atomic rename).
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -15,10 +17,12 @@ import click
 import numpy as np
 
 from . import api
+from .budget import parse_size
 from .errors import UprewriteError, UsageError
 from .verify import parse_shape_option
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_ERROR, EXIT_PARTIAL = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT / SIGTERM, as shells report them
 
 
 def _fail(exc: UprewriteError, debug: bool) -> None:
@@ -41,6 +45,23 @@ def _load_npz(path: str | None) -> dict[str, np.ndarray] | None:
         raise UsageError(f"--inputs {path}: cannot read as .npz: {exc}") from None
 
 
+def _size(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise UsageError(f"--memory-budget {exc}") from None
+
+
+MEMORY_BUDGET = click.option(
+    "--memory-budget", metavar="SIZE",
+    help="Refuse verification estimated to need more memory, e.g. 4G [default: half of physical memory].")
+TIME_BUDGET = click.option(
+    "--time-budget", type=click.FloatRange(min=0), metavar="SECONDS",
+    help="Stop verification (exit 2, nothing written) after this many seconds of onnxruntime runs.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="onnx-uprewrite")
 def cli() -> None:
@@ -61,9 +82,12 @@ def cli() -> None:
 @click.option("--no-verify", is_flag=True, help="Skip onnxruntime verification (the report says so).")
 @click.option("--report", "report_file", type=click.Path(path_type=Path), help="Write the JSON report here.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs.")
+@MEMORY_BUDGET
+@TIME_BUDGET
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def convert(model, output, to, only, sources, inputs_file, shape, atol, rtol, no_verify, report_file, seed, quiet, debug):
+def convert(model, output, to, only, sources, inputs_file, shape, atol, rtol, no_verify, report_file, seed,
+            memory_budget, time_budget, quiet, debug):
     """Rewrite every upsampling site of MODEL into the form --to, verify, save."""
     try:
         if output is None:
@@ -72,6 +96,7 @@ def convert(model, output, to, only, sources, inputs_file, shape, atol, rtol, no
             model, to=to, output=output, only=list(only) or None, sources=list(sources) or None, inputs=_load_npz(inputs_file),
             shapes=parse_shape_option(shape), atol=atol, rtol=rtol, verify=not no_verify, seed=seed,
             also_writes=[report_file] if report_file is not None else [],
+            memory_budget=_size(memory_budget), time_budget=time_budget,
         )
     except UprewriteError as exc:
         if report_file is not None and getattr(exc, "report", None) is not None:
@@ -97,11 +122,12 @@ def _write_report(path: Path, text: str) -> None:
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("--shape", "shape", multiple=True, metavar="NAME=DIMS", help="Shape of a graph input.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@MEMORY_BUDGET
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def inspect(model, shape, as_json, debug):
+def inspect(model, shape, as_json, memory_budget, debug):
     """List the upsampling sites of MODEL, their parameters, and the reasons for refusals."""
     try:
-        info = api.inspect(model, shapes=parse_shape_option(shape))
+        info = api.inspect(model, shapes=parse_shape_option(shape), memory_budget=_size(memory_budget))
     except UprewriteError as exc:
         _fail(exc, debug)
         return
@@ -130,12 +156,14 @@ def inspect(model, shape, as_json, debug):
 @click.option("--shape", "shape", multiple=True, metavar="NAME=DIMS", help="Shape of a graph input.")
 @click.option("--atol", type=float)
 @click.option("--rtol", type=float)
+@MEMORY_BUDGET
+@TIME_BUDGET
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def verify(a, b, inputs_file, shape, atol, rtol, debug):
+def verify(a, b, inputs_file, shape, atol, rtol, memory_budget, time_budget, debug):
     """Compare models A and B in onnxruntime on the same inputs (exit 1 when they differ)."""
     try:
         checks, tol = api.verify(a, b, inputs=_load_npz(inputs_file), shapes=parse_shape_option(shape),
-                                 atol=atol, rtol=rtol)
+                                 atol=atol, rtol=rtol, memory_budget=_size(memory_budget), time_budget=time_budget)
     except UprewriteError as exc:
         _fail(exc, debug)
         return
@@ -146,20 +174,32 @@ def verify(a, b, inputs_file, shape, atol, rtol, debug):
     sys.exit(EXIT_OK if all(c.ok for c in checks) else EXIT_VERIFY_FAILED)
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every ``finally`` (temp files) runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli(standalone_mode=False)
+    except _Terminated:
+        click.echo("uprewrite: terminated (SIGTERM); no partial output left", err=True)
+        sys.exit(EXIT_TERMINATED)
     except click.exceptions.Abort:
-        click.echo("uprewrite: aborted", err=True)
-        sys.exit(130)
+        click.echo("uprewrite: interrupted; no partial output left", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
         exc.show()
         sys.exit(EXIT_ERROR)
     except SystemExit:
         raise
     except KeyboardInterrupt:
-        click.echo("uprewrite: interrupted; nothing written", err=True)
-        sys.exit(130)
+        click.echo("uprewrite: interrupted; no partial output left", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:  # a bug: still one line, never a half-written output
         click.echo(f"uprewrite: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", err=True)
         if "--debug" in sys.argv:

@@ -21,6 +21,10 @@ class VerificationImpossible(UprewriteError):
     """onnxruntime cannot run the original model (or the inputs do not fit it)."""
 
 
+class ResourceLimit(UprewriteError):
+    """Verification would exceed the memory budget, or ran past the time budget; nothing was written."""
+
+
 class VerificationFailed(UprewriteError):
     """The rewritten model does not match the original within tolerance; nothing was written."""
 

@@ -141,6 +141,15 @@ def output_files(path: Path, external: bool) -> list[Path]:
     return [path, path.with_name(path.name + ".data")] if external else [path]
 
 
+def check_data_file(path: Path) -> None:
+    """The external data of output ``path`` goes to ``<name>.data``; refuse when that file exists
+    but ``path`` does not (then it is not the data of a previous output: someone else's file)."""
+    data = output_files(path, True)[1]
+    if (data.exists() or data.is_symlink()) and not path.exists():
+        raise UsageError(f"{path}: its external data would go to {data}, which already exists and is not the "
+                         "data of an earlier output of that name; remove it or choose another output name")
+
+
 def default_opset(model: onnx.ModelProto) -> int | None:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
@@ -158,7 +167,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool =
     if path.is_dir():
         raise UsageError(f"{path}: output is a directory; give a file name")
     external = external or model.ByteSize() > INLINE_LIMIT
+    if external:
+        check_data_file(path)
     tmp = Path(tempfile.mkdtemp(prefix=".uprewrite-", dir=parent))
+    placed: Path | None = None  # a data file already renamed into place, removed again if the model is not
     try:
         written = []
         if external:
@@ -170,12 +182,16 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool =
             del copy
             if (tmp / data_name).exists():
                 os.replace(tmp / data_name, parent / data_name)
-                written.append(parent / data_name)
+                placed = parent / data_name
+                written.append(placed)
         else:
             with open(tmp / path.name, "wb") as fh:
                 fh.write(model.SerializeToString())
         os.replace(tmp / path.name, path)
+        placed = None
         written.insert(0, path)
         return written
     finally:
+        if placed is not None:  # interrupted between the two renames: no data file without its model
+            placed.unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -483,6 +483,13 @@ def infer_static_shapes(
     not fatal: a missing shape only means a site must use its symbolic form.  ``overrides``
     (from --shape) replace the declared shapes of graph inputs.
     """
+    return {name: dims for name, (_, dims) in infer_static_typed(model, overrides).items()}
+
+
+def infer_static_typed(
+    model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, tuple[int, tuple[int | None, ...]]]:
+    """``infer_static_shapes`` with each tensor's element type: ``name -> (elem_type, dims)``."""
     skeleton = onnx.ModelProto()
     skeleton.ir_version = model.ir_version
     skeleton.opset_import.extend(model.opset_import)
@@ -513,5 +520,5 @@ def infer_static_shapes(
     for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         dims = _static_dims(vi)
         if dims is not None:
-            shapes[vi.name] = dims
+            shapes[vi.name] = (vi.type.tensor_type.elem_type, dims)
     return shapes

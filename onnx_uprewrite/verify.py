@@ -21,7 +21,8 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from .errors import UsageError, VerificationImpossible
+from .budget import run_session
+from .errors import UprewriteError, UsageError, VerificationImpossible
 from .model_io import INLINE_LIMIT
 
 ort.set_default_logger_severity(4)  # onnxruntime's own error lines would bypass our one-line messages
@@ -114,19 +115,44 @@ def make_inputs(
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Seeded random inputs (normal for floats, zeros otherwise), or the given arrays, checked."""
+    resolved = input_shapes(model, shapes, given)
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for vi in feed_inputs(model):
+        if given and vi.name in given:
+            feeds[vi.name] = np.asarray(given[vi.name])
+            continue
+        dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            feeds[vi.name] = rng.standard_normal(resolved[vi.name]).astype(dtype)
+        else:
+            feeds[vi.name] = np.zeros(resolved[vi.name], dtype=dtype)
+    return feeds
+
+
+def input_shapes(
+    model: onnx.ModelProto,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    given: dict[str, np.ndarray] | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """The concrete shape of every graph input: given arrays, then ``--shape``, then the declared
+    shape; UsageError names the input when a shape is missing, symbolic or disagrees."""
     shapes = dict(shapes or {})
     given = dict(given or {})
     inputs = feed_inputs(model)
     names = {i.name for i in inputs}
     for extra in sorted((set(shapes) | set(given)) - names):
         raise UsageError(f"no graph input named '{extra}' (inputs: {', '.join(sorted(names))})")
-    rng = np.random.default_rng(seed)
-    feeds = {}
+    resolved = {}
     for vi in inputs:
         t = vi.type.tensor_type
         if not vi.type.HasField("tensor_type"):
             raise VerificationImpossible(f"graph input '{vi.name}' is not a tensor; cannot build inputs for it")
-        dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
+        try:
+            dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
+        except (KeyError, TypeError, ValueError):
+            raise VerificationImpossible(f"graph input '{vi.name}' has element type {t.elem_type}, "
+                                         "which numpy cannot hold; cannot build inputs for it") from None
         declared = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
         if vi.name in given:
             arr = np.asarray(given[vi.name])
@@ -135,7 +161,7 @@ def make_inputs(
             _check_shape(vi.name, arr.shape, declared)
             if arr.size == 0:
                 raise UsageError(f"input '{vi.name}' is empty (shape {list(arr.shape)}): nothing to verify on")
-            feeds[vi.name] = arr
+            resolved[vi.name] = tuple(arr.shape)
             continue
         if vi.name in shapes:
             shape = shapes[vi.name]
@@ -152,11 +178,8 @@ def make_inputs(
                         + " with concrete sizes"
                     )
             shape = tuple(declared)
-        if np.issubdtype(dtype, np.floating):
-            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[vi.name] = np.zeros(shape, dtype=dtype)
-    return feeds
+        resolved[vi.name] = tuple(int(d) for d in shape)
+    return resolved
 
 
 def _check_shape(name: str, shape, declared) -> None:
@@ -183,7 +206,9 @@ def run_original(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray]) -
     try:
         sess = session(model)
         names = [o.name for o in sess.get_outputs()]
-        return dict(zip(names, sess.run(names, feeds)))
+        return dict(zip(names, run_session(sess, names, feeds)))
+    except UprewriteError:
+        raise
     except Exception as exc:
         raise VerificationImpossible(
             f"onnxruntime cannot run the original model: {_first_line(exc)} "
@@ -194,7 +219,7 @@ def run_original(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray]) -
 def run_rewritten(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     sess = session(model)
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
+    return dict(zip(names, run_session(sess, names, feeds)))
 
 
 def compare(reference: dict[str, np.ndarray], result: dict[str, np.ndarray], tol: Tolerance,

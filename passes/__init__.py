@@ -11,7 +11,8 @@ from . import from_convtranspose, from_repeat_conv, from_resize, from_resize_con
 #: its source-form MACs in ``source_macs``, or a Refusal)
 PARSERS = (from_convtranspose, from_resize_conv, from_resize, from_repeat_conv, from_subpixel)
 
-#: emitters by target form; each has ``emit(site, builder, opset)`` and ``macs(site)``
+#: emitters by target form; each has ``emit(site, builder, opset)``, ``macs(site)`` and
+#: ``weight_count(site)`` (elements of the weights it would write, computed without writing them)
 EMITTERS = {to_subpixel.FORM: to_subpixel, to_resize.FORM: to_resize, to_convtranspose.FORM: to_convtranspose}
 
 __all__ = ["PARSERS", "EMITTERS"]

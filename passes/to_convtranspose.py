@@ -145,6 +145,11 @@ def _slice(b: Builder, y: str, plans, output: str | None, opset: int) -> str:
     return b.slice(y, starts, ends, axes, opset, output=output)
 
 
+def weight_count(site: Site) -> int:
+    """Elements of the emitted ConvTranspose weight."""
+    return site.in_channels * (site.out_channels // site.group) * math.prod(a.kernel for a in site.axes)
+
+
 def macs(site: Site) -> int | None:
     """Multiply-accumulates per sample of the ConvTranspose (every input scatters every tap).
 

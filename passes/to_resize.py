@@ -124,6 +124,13 @@ def _upsample(b: Builder, x: str, strides, rank: int, opset: int) -> str:
                   coordinate_transformation_mode="asymmetric", nearest_mode="floor")
 
 
+def weight_count(site: Site) -> int:
+    """Elements of the emitted Conv weight (at most the transposed kernel; the box-factored one is
+    smaller) plus the one-period phase mask of the masked form."""
+    return (site.out_channels * (site.in_channels // site.group) * math.prod(a.kernel for a in site.axes)
+            + math.prod(a.stride for a in site.axes))
+
+
 def macs(site: Site) -> int | None:
     """MACs per sample of the Conv at the upsampled resolution (what the emitter writes)."""
     if any(n is None for n in site.input_lengths):

@@ -104,6 +104,13 @@ def _crop(b: Builder, y: str, plans, output: str, opset: int) -> str:
     return b.slice(y, starts, ends, axes, opset, output=output)
 
 
+def weight_count(site: Site) -> int:
+    """Elements of the emitted Conv weight (every phase of every output channel)."""
+    plans = [plan_subpixel_axis(a) for a in site.axes]
+    n_phase = math.prod(a.stride for a in site.axes)
+    return site.out_channels * n_phase * (site.in_channels // site.group) * math.prod(p.kernel for p in plans)
+
+
 def macs(site: Site) -> int | None:
     """Multiply-accumulates per sample of the emitted Conv (None when input lengths are symbolic)."""
     if any(n is None for n in site.input_lengths):

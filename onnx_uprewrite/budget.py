@@ -1,0 +1,180 @@
+"""Resource guards: refuse, before onnxruntime runs, a verification that would exhaust memory, and
+stop one that runs past its time budget.
+
+Memory estimate (bytes) of one onnxruntime run, from shapes alone (no tensor is allocated):
+``2 * weights + inputs + max(outputs kept, activations of the busiest node)``.  Weights are
+counted twice (the model proto and onnxruntime's copy); every requested output (graph outputs and
+tapped site inputs) is alive when the run returns; a node's activation inputs and outputs are
+alive while it runs.  onnxruntime needs at least this much, so refusing above the budget never
+refuses a run that would have fitted (up to the weights' second copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import os
+import re
+import threading
+import time
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .errors import ResourceLimit
+
+#: default memory budget: this fraction of physical memory
+DEFAULT_MEMORY_FRACTION = 0.5
+
+
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_memory_budget() -> int:
+    total = physical_memory()
+    return int(total * DEFAULT_MEMORY_FRACTION) if total else 8 << 30
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"512M"``, ``"2G"``, ``"1.5GiB"``, ``"1000000"`` -> bytes; ValueError otherwise."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", str(text).upper())
+    if not m:
+        raise ValueError(f"{text!r}: expected a size like 512M, 2G or a number of bytes")
+    value = float(m.group(1)) * _UNITS[m.group(2)]
+    if value < 1:
+        raise ValueError(f"{text!r}: the budget must be at least 1 byte")
+    return int(value)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def tensor_bytes(elem_type: int, dims) -> int | None:
+    """Bytes of a tensor of ``dims`` (None when a dim is unknown or the type has no fixed size)."""
+    if any(d is None or d < 0 for d in dims):
+        return None
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    if elem_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    return math.prod(int(d) for d in dims) * itemsize
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for t in model.graph.initializer:
+        n = tensor_bytes(t.data_type, list(t.dims))
+        total += n if n is not None else t.ByteSize()
+    return total
+
+
+def check_memory(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], kept: set[str],
+                 budget: int | None, what: str) -> None:
+    """Raise ResourceLimit when one run of ``model`` on inputs of ``input_shapes`` (keeping the
+    tensors ``kept`` as outputs) needs more than ``budget`` bytes by the estimate above."""
+    if budget is None:
+        return
+    from .sites import infer_static_typed
+
+    typed = infer_static_typed(model, input_shapes)
+    weights = weight_bytes(model)
+    inputs = sum(n for name, shape in input_shapes.items()
+                 if (n := tensor_bytes(typed.get(name, (onnx.TensorProto.FLOAT, ()))[0], shape)) is not None)
+    sizes = {name: n for name, (elem, dims) in typed.items() if (n := tensor_bytes(elem, dims)) is not None}
+    initializers = {t.name for t in model.graph.initializer}
+    outputs = sum(sizes.get(o, 0) for o in {o.name for o in model.graph.output} | set(kept))
+    busiest, busiest_bytes = None, 0
+    for node in model.graph.node:
+        n = sum(sizes.get(t, 0) for t in {*node.input, *node.output} if t and t not in initializers)
+        if n > busiest_bytes:
+            busiest, busiest_bytes = node, n
+    total = 2 * weights + inputs + max(outputs, busiest_bytes)
+    if total <= budget:
+        return
+    where = ""
+    if busiest is not None:
+        big = max((t for t in busiest.output if t in sizes), key=sizes.get, default=None)
+        where = f"; {busiest.op_type} '{busiest.name}' alone needs {human(busiest_bytes)}" + (
+            f" (its output '{big}' {list(typed[big][1])})" if big else "")
+    at = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in input_shapes.items())
+    raise ResourceLimit(
+        f"{what} at {at} would need about {human(total)} (weights {human(weights)}{where}), over the memory "
+        f"budget of {human(budget)} (--memory-budget); nothing was run"
+    )
+
+
+#: bytes held per weight element while a form's weights are computed: a float64 working copy, the
+#: converted tensor and its serialized proto (8 + 8 + 8)
+WEIGHT_WORKING_BYTES = 24
+
+
+def weights_over_budget(count: int, budget: int | None) -> str | None:
+    """Why weights of ``count`` elements cannot be computed within ``budget`` (None when they can)."""
+    if budget is None or count * WEIGHT_WORKING_BYTES <= budget:
+        return None
+    return (f"needs {count:,} weight elements (about {human(count * WEIGHT_WORKING_BYTES)} to compute), "
+            f"over the memory budget of {human(budget)} (--memory-budget)")
+
+
+# ----------------------------------------------------------------------------- time budget
+
+_DEADLINE: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar("deadline", default=None)
+
+
+class time_budget(contextlib.AbstractContextManager):
+    """onnxruntime runs inside ``with`` blocks of this object stop (``ResourceLimit``) once
+    ``seconds`` have passed since it was created; reusable, so that the reference and the
+    verification runs of one conversion share one budget."""
+
+    def __init__(self, seconds: float | None):
+        self.deadline = None if seconds is None else (time.monotonic() + float(seconds), float(seconds))
+        self._tokens = []
+
+    def __enter__(self):
+        self._tokens.append(_DEADLINE.set(self.deadline))
+        return self
+
+    def __exit__(self, *exc):
+        _DEADLINE.reset(self._tokens.pop())
+        return None
+
+
+def run_session(sess, names, feeds):
+    """``sess.run`` that is cancelled (onnxruntime's terminate flag) when the time budget runs out."""
+    deadline = _DEADLINE.get()
+    if deadline is None:
+        return sess.run(names, feeds)
+    import onnxruntime as ort
+
+    end, seconds = deadline
+    left = end - time.monotonic()
+    if left <= 0:
+        raise ResourceLimit(f"verification ran past its time budget of {seconds:g} s (--time-budget)")
+    options = ort.RunOptions()
+    timer = threading.Timer(left, lambda: setattr(options, "terminate", True))
+    timer.daemon = True
+    timer.start()
+    try:
+        return sess.run(names, feeds, options)
+    except Exception:
+        if options.terminate:
+            raise ResourceLimit(f"verification ran past its time budget of {seconds:g} s (--time-budget)") from None
+        raise
+    finally:
+        timer.cancel()
