@@ -98,7 +98,21 @@ def validate_model(model: onnx.ModelProto, label: str) -> None:
         raise InvalidModelError(f"{label}: model imports no default-domain (ai.onnx) opset")
     if opset < MIN_OPSET:
         raise InvalidModelError(f"{label}: opset {opset} is older than the supported minimum {MIN_OPSET}")
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise InvalidModelError(f"{label}: opset {opset} is newer than the installed onnx {onnx.__version__} "
+                                f"knows (at most {newest})")
+    if model.ir_version > onnx.IR_VERSION:
+        raise InvalidModelError(f"{label}: IR version {model.ir_version} is newer than the installed onnx "
+                                f"{onnx.__version__} knows (at most {onnx.IR_VERSION})")
     graph = model.graph
+    for kind, names in (("graph input", [i.name for i in graph.input]),
+                        ("initializer", [t.name for t in graph.initializer])):
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                raise InvalidModelError(f"{label}: {kind} '{name}' is declared twice")
+            seen.add(name)
     if not graph.output:
         raise InvalidModelError(f"{label}: graph has no outputs")
     available = {i.name for i in graph.input} | {t.name for t in graph.initializer}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 
@@ -170,6 +171,9 @@ def input_shapes(
             if not t.HasField("shape"):
                 raise UsageError(f"input '{vi.name}' has no declared shape; pass --shape {vi.name}=DIMS")
             for i, d in enumerate(declared):
+                if isinstance(d, int) and t.shape.dim[i].HasField("dim_value") and d <= 0:
+                    raise UsageError(f"input '{vi.name}' dimension {i} is declared as {d}, not a positive size; "
+                                     f"pass --shape {vi.name}=DIMS with positive sizes")
                 if not isinstance(d, int) or d <= 0:
                     label = f" ('{d}')" if isinstance(d, str) else ""
                     raise UsageError(
@@ -248,5 +252,23 @@ def compare(reference: dict[str, np.ndarray], result: dict[str, np.ndarray], tol
 
 
 def _first_line(exc: Exception) -> str:
+    """The first line of an onnxruntime error, without its source location and C++ signature."""
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return _strip_source_location(text[0]) if text else type(exc).__name__
+
+
+def _strip_source_location(line: str) -> str:
+    """``... FAIL : /src/x.cc:46 void ns::f(const T&, U) message`` -> ``... FAIL : message``."""
+    m = re.search(r"(?:/\S+|\w+\.(?:cc|h|cpp)):\d+ ", line)
+    if not m:
+        return line
+    rest = line[m.end():]
+    sig = re.match(r"[\w:<>,&*~\s]*?[\w>]\(", rest)  # a C++ signature: skip to its balanced ')'
+    if sig:
+        depth, i = 0, sig.end() - 1
+        for i in range(sig.end() - 1, len(rest)):
+            depth += {"(": 1, ")": -1}.get(rest[i], 0)
+            if depth == 0:
+                break
+        rest = rest[i + 1:].lstrip()
+    return (line[:m.start()] + rest).strip()

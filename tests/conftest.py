@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+
+import hostile
 from onnx import TensorProto, helper, numpy_helper
 
 IR_VERSION = 8
@@ -65,3 +67,24 @@ def model_file(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture
+def ext_model(tmp_path, ct_model):
+    """``tmp_path/m/model.onnx`` + ``model.onnx.data`` (8->8 channels, k4 s2 p1: weights 4 KiB)."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    return hostile.save_external(ct_model(cin=8, cout=8), folder / "model.onnx")
+
+
+@pytest.fixture
+def no_external_reads(monkeypatch):
+    """Fail if onnx is ever asked to read external data."""
+    calls = []
+
+    def forbidden(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("external data was read")
+
+    monkeypatch.setattr(onnx.external_data_helper, "load_external_data_for_model", forbidden)
+    return calls

@@ -9,70 +9,19 @@ some sites refused.  Most tests use click's CliRunner in-process; a few run the 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_uprewrite.cli import cli
+from hostile import assert_clean_exit, assert_refused, error_line, graph_model, invoke, run_module, tree
 
 IR_VERSION, OPSET = 8, 17
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
-
-
-def run_module(*args, cwd):
-    """The real entry point in a fresh interpreter (the console script is not guaranteed in CI)."""
-    return subprocess.run(
-        [sys.executable, "-m", "onnx_uprewrite", *[str(a) for a in args]],
-        capture_output=True, text=True, cwd=cwd, timeout=120, check=False,
-    )
-
-
-def tree(root: Path) -> dict[str, bytes | None]:
-    """Every path under ``root`` with its bytes (None for folders)."""
-    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
-
-
-def assert_clean_exit(result, code: int) -> None:
-    """The expected exit status, reached through sys.exit, never through an escaping exception."""
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    assert "Traceback" not in result.stderr
-
-
-def error_line(stderr: str, *needles: str, single: bool = True) -> str:
-    """The ``uprewrite: error:`` line of stderr; checks it is alone (when ``single``) and names ``needles``."""
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert lines, "nothing on stderr"
-    if single:
-        assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
-    line = lines[0]
-    assert line.startswith("uprewrite: error: "), line
-    for needle in needles:
-        assert needle in line, f"{needle!r} not in {line!r}"
-    return line
-
-
-def assert_refused(tmp_path: Path, args, code: int, *needles: str, single: bool = True):
-    """Run the CLI; assert exit ``code``, a one-line error naming ``needles``, and an untouched tmp_path."""
-    before = tree(tmp_path)
-    result = invoke(*args)
-    assert_clean_exit(result, code)
-    line = error_line(result.stderr, *needles, single=single)
-    assert tree(tmp_path) == before, "files were written or changed"
-    return result, line
 
 
 def run_model(model, feeds):
@@ -120,18 +69,6 @@ def two_site_model(dynamic_second: bool = False) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "two", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               initializer=inits)
     return helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", OPSET)])
-
-
-def graph_model(nodes, inputs=("x",), outputs=("y",), inits=(), opsets=(("", OPSET),)):
-    """A float model from raw nodes, for the structurally broken cases."""
-    graph = helper.make_graph(
-        list(nodes), "g",
-        [helper.make_tensor_value_info(i, TensorProto.FLOAT, [1, 3, 4, 4]) for i in inputs],
-        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
-        initializer=list(inits),
-    )
-    return helper.make_model(graph, ir_version=IR_VERSION,
-                             opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
 
 
 # ----------------------------------------------------------------------------- exit 0
@@ -320,108 +257,12 @@ def test_no_verify_skips_the_check_that_would_fail(tmp_path, model_file, corrupt
     assert (tmp_path / "model.subpixel.onnx").is_file()
 
 
-# ----------------------------------------------------------------------------- exit 2: bad model files
-
-
-def _write(data: bytes):
-    def make(path: Path, build):
-        path.write_bytes(data)
-    return make
-
-
-def _model(model_fn):
-    return lambda path, build: path.write_bytes(model_fn().SerializeToString())
-
-
-def _truncated(path: Path, build):
-    data = build().SerializeToString()
-    path.write_bytes(data[: len(data) // 2])
-
-
-BAD_FILES = {
-    "missing": (lambda path, build: None, ["no such file"]),
-    "directory": (lambda path, build: path.mkdir(), ["directory"]),
-    "empty": (_write(b""), ["empty file"]),
-    "random_bytes": (_write(np.random.default_rng(0).bytes(4096)), []),
-    "truncated": (_truncated, []),
-    "text": (_write(b"ir_version: 8\nthis is a text file, not a protobuf\n"), []),
-    "tensor_proto": (_write(numpy_helper.from_array(np.ones((2, 3), np.float32), "t").SerializeToString()), []),
-    # these parse as a ModelProto (protobuf skips unknown fields) but hold no graph
-    "tensor_proto_unnamed": (_write(numpy_helper.from_array(np.ones((2, 3), np.float32)).SerializeToString()),
-                             ["not an ONNX model"]),
-    "graph_proto": (_write(helper.make_graph([], "g", [], []).SerializeToString()), ["not an ONNX model"]),
-    "model_without_graph": (_write(onnx.ModelProto(ir_version=8).SerializeToString()), ["not an ONNX model"]),
-    "unproduced_tensor": (
-        _model(lambda: graph_model([helper.make_node("Add", ["x", "ghost"], ["y"], name="add")])),
-        ["node 'add'", "'ghost'", "nothing produces"],
-    ),
-    "duplicate_producer": (
-        _model(lambda: graph_model([helper.make_node("Relu", ["x"], ["y"], name="a"),
-                                    helper.make_node("Sigmoid", ["x"], ["y"], name="b")])),
-        ["'y'", "produced twice", "'b'"],
-    ),
-    "cycle": (
-        _model(lambda: graph_model([helper.make_node("Add", ["x", "t2"], ["t1"], name="add"),
-                                    helper.make_node("Relu", ["t1"], ["t2"], name="relu"),
-                                    helper.make_node("Identity", ["t2"], ["y"], name="id")])),
-        ["cycle"],
-    ),
-    "no_default_opset": (
-        _model(lambda: graph_model([helper.make_node("Relu", ["x"], ["y"], name="r")],
-                                   opsets=(("com.example", 1),))),
-        ["opset"],
-    ),
-    "opset_too_old": (
-        _model(lambda: graph_model([helper.make_node("Relu", ["x"], ["y"], name="r")], opsets=(("", 6),))),
-        ["opset 6"],
-    ),
-    "output_produced_by_nobody": (
-        _model(lambda: graph_model([helper.make_node("Relu", ["x"], ["t"], name="r")], outputs=("y",))),
-        ["'y'"],
-    ),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_FILES))
-def test_invalid_model_file_exits_2(tmp_path, case, ct_model):
-    make, needles = BAD_FILES[case]
-    path = tmp_path / "model.onnx"
-    make(path, ct_model)
-    _, line = assert_refused(tmp_path, ["convert", path], 2, str(path), *needles)
-    assert "internal error" not in line
-
-
-@pytest.mark.parametrize("case", ["missing", "truncated", "cycle"])
-def test_inspect_and_verify_refuse_invalid_model_with_exit_2(tmp_path, model_file, case, ct_model):
-    make, needles = BAD_FILES[case]
-    good = model_file(name="good.onnx")
-    bad = tmp_path / "model.onnx"
-    make(bad, ct_model)
-    assert_refused(tmp_path, ["inspect", bad], 2, str(bad), *needles)
-    assert_refused(tmp_path, ["verify", good, bad], 2, str(bad), *needles)
-
-
 # ----------------------------------------------------------------------------- exit 2: usage errors
 
 
 def test_unknown_only_name_exits_2(tmp_path, model_file):
     src = model_file()
     assert_refused(tmp_path, ["convert", src, "--only", "nope"], 2, "--only", "'nope'", "up")
-
-
-def test_output_equal_to_input_exits_2(tmp_path, model_file, monkeypatch):
-    src = model_file()
-    assert_refused(tmp_path, ["convert", src, "-o", src], 2, str(src), "overwrite")
-    # the same file spelled differently
-    (tmp_path / "sub").mkdir()
-    monkeypatch.chdir(tmp_path / "sub")
-    assert_refused(tmp_path, ["convert", src, "-o", "../model.onnx"], 2, "../model.onnx", "overwrite")
-
-
-def test_output_folder_missing_exits_2(tmp_path, model_file):
-    src = model_file()
-    out = tmp_path / "nope" / "out.onnx"
-    assert_refused(tmp_path, ["convert", src, "-o", out], 2, str(out), "does not exist")
 
 
 def test_symbolic_input_dims_without_shape_exits_2(tmp_path, model_file, ct_model):
@@ -468,15 +309,6 @@ def test_unknown_target_form_is_a_click_usage_error(tmp_path, model_file):
     assert result.exit_code == 2
     assert "Traceback" not in result.output and "bogus" in result.stderr
     assert tree(tmp_path) == before
-
-
-def test_op_onnxruntime_cannot_run_exits_2_and_suggests_no_verify(tmp_path, model_file, ct_model):
-    m = ct_model()
-    m.graph.node[0].output[0] = "h"
-    m.graph.node.append(helper.make_node("Frobnicate", ["h"], ["y"], name="custom", domain="com.example"))
-    m.opset_import.append(helper.make_opsetid("com.example", 1))
-    src = model_file(m)
-    assert_refused(tmp_path, ["convert", src], 2, "onnxruntime cannot run", "--no-verify")
 
 
 @pytest.mark.parametrize("case", ["symbolic_dim", "unknown_shape_name", "ort_cannot_run"])
@@ -583,23 +415,6 @@ def test_module_errors_have_no_traceback(tmp_path, case, ct_model):
 
 
 # ----------------------------------------------------------------------------- regressions of bugs found by these tests
-
-
-def test_output_is_an_existing_directory_exits_2(tmp_path, model_file):
-    src = model_file()
-    (tmp_path / "outdir").mkdir()
-    assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "outdir"], 2, "outdir")
-
-
-def test_report_path_equal_to_input_never_overwrites_it(tmp_path, model_file):
-    src = model_file()
-    assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "out.onnx", "--report", src], 2, str(src))
-
-
-def test_report_path_equal_to_output_is_refused(tmp_path, model_file):
-    src = model_file()
-    out = tmp_path / "out.onnx"
-    assert_refused(tmp_path, ["convert", src, "-o", out, "--report", out], 2, str(out))
 
 
 @pytest.mark.parametrize("how", ["shape", "inputs"])

@@ -1,0 +1,132 @@
+"""Hostile input, external data: nothing outside the model's folder is ever read.
+
+A ``location`` that escapes the folder (``../``, an absolute path, a symlink pointing outside) is
+refused before any external byte is read (``no_external_reads``); a missing data file or one
+shorter than the declared offset+length, and malformed entries: exit 2, one line naming the tensor.
+The good path: ``<out>.data`` is written beside the output with a name derived from it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from hostile import DATA, assert_refused, invoke, relocate, save_external, tree
+from onnx_uprewrite.errors import InvalidModelError
+from onnx_uprewrite.model_io import load_model
+
+
+def x_feed(cin=8, seed=1):
+    return {"x": np.random.default_rng(seed).standard_normal((1, cin, 5, 6)).astype(np.float32)}
+
+
+def run(path: Path, feeds):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def test_cli_converts_external_data_model_and_keeps_external_data(ext_model):
+    folder = ext_model.parent
+    before = tree(folder)
+    out = folder / "model.subpixel.onnx"
+    rep = folder / "r.json"
+    result = invoke("convert", ext_model, "--report", rep)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "Traceback" not in result.output
+    data = folder / "model.subpixel.onnx.data"
+    assert out.is_file() and data.is_file()
+    assert json.loads(rep.read_text())["written"] == [str(out), str(data)]
+    assert {k: v for k, v in tree(folder).items() if k in before} == before  # inputs untouched
+    refs = onnx.load(str(out), load_external_data=False)
+    locations = {e.value for t in refs.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"model.subpixel.onnx.data"}
+    assert "ConvTranspose" not in [n.op_type for n in refs.graph.node]
+    feeds = x_feed()
+    for a, b in zip(run(ext_model, feeds), run(out, feeds)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
+
+
+def test_cli_external_data_relative_paths_from_another_cwd(ext_model, tmp_path, monkeypatch):
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    result = invoke("convert", "../m/model.onnx", "-o", "../m/out.onnx")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert (tmp_path / "m" / "out.onnx.data").is_file()
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+    run(tmp_path / "m" / "out.onnx", x_feed())
+
+
+def test_missing_external_data_file(ext_model):
+    (ext_model.parent / DATA).unlink()
+    assert_refused(ext_model.parent, ["convert", ext_model], 2, str(ext_model), "tensor 'W'", repr(DATA), "not found")
+
+
+def test_external_location_outside_the_folder_is_refused_before_reading(ext_model, tmp_path, no_external_reads):
+    # a perfectly readable data file sits at ../outside.bin: the location alone must be refused
+    (tmp_path / "outside.bin").write_bytes((ext_model.parent / DATA).read_bytes())
+    relocate(ext_model, "../outside.bin")
+    assert_refused(tmp_path, ["convert", ext_model], 2, str(ext_model), "'../outside.bin'", "outside")
+    with pytest.raises(InvalidModelError, match="outside"):
+        load_model(ext_model)
+    assert no_external_reads == []
+
+
+def test_external_location_absolute_is_refused_before_reading(ext_model, tmp_path, no_external_reads):
+    target = ext_model.parent / DATA  # inside the folder, but spelled as an absolute path
+    relocate(ext_model, str(target.resolve()))
+    assert_refused(tmp_path, ["convert", ext_model], 2, str(ext_model), "relative path")
+    assert no_external_reads == []
+
+
+def test_external_location_symlink_escaping_the_folder_is_refused(ext_model, tmp_path, no_external_reads):
+    (tmp_path / "outside.bin").write_bytes((ext_model.parent / DATA).read_bytes())
+    try:
+        (ext_model.parent / "link.bin").symlink_to(tmp_path / "outside.bin")
+    except OSError:
+        pytest.skip("no symlinks here")
+    relocate(ext_model, "link.bin")
+    assert_refused(tmp_path, ["convert", ext_model], 2, str(ext_model), "'link.bin'", "outside")
+    assert no_external_reads == []
+
+
+def test_external_data_file_shorter_than_offset_plus_length(ext_model, no_external_reads):
+    data = ext_model.parent / DATA
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    assert_refused(ext_model.parent, ["convert", ext_model], 2, str(ext_model), "offset+length")
+    assert no_external_reads == []
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("offset", "abc", "not integers"),
+    ("length", "-5", "offset+length"),
+    ("location", "", "relative path"),
+])
+def test_malformed_external_data_entries(ext_model, no_external_reads, key, value, needle):
+    m = onnx.load(str(ext_model), load_external_data=False)
+    t = m.graph.initializer[0]
+    entries = {e.key: e.value for e in t.external_data}
+    entries[key] = value
+    del t.external_data[:]
+    for k, v in entries.items():
+        t.external_data.add(key=k, value=v)
+    ext_model.write_bytes(m.SerializeToString())
+    assert_refused(ext_model.parent, ["convert", ext_model], 2, str(ext_model), f"tensor '{t.name}'", needle)
+    assert no_external_reads == []
+
+
+def test_inspect_of_external_model_with_missing_data_exits_2(ext_model):
+    (ext_model.parent / DATA).unlink()
+    assert_refused(ext_model.parent, ["inspect", ext_model], 2, str(ext_model), "not found")
+
+
+def test_output_equal_to_the_inputs_external_data_file_is_refused(ext_model):
+    assert_refused(ext_model.parent, ["convert", ext_model, "-o", ext_model.parent / DATA], 2, "overwrite")
+
+
+def test_output_data_file_equal_to_the_inputs_data_file_is_refused(tmp_path, ct_model):
+    src = save_external(ct_model(cin=8, cout=8), tmp_path / "a.onnx", location="b.onnx.data")
+    assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "b.onnx"], 2, "b.onnx.data")
