@@ -171,3 +171,22 @@ def test_errors_of_onnxruntime_lose_their_source_location():
         "[ONNXRuntimeError] : 1 : FAIL : ONNX Runtime only *guarantees* support for models stamped with official "
         "released onnx opset versions.")
     assert _strip_source_location("plain message") == "plain message"
+
+
+@pytest.mark.parametrize("cls, code", [("UsageError", 2), ("InvalidModelError", 2), ("VerificationImpossible", 2),
+                                       ("ResourceLimit", 2), ("VerificationFailed", 1)])
+def test_error_taxonomy_has_the_documented_exit_codes(cls, code):
+    import onnx_uprewrite as up
+
+    error = getattr(up, cls)
+    assert issubclass(error, up.UprewriteError) and error.exit_code == code
+
+
+def test_debug_shows_the_traceback_and_the_default_does_not(tmp_path):
+    from hostile import run_module
+
+    (tmp_path / "model.onnx").write_bytes(b"")
+    quiet = run_module("convert", "model.onnx", cwd=tmp_path)
+    loud = run_module("convert", "model.onnx", "--debug", cwd=tmp_path)
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr
+    assert loud.returncode != 0 and "Traceback" in loud.stderr and "InvalidModelError" in loud.stderr
