@@ -22,11 +22,12 @@ from .budget import time_budget as budget_time
 from .errors import ResourceLimit, UprewriteError, UsageError, VerificationFailed, VerificationImpossible
 from .model_io import check_data_file, has_external_data, load_model, output_files, save_model, validate_model
 from .report import Report, SiteResult
+from .site_check import compare_site, magnitude_model, outer_inputs, output_quantization, site_model
 from .sites import GraphIndex, Refusal, Site, infer_static_shapes
 from .surgery import Builder, Namer, drop_unused, op_census, splice
 from .verify import (
-    compare, derive_tolerance, feed_inputs, input_shapes, make_inputs, run_original, run_rewritten, run_with_taps,
-    session,
+    _first_line, compare, derive_tolerance, feed_inputs, input_shapes, make_inputs, run_original, run_rewritten,
+    run_with_taps, session,
 )
 
 FORMS = ("subpixel", "resize", "convtranspose")
@@ -181,7 +182,8 @@ def convert(
     deadline = budget_time(time_budget)
     try:
         with deadline:
-            feeds, reference, measured = _measure(model, inputs, shapes, seed, required=verify, budget=budget)
+            feeds, reference, captured = _measure(model, inputs, shapes, seed, required=verify, budget=budget)
+            measured = {k: tuple(v.shape) for k, v in captured.items()}
             second = _second_size(model, feeds, seed, budget) if verify else None
     except (UsageError, VerificationImpossible, ResourceLimit) as exc:
         raise type(exc)(f"{label}: {exc}") from None
@@ -207,7 +209,7 @@ def convert(
     emitter = EMITTERS[to]
     namer = Namer(model)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    replacements, candidates, terms = {}, set(), 0
+    replacements, candidates, terms, done = {}, set(), 0, []
     for site in sites:
         if site.source == to:
             report.sites.append(SiteResult(node=site.node, source=site.source, target=to, status="skipped",
@@ -219,20 +221,39 @@ def convert(
         except ValueError as exc:
             refusals.append(Refusal(site.node, site.source, f"{site.source} '{site.node}': {exc}"))
             continue
+        for hook in EMISSION_HOOKS:
+            hook(site, builder.emission)
         replacements[site.output] = (site.replaced_outputs, builder.emission)
         candidates.update(site.weight_tensors)
         terms += site.terms_per_output
-        report.sites.append(SiteResult(
+        result = SiteResult(
             node=site.node, source=site.source, target=to, status="rewritten", form=form,
             params=site.params(), macs_before=site.source_macs, macs_after=emitter.macs(site),
             notes=list(site.notes),
-        ))
+        )
+        report.sites.append(result)
+        done.append((site, builder.emission, result))
     for r in refusals:
         report.sites.append(SiteResult(node=r.node, source=r.source, target=None, status="refused", reason=r.reason))
+    timings["rewrite_s"] = time.perf_counter() - t
+
+    site_failure = None  # both checks run, so that the report has both, then either failure stops saving
+    if verify and done:
+        t = time.perf_counter()
+        try:
+            with deadline:
+                _verify_sites(model, done, feeds, captured, atol, rtol, opset, budget, report)
+        except (ResourceLimit, VerificationImpossible) as exc:
+            raise type(exc)(f"{label}: {exc}") from None
+        except VerificationFailed:
+            site_failure = report.verification  # "failed per site: ..."
+        timings["verify_sites_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     splice(model, replacements)
     drop_unused(model, candidates)
     report.ops_after = op_census(model)
-    timings["rewrite_s"] = time.perf_counter() - t
+    timings["splice_s"] = time.perf_counter() - t
 
     if verify:
         t = time.perf_counter()
@@ -242,7 +263,15 @@ def convert(
                 _verify(reference, feeds, model, report, atol, rtol, terms, second)
         except ResourceLimit as exc:
             raise ResourceLimit(f"{label}: {exc}") from None
+        except VerificationFailed:
+            if site_failure is None:
+                raise
+            site_failure += f"; whole model {report.verification}"
         timings["verify_s"] = time.perf_counter() - t
+        if site_failure is not None:
+            report.verified = False
+            report.verification = site_failure
+            raise VerificationFailed(f"{label}: verification {site_failure}; nothing written", report)
     else:
         report.verification = "skipped (--no-verify): the rewritten model was NOT checked"
 
@@ -252,6 +281,49 @@ def convert(
         timings["save_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     return ConvertResult(model=model, report=report, output=out_path)
+
+
+#: test-only: callables ``hook(site, emission)`` run after each site is emitted, before anything is
+#: verified (the tests perturb one weight through it to show that per-site verification catches it)
+EMISSION_HOOKS: list = []
+
+
+def _verify_sites(model, done, feeds, captured, atol, rtol, opset, budget, report) -> None:
+    """Run each replacement alone on the activation that entered the site in the original model
+    and compare with the site's original output (site_check.py); VerificationFailed names the
+    sites that differ.  ``model`` is still the original here: what is not captured yet is tapped
+    in one more run."""
+    wanted = {t for site, emission, _ in done for t in [site.output, *outer_inputs(emission)]}
+    initializers = {t.name for t in model.graph.initializer}
+    missing = sorted(t for t in wanted if t not in captured and t not in initializers)
+    if missing:
+        check_memory(model, {k: v.shape for k, v in feeds.items()}, set(missing), budget,
+                     "capturing the activations of the sites")
+        captured = {**captured, **run_with_taps(model, feeds, missing)}
+    failures = []
+    for site, emission, result in done:
+        values = {n: captured[n] for n in outer_inputs(emission) if n in captured}
+        try:
+            got = run_rewritten(site_model(model, emission, values, site.output), values)[site.output]
+        except UprewriteError:
+            raise
+        except Exception as exc:
+            failures.append(f"site '{site.node}': onnxruntime cannot run its replacement: {_first_line(exc)}")
+            continue
+        mag_model = magnitude_model(site, captured[site.input], model, opset) if site.input in captured else None
+        magnitude = None
+        if mag_model is not None and rtol is None:
+            magnitude = run_rewritten(mag_model, {site.input: captured[site.input]})["magnitude"]
+        check = compare_site(site, captured[site.output], got, magnitude, atol, rtol,
+                             output_quantization(site, emission))
+        result.max_abs_error, result.max_rel_error = check.max_abs_error, check.max_rel_error
+        result.ratio, result.tolerance = check.ratio, check.tolerance
+        if not check.ok:
+            failures.append(f"site '{site.node}' ({site.source} -> {result.target}): max abs error "
+                            f"{check.max_abs_error:.3g} is {check.ratio:.3g}x its tolerance ({check.tolerance})")
+    if failures:
+        report.verification = "failed per site: " + "; ".join(failures)
+        raise VerificationFailed(f"{report.model}: verification {report.verification}; nothing written", report)
 
 
 def emit_site(site: Site, emitter, b: Builder, opset: int, budget: int | None = None) -> str:
@@ -302,7 +374,9 @@ def _measure(model, inputs, shapes, seed, required: bool, budget: int | None = N
     reshapes, so site input shapes are measured.  Without verification the run is best effort.
     """
     index = GraphIndex(model)
-    taps = sorted({t for n in model.graph.node for p in PARSERS if p.matches(n, index) for t in p.taps(n, index)})
+    matched = [(n, p) for n in model.graph.node for p in PARSERS if p.matches(n, index)]
+    # the parsers' shape taps, and the matched nodes' outputs (what per-site verification compares)
+    taps = sorted({t for n, p in matched for t in [*p.taps(n, index), *n.output] if t})
     try:
         check_memory(model, input_shapes(model, shapes, inputs), set(taps), budget, "running the original model")
         feeds = make_inputs(model, shapes, inputs, seed)
@@ -313,8 +387,8 @@ def _measure(model, inputs, shapes, seed, required: bool, budget: int | None = N
         return None, None, {}
     declared = {o.name for o in model.graph.output}
     reference = {k: v for k, v in outputs.items() if k in declared}
-    measured = {k: tuple(v.shape) for k, v in outputs.items() if k in taps}
-    return feeds, reference, measured
+    captured = {**{k: v for k, v in outputs.items() if k in taps}, **feeds}
+    return feeds, reference, captured
 
 
 #: the second-size check of a model with symbolic input dims is skipped above this many input elements

@@ -21,6 +21,11 @@ class SiteResult:
     macs_before: int | None = None
     macs_after: int | None = None
     notes: list[str] = field(default_factory=list)
+    # per-site verification (site_check.py): the replacement alone on the activation captured at the site
+    max_abs_error: float | None = None
+    max_rel_error: float | None = None
+    ratio: float | None = None  # max over elements of error / tolerance
+    tolerance: str | None = None
 
 
 @dataclass
@@ -63,6 +68,10 @@ class Report:
                  "ok": o.ok, "rewritten_shape": None if o.rewritten_shape is None else list(o.rewritten_shape)}
                 for o in getattr(self, key)
             ]
+        for site in d["sites"]:
+            for key in ("max_abs_error", "max_rel_error", "ratio"):
+                if site[key] is not None:
+                    site[key] = _finite(site[key])
         d["summary"] = {"sites": len(self.sites), "rewritten": len(self.rewritten), "refused": len(self.refused)}
         return d
 
@@ -79,6 +88,9 @@ class Report:
             if s.macs_before and s.macs_after:
                 macs = f" (MACs {s.macs_before:,} -> {s.macs_after:,})"
             lines.append(f"  rewritten  {s.node}: {s.form}{macs}")
+            if s.ratio is not None:
+                lines.append(f"             alone on its captured input: max abs error {s.max_abs_error:.3g}, "
+                             f"{s.ratio:.3f} of its tolerance")
         for s in self.refused:
             lines.append(f"  refused    {s.reason}")
         for s in self.sites:

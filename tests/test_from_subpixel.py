@@ -52,8 +52,8 @@ def _find(model: onnx.ModelProto, shapes=None):
     """find_sites with the tensor shapes measured in onnxruntime, as convert() does: the
     Reshape-Transpose-Reshape split is read from measured shapes (shape inference runs on a
     weightless copy, so the Reshape shape constants are unknown to it)."""
-    _, _, measured = _measure(model, None, shapes, 0, required=True)
-    return find_sites(model, shapes, measured)
+    _, _, captured = _measure(model, None, shapes, 0, required=True)
+    return find_sites(model, shapes, {k: tuple(v.shape) for k, v in captured.items()})
 
 
 def _conv_channel(order, channels: int, strides, c: int, phase) -> int:

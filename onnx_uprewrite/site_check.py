@@ -1,0 +1,163 @@
+"""Per-site verification: each rewritten site alone, on the activation that really enters it.
+
+The original model runs once with the tensors entering and leaving every rewritten site as extra
+outputs (most come free with the reference run's taps).  Each replacement then runs alone in
+onnxruntime on its captured input and is compared with the captured original output, element by
+element, against a tolerance derived from the magnitudes that the sum rounds:
+
+    |rewritten_i - original_i| <= atol + 8 * eps * sqrt(T) * (|W| * |x| + |b|)_i  [+ one quantization step]
+
+``|W| * |x|`` is the site's own transposed convolution with every weight and input value replaced
+by its absolute value (computed in onnxruntime with the ConvTranspose emitter), ``T`` the products
+summed per output (``Cin/group * prod(K)``) and eps that of the site's dtype: reordering a float
+sum of T products changes it by about ``eps * sqrt(T)`` times the sum of their magnitudes.  With
+``--rtol`` the user's ``atol + rtol * max|original|`` is used instead.  A failure names the site.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .passes import EMITTERS
+from .sites import Site
+from .surgery import Builder, Emission, Namer
+
+#: safety factor over the random-walk estimate eps * sqrt(T), as for the whole-model tolerance
+FACTOR = 8.0
+
+
+def outer_inputs(emission: Emission) -> list[str]:
+    """Tensors an emission reads that it neither produces nor holds as initializers."""
+    produced = {o for n in emission.nodes for o in n.output}
+    own = {t.name for t in emission.initializers}
+    names = []
+    for node in emission.nodes:
+        for name in node.input:
+            if name and name not in produced and name not in own and name not in names:
+                names.append(name)
+    return names
+
+
+def site_model(model: onnx.ModelProto, emission: Emission, values: dict[str, np.ndarray],
+               output: str) -> onnx.ModelProto:
+    """A model of the emission alone: ``values`` become graph inputs, other outer names come from
+    the model's initializers."""
+    inits = {t.name: t for t in model.graph.initializer}
+    inputs, extra = [], []
+    for name in outer_inputs(emission):
+        if name in values:
+            v = values[name]
+            inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape))
+        elif name in inits:
+            extra.append(inits[name])
+        else:
+            raise KeyError(name)
+    graph = helper.make_graph(list(emission.nodes), "site", inputs, [onnx.ValueInfoProto(name=output)],
+                              initializer=list(emission.initializers) + extra)
+    small = helper.make_model(graph, opset_imports=list(model.opset_import))
+    small.ir_version = model.ir_version
+    return small
+
+
+def magnitude_model(site: Site, x: np.ndarray, model: onnx.ModelProto, opset: int) -> onnx.ModelProto | None:
+    """``|W| * |x|`` of the site (without bias) as a ConvTranspose model, or None when the
+    ConvTranspose form cannot express it."""
+    b = Builder(Namer(onnx.ModelProto()), "magnitude")
+    abs_x = b.node("Abs", [site.input], "abs")
+    target = dataclasses.replace(
+        site, input=abs_x, output="magnitude", weight=np.abs(site.weight), bias=None, phase_bias=None,
+        weight_quant=None, bias_quant=None, output_quant=None, requantize=None,
+    )
+    from .api import emit_site
+
+    try:
+        emit_site(target, EMITTERS["convtranspose"], b, opset)
+    except ValueError:
+        return None
+    return site_model(model, b.emission, {site.input: x}, "magnitude")
+
+
+def bias_magnitude(site: Site) -> float:
+    values = [np.abs(v).max() for v in (site.bias, site.phase_bias) if v is not None and np.size(v)]
+    return float(max(values)) if values else 0.0
+
+
+def fake_quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+    """DequantizeLinear(QuantizeLinear(x)) per tensor, as onnxruntime computes it (round half to even,
+    saturate to the zero point's integer type)."""
+    zp = np.asarray(zero_point)
+    info = np.iinfo(zp.dtype) if np.issubdtype(zp.dtype, np.integer) else np.iinfo(np.uint8)
+    s = float(np.asarray(scale).reshape(-1)[0])
+    z = float(zp.reshape(-1)[0]) if zp.size else 0.0
+    q = np.clip(np.rint(x.astype(np.float64) / s) + z, info.min, info.max)
+    return ((q - z) * s).astype(x.dtype)
+
+
+def output_quantization(site: Site, emission: Emission) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scale, zero point) the replacement's output goes through: a Q/DQ pair inside the source form
+    (``requantize``, then the original output is quantized too), or the output's own Q/DQ that the
+    emitter moved inside (``output_quant`` with a QuantizeLinear in the emission)."""
+    if site.requantize is not None:
+        return site.requantize
+    if site.output_quant is not None and any(n.op_type == "QuantizeLinear" for n in emission.nodes):
+        return site.output_quant
+    return None
+
+
+@dataclasses.dataclass
+class SiteCheck:
+    max_abs_error: float
+    max_rel_error: float  # max abs error / max |original output|
+    ratio: float  # max over elements of error / tolerance (<= 1 passes)
+    tolerance: str  # how the tolerance was derived
+
+    @property
+    def ok(self) -> bool:
+        return self.ratio <= 1.0
+
+
+def compare_site(site: Site, ref: np.ndarray, got: np.ndarray, magnitude: np.ndarray | None,
+                 atol: float | None, rtol: float | None, quant=None) -> SiteCheck:
+    """``quant`` is ``output_quantization(site, emission)``: one step of it is allowed (a sum within
+    rounding of a half step may round either way) and, where the original output is not quantized
+    yet, it is quantized the same way first."""
+    if quant is not None and site.requantize is None:
+        ref = fake_quantize(ref, *quant)
+    dtype = ref.dtype if np.issubdtype(ref.dtype, np.floating) else np.dtype(np.float32)
+    eps = float(np.finfo(dtype).eps)
+    terms = site.terms_per_output
+    r, g = ref.astype(np.float64), got.astype(np.float64)
+    if got.shape != ref.shape:
+        return SiteCheck(math.inf, math.inf, math.inf, f"shape {list(got.shape)} differs from {list(ref.shape)}")
+    same = (np.isnan(r) & np.isnan(g)) | (np.isinf(r) & (r == g))
+    err = np.where(same, 0.0, np.abs(r - g))
+    err = np.where(np.isnan(err), np.inf, err)
+    finite = np.abs(r[np.isfinite(r)])
+    max_ref = float(finite.max()) if finite.size else 0.0
+    step = float(np.max(np.abs(quant[0]))) if quant is not None else 0.0
+    a = 0.0 if atol is None else float(atol)
+    if rtol is not None or magnitude is None:
+        rel = FACTOR * eps * math.sqrt(terms) if rtol is None else float(rtol)
+        tol = np.full(r.shape, a + rel * max_ref + step)
+        text = f"atol + rtol*max|ref|, rtol = {rel:.3g}" + (" (user)" if rtol is not None else
+                                                           f" = 8*eps*sqrt(T) (eps={eps:.3g}, T={terms})")
+    else:
+        mag = magnitude.astype(np.float64) + bias_magnitude(site)
+        tol = a + FACTOR * eps * math.sqrt(terms) * mag + step
+        text = f"8*eps*sqrt(T)*(|W|*|x|+|b|) per element (eps={eps:.3g} {np.dtype(dtype).name}, T={terms})"
+    if step:
+        text += f" + one quantization step ({step:.3g})"
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(err == 0, 0.0, err / tol)
+    max_err = float(err.max()) if err.size else 0.0
+    return SiteCheck(
+        max_abs_error=max_err,
+        max_rel_error=max_err / max_ref if max_ref > 0 else (0.0 if max_err == 0 else math.inf),
+        ratio=float(np.nanmax(ratios)) if ratios.size else 0.0,
+        tolerance=text,
+    )

@@ -1,0 +1,163 @@
+"""Per-site verification (site_check.py): every replacement runs alone on the activation that
+really entered its site, against a per-element tolerance from |W|*|x|; a broken replacement is
+caught, named, and nothing is written.  Also float16 models, verified with float16's epsilon.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_uprewrite as up
+from hostile import assert_clean_exit, error_line, invoke, tree
+from onnx_uprewrite import api
+from onnx_uprewrite.site_check import compare_site, fake_quantize
+from sweep import batch_model, random_config
+from test_cli import two_site_model
+
+TARGETS = ("subpixel", "resize", "convtranspose")
+
+
+@pytest.fixture
+def perturb_site(monkeypatch):
+    """The test-only hook: add ``delta`` to the first element of the largest weight emitted for one site."""
+    def install(node: str, delta: float):
+        def hook(site, emission):
+            if site.node != node:
+                return
+            big = max(emission.initializers, key=lambda t: np.prod(t.dims))
+            w = numpy_helper.to_array(big).copy()
+            w.flat[0] += delta
+            big.CopyFrom(numpy_helper.from_array(w, big.name))
+        monkeypatch.setattr(api, "EMISSION_HOOKS", [hook])
+    return install
+
+
+@pytest.mark.parametrize("to", ["subpixel", "resize"])
+def test_one_perturbed_weight_is_caught_and_named_and_nothing_written(tmp_path, perturb_site, to):
+    src, out, rep = tmp_path / "model.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    src.write_bytes(two_site_model().SerializeToString())
+    perturb_site("up2", 1e-3)
+    before = tree(tmp_path)
+    result = invoke("convert", src, "-o", out, "--to", to, "--report", rep)
+    assert_clean_exit(result, 1)
+    line = error_line(result.stderr, str(src), "failed per site", f"site 'up2' (convtranspose -> {to})",
+                      "x its tolerance", "nothing written", single=False)
+    assert "site 'up1'" not in line
+    assert not out.exists()
+    assert {k: v for k, v in tree(tmp_path).items() if k != "r.json"} == before
+    report = json.loads(rep.read_text())
+    sites = {s["node"]: s for s in report["sites"]}
+    assert sites["up2"]["ratio"] > 1 and sites["up1"]["ratio"] < 1
+    assert report["verified"] is False and report["written"] == []
+
+
+def test_perturbation_below_the_tolerance_passes_and_is_reported(tmp_path, perturb_site):
+    """A change far below float rounding of the sums is not an error: the check is not over-strict."""
+    perturb_site("up2", 1e-9)
+    result = up.convert(two_site_model(), to="subpixel")
+    sites = {s.node: s for s in result.report.sites}
+    assert result.report.verified and all(s.ratio < 1 for s in sites.values())
+
+
+def test_report_has_per_site_errors_and_tolerance(tmp_path):
+    src, rep = tmp_path / "model.onnx", tmp_path / "r.json"
+    src.write_bytes(two_site_model().SerializeToString())
+    result = invoke("convert", src, "--report", rep)
+    assert_clean_exit(result, 0)
+    for site in json.loads(rep.read_text())["sites"]:
+        assert site["status"] == "rewritten"
+        assert 0 <= site["ratio"] < 1 and site["max_abs_error"] >= 0 and site["max_rel_error"] >= 0
+        assert "|W|*|x|" in site["tolerance"] and "T=" in site["tolerance"]
+    assert "alone on its captured input" in result.stdout
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_per_site_ratios_of_a_random_sweep_are_well_below_one(seed):
+    rng = random.Random(seed)
+    configs = [random_config(rng, allow_symbolic=False) for _ in range(40)]
+    model, _, _ = batch_model(configs, 17, seed)
+    for to in ("subpixel", "resize"):
+        report = up.convert(model, to=to).report
+        ratios = [s.ratio for s in report.sites if s.status == "rewritten"]
+        assert ratios and max(ratios) < 0.5, (to, max(ratios))
+
+
+def test_compare_site_quantized_output_is_compared_after_the_same_quantization():
+    site = type("S", (), {"requantize": None, "terms_per_output": 4, "bias": None, "phase_bias": None})()
+    scale, zp = np.array(0.1, np.float32), np.array(0, np.int8)
+    ref = np.array([0.04, 0.26, 50.0], np.float32)  # 50 saturates at 127 steps
+    got = fake_quantize(ref, scale, zp)
+    check = compare_site(site, ref, got, None, None, None, (scale, zp))
+    assert check.max_abs_error == 0 and "quantization step" in check.tolerance
+    np.testing.assert_allclose(got, [0.0, 0.3, 12.7], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- float16
+
+
+def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Weights, inputs and outputs of a float32 ConvTranspose sweep model as float16."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for vi in list(m.graph.input) + list(m.graph.output):
+        vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    return m
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_float16_sweep_converts_to_every_form_and_verifies_with_the_float16_tolerance(seed):
+    rng = random.Random(100 + seed)
+    configs = [random_config(rng, allow_symbolic=False) for _ in range(30)]
+    model = to_float16(batch_model(configs, 17, seed)[0])
+    for to in TARGETS[:2]:
+        result = up.convert(model, to=to)
+        report = result.report
+        assert report.verified and "float16" in report.tolerance, report.tolerance
+        rewritten = [s for s in report.sites if s.status == "rewritten"]
+        assert len(rewritten) == len(configs)
+        assert all("float16" in s.tolerance for s in rewritten)
+        assert max(s.ratio for s in rewritten) < 1
+        scales = {n.input[i] for n in result.model.graph.node if n.op_type == "Resize" for i in (1, 2)
+                  if len(n.input) > i}  # float32 by the Resize spec
+        dtypes = {t.data_type for t in result.model.graph.initializer if t.data_type in (1, 10)
+                  and t.name not in scales}
+        assert dtypes == {TensorProto.FLOAT16}, "a float32 weight was written into a float16 model"
+    back = up.convert(up.convert(model, to="subpixel").model, to="convtranspose").report
+    assert back.verified
+
+
+def test_float16_subpixel_and_resize_models_convert_back():
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((16, 3, 3, 3)) * 0.1).astype(np.float16)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("DepthToSpace", ["c"], ["y"], name="d2s", blocksize=2, mode="CRD")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
+    for to in ("convtranspose", "resize"):
+        report = up.convert(model, to=to).report
+        assert report.verified and report.rewritten and "float16" in report.tolerance
+
+
+def test_bfloat16_model_is_refused_clearly_where_onnxruntime_cannot_run_it(tmp_path, ct_model):
+    m = ct_model()
+    for t in m.graph.initializer:
+        a = numpy_helper.to_array(t)
+        t.CopyFrom(helper.make_tensor(t.name, TensorProto.BFLOAT16, a.shape, a.flatten().tolist()))
+    for vi in list(m.graph.input) + list(m.graph.output):
+        vi.type.tensor_type.elem_type = TensorProto.BFLOAT16
+    src = tmp_path / "model.onnx"
+    src.write_bytes(m.SerializeToString())
+    result = invoke("convert", src)
+    assert_clean_exit(result, 2)
+    error_line(result.stderr, "onnxruntime cannot run", "bfloat16", "--no-verify")
