@@ -148,6 +148,7 @@ def convert(
     also_writes=(),
     memory_budget: int | None = None,
     time_budget: float | None = None,
+    progress=None,
 ) -> ConvertResult:
     """Rewrite every upsampling site of ``model`` (path or ModelProto) into form ``to``.
 
@@ -156,7 +157,9 @@ def convert(
     source form (``SOURCES``).  ``also_writes`` names other files the caller will write (a report):
     they are checked against the input and output files.  ``memory_budget`` (bytes; default half
     of physical memory) refuses a verification whose estimated memory exceeds it before anything
-    runs; ``time_budget`` (seconds) stops verification that runs longer (budget.py).  Raises
+    runs; ``time_budget`` (seconds) stops verification that runs longer (budget.py).  ``progress``,
+    if given, is called as ``progress(stage, done, total)`` as work advances (the CLI's progress
+    line).  Raises
     UsageError, InvalidModelError, VerificationImpossible, ResourceLimit or VerificationFailed
     (with ``.report``).
     """
@@ -177,8 +180,10 @@ def convert(
     timings = report.timings
     timings["load_s"] = time.perf_counter() - t0
 
+    step = progress or (lambda stage, done, total: None)
     t = time.perf_counter()
     budget = default_memory_budget() if memory_budget is None else int(memory_budget)
+    step("running the original model", 0, 1)
     deadline = budget_time(time_budget)
     try:
         with deadline:
@@ -210,7 +215,8 @@ def convert(
     namer = Namer(model)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     replacements, candidates, terms, done = {}, set(), 0, []
-    for site in sites:
+    for i, site in enumerate(sites):
+        step("rewriting sites", i, len(sites))
         if site.source == to:
             report.sites.append(SiteResult(node=site.node, source=site.source, target=to, status="skipped",
                                            reason=f"already in form {to}", params=site.params()))
@@ -242,7 +248,7 @@ def convert(
         t = time.perf_counter()
         try:
             with deadline:
-                _verify_sites(model, done, feeds, captured, atol, rtol, opset, budget, report)
+                _verify_sites(model, done, feeds, captured, atol, rtol, opset, budget, report, step)
         except (ResourceLimit, VerificationImpossible) as exc:
             raise type(exc)(f"{label}: {exc}") from None
         except VerificationFailed:
@@ -257,6 +263,7 @@ def convert(
 
     if verify:
         t = time.perf_counter()
+        step("verifying the whole model", 0, 1)
         try:
             check_memory(model, {k: v.shape for k, v in feeds.items()}, set(), budget, "running the rewritten model")
             with deadline:
@@ -277,6 +284,7 @@ def convert(
 
     if out_path is not None:
         t = time.perf_counter()
+        step("saving", 0, 1)
         report.written = [str(p) for p in save_model(model, out_path, external=external)]
         timings["save_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
@@ -288,7 +296,7 @@ def convert(
 EMISSION_HOOKS: list = []
 
 
-def _verify_sites(model, done, feeds, captured, atol, rtol, opset, budget, report) -> None:
+def _verify_sites(model, done, feeds, captured, atol, rtol, opset, budget, report, step=None) -> None:
     """Run each replacement alone on the activation that entered the site in the original model
     and compare with the site's original output (site_check.py); VerificationFailed names the
     sites that differ.  ``model`` is still the original here: what is not captured yet is tapped
@@ -301,7 +309,9 @@ def _verify_sites(model, done, feeds, captured, atol, rtol, opset, budget, repor
                      "capturing the activations of the sites")
         captured = {**captured, **run_with_taps(model, feeds, missing)}
     failures = []
-    for site, emission, result in done:
+    for i, (site, emission, result) in enumerate(done):
+        if step is not None:
+            step("verifying sites", i, len(done))
         values = {n: captured[n] for n in outer_inputs(emission) if n in captured}
         try:
             got = run_rewritten(site_model(model, emission, values, site.output), values)[site.output]
@@ -491,18 +501,34 @@ def inspect(model, shapes: dict | None = None, memory_budget: int | None = None)
         "model": label,
         "sites": [
             {"node": s.node, "source": s.source, "params": s.params(),
+             "input_lengths": list(s.input_lengths),
+             "output_lengths": [None if n is None else a.output_length(n) for a, n in zip(s.axes, s.input_lengths)],
              "exact_forms": [f for f, text in forms.items() if not text.startswith("not possible")],
              "forms": forms,
              "macs": {s.source: s.source_macs,
                       **{form: e.macs(s) for form, e in EMITTERS.items()}},
+             "weights": {form: e.weight_count(s) for form, e in EMITTERS.items()},
+             "checkerboard": checkerboard(s),
              "refused": None, "notes": list(s.notes)}
             for s, forms in ((s, exact_forms(s, opset, budget)) for s in sites)
         ] + [
-            {"node": r.node, "source": r.source, "params": None, "exact_forms": [], "forms": {}, "macs": {},
+            {"node": r.node, "source": r.source, "params": None, "input_lengths": None, "output_lengths": None,
+             "exact_forms": [], "forms": {}, "macs": {}, "weights": {}, "checkerboard": None,
              "refused": r.reason, "notes": []}
             for r in refusals
         ],
     }
+
+
+def checkerboard(site: Site) -> dict:
+    """Uneven overlap: where the (dilated) kernel length is not a multiple of the stride, output
+    phases sum different numbers of taps, the cause of checkerboard artifacts (Odena et al. 2016)."""
+    taps = [[sum(1 for k in range(a.kernel) if (k * a.dilation) % a.stride == p) for p in range(a.stride)]
+            for a in site.axes]
+    uneven = [i for i, t in enumerate(taps) if len(set(t)) > 1]
+    return {"risk": bool(uneven), "axes": uneven, "taps_per_phase": taps,
+            "why": (f"axis {', '.join(map(str, uneven))}: output phases sum different numbers of kernel taps "
+                    "(kernel not divisible by stride)") if uneven else None}
 
 
 def exact_forms(site: Site, opset: int, budget: int | None = None) -> dict[str, str]:

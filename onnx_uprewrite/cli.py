@@ -19,6 +19,7 @@ import numpy as np
 from . import api
 from .budget import parse_size
 from .errors import UprewriteError, UsageError
+from .report import _finite
 from .verify import parse_shape_option
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_ERROR, EXIT_PARTIAL = 0, 1, 2, 3
@@ -89,6 +90,7 @@ def cli() -> None:
 def convert(model, output, to, only, sources, inputs_file, shape, atol, rtol, no_verify, report_file, seed,
             memory_budget, time_budget, quiet, debug):
     """Rewrite every upsampling site of MODEL into the form --to, verify, save."""
+    progress = None if quiet else ProgressLine.for_stderr()
     try:
         if output is None:
             output = model.with_name(f"{model.name[:-5] if model.name.endswith('.onnx') else model.name}.{to}.onnx")
@@ -97,18 +99,48 @@ def convert(model, output, to, only, sources, inputs_file, shape, atol, rtol, no
             shapes=parse_shape_option(shape), atol=atol, rtol=rtol, verify=not no_verify, seed=seed,
             also_writes=[report_file] if report_file is not None else [],
             memory_budget=_size(memory_budget), time_budget=time_budget,
+            progress=progress,
         )
     except UprewriteError as exc:
+        if progress is not None:
+            progress.clear()
         if report_file is not None and getattr(exc, "report", None) is not None:
             _write_report(report_file, exc.report.to_json())
         _fail(exc, debug)
         return
+    if progress is not None:
+        progress.clear()
     report = result.report
     if report_file is not None:
         _write_report(report_file, report.to_json())
     if not quiet:
         click.echo(report.summary())
     sys.exit(EXIT_PARTIAL if report.refused else EXIT_OK)
+
+
+class ProgressLine:
+    """One self-overwriting status line on stderr, only when stderr is a terminal."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.width = 0
+
+    @classmethod
+    def for_stderr(cls):
+        stream = sys.stderr
+        return cls(stream) if stream is not None and stream.isatty() else None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        text = f"uprewrite: {stage}" + (f" {done + 1}/{total}" if total > 1 else "") + " ..."
+        self.stream.write("\r" + text.ljust(self.width))
+        self.stream.flush()
+        self.width = len(text)
+
+    def clear(self) -> None:
+        if self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
 
 
 def _write_report(path: Path, text: str) -> None:
@@ -134,19 +166,42 @@ def inspect(model, shape, as_json, memory_budget, debug):
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    click.echo(f"{info['model']}: {len(info['sites'])} upsampling site(s)")
+    click.echo(inspect_table(info))
+
+
+def inspect_table(info: dict) -> str:
+    """The human form of ``api.inspect``: one row per site, then refusals and what each form would be."""
+    rows = [("site", "source", "shape", "stride", "kernel", "dil", "group", "dtype", "exact forms (MACs/sample)",
+             "checkerboard")]
+    details = []
     for s in info["sites"]:
         if s["refused"]:
-            click.echo(f"  refused  {s['refused']}")
             continue
         p = s["params"]
-        macs = ", ".join(f"{k} {v:,}" for k, v in s["macs"].items() if v is not None) or "symbolic input size"
-        forms = [f + (" (masked zero insertion)" if "[masked" in s["forms"][f] else "") for f in s["exact_forms"]]
-        click.echo(
-            f"  {s['node']} ({s['source']}): {p['rank']}-D {p['in_channels']}->{p['out_channels']} "
-            f"stride {p['strides']} kernel {p['kernel']} dilation {p['dilations']} group {p['group']}; "
-            f"exact forms: {', '.join(forms)}; MACs/sample: {macs}"
-        )
+        ins = "x".join("?" if n is None else str(n) for n in s["input_lengths"])
+        outs = "x".join("?" if n is None else str(n) for n in s["output_lengths"])
+        forms = ", ".join(
+            f + (" masked" if "[masked" in s["forms"][f] else "")
+            + (f" {s['macs'][f]:,}" if s["macs"].get(f) is not None else "")
+            for f in s["exact_forms"])
+        cb = s["checkerboard"]
+        rows.append((s["node"], s["source"], f"{p['in_channels']}x{ins} -> {p['out_channels']}x{outs}",
+                     _dims(p["strides"]), _dims(p["kernel"]), _dims(p["dilations"]), str(p["group"]), p["dtype"],
+                     forms or "none", "yes " + "/".join(_dims(t) for t in cb["taps_per_phase"]) if cb["risk"] else "no"))
+        for form, text in s["forms"].items():
+            details.append(f"  {s['node']} -> {form}: {text}")
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"{info['model']}: {len(info['sites'])} upsampling site(s)"]
+    if len(rows) > 1:
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines += [f"  refused  {s['refused']}" for s in info["sites"] if s["refused"]]
+    if details:
+        lines += ["forms:"] + details
+    return "\n".join(lines)
+
+
+def _dims(values) -> str:
+    return "x".join(str(v) for v in values)
 
 
 @cli.command()
@@ -156,17 +211,30 @@ def inspect(model, shape, as_json, memory_budget, debug):
 @click.option("--shape", "shape", multiple=True, metavar="NAME=DIMS", help="Shape of a graph input.")
 @click.option("--atol", type=float)
 @click.option("--rtol", type=float)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @MEMORY_BUDGET
 @TIME_BUDGET
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def verify(a, b, inputs_file, shape, atol, rtol, memory_budget, time_budget, debug):
+def verify(a, b, inputs_file, shape, atol, rtol, seed, as_json, memory_budget, time_budget, debug):
     """Compare models A and B in onnxruntime on the same inputs (exit 1 when they differ)."""
     try:
         checks, tol = api.verify(a, b, inputs=_load_npz(inputs_file), shapes=parse_shape_option(shape),
-                                 atol=atol, rtol=rtol, memory_budget=_size(memory_budget), time_budget=time_budget)
+                                 atol=atol, rtol=rtol, seed=seed, memory_budget=_size(memory_budget),
+                                 time_budget=time_budget)
     except UprewriteError as exc:
         _fail(exc, debug)
         return
+    ok = all(c.ok for c in checks)
+    if as_json:
+        click.echo(json.dumps({
+            "a": str(a), "b": str(b), "equivalent": ok, "tolerance": tol.derivation,
+            "outputs": [{"name": c.name, "shape": list(c.shape), "max_abs_error": _finite(c.max_abs_error),
+                         "max_abs_reference": c.max_abs_reference, "tolerance": c.tolerance,
+                         "ratio": _finite(c.ratio), "ok": c.ok,
+                         "b_shape": None if c.rewritten_shape is None else list(c.rewritten_shape)} for c in checks],
+        }, indent=2))
+        sys.exit(EXIT_OK if ok else EXIT_VERIFY_FAILED)
     for c in checks:
         verdict = "ok" if c.ok else "DIFFERENT"
         click.echo(f"output '{c.name}': max abs error {c.max_abs_error:.3g}, tolerance {c.tolerance:.3g}: {verdict}")

@@ -9,6 +9,7 @@ some sites refused.  Most tests use click's CliRunner in-process; a few run the 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -230,7 +231,7 @@ def test_verification_failure_exits_1_and_writes_nothing(tmp_path, model_file, c
     before = tree(tmp_path)
     result = invoke("convert", src)
     assert_clean_exit(result, 1)
-    line = error_line(result.stderr, str(src), "failed per site", "site 'up' (convtranspose -> subpixel)",
+    error_line(result.stderr, str(src), "failed per site", "site 'up' (convtranspose -> subpixel)",
                       "max abs error", "x its tolerance", "whole model failed", "output 'y'", "nothing written",
                       single=False)
     assert tree(tmp_path) == before
@@ -340,7 +341,9 @@ def test_inspect_json_lists_sites_and_refusals(tmp_path, model_file):
     assert "not constant" in by_node["up2"]["refused"]
     text = invoke("inspect", src)
     assert_clean_exit(text, 0)
-    assert "up1 (convtranspose)" in text.stdout and "refused" in text.stdout
+    assert "  up1 " in text.stdout and "convtranspose" in text.stdout and "refused" in text.stdout
+    assert by_node["up1"]["checkerboard"]["risk"] is False and by_node["up1"]["weights"]["subpixel"] == 3 * 4 * 2 * 2 * 4
+    assert by_node["up1"]["output_lengths"] == [10, 12]
 
 
 def test_verify_equivalent_models_exit_0_and_different_exit_1(tmp_path, model_file, ct_model):
@@ -459,7 +462,7 @@ def test_inspect_lists_exact_forms_with_what_they_would_be(model_file):
     assert site["exact_forms"] == ["convtranspose", "resize", "subpixel"]
     assert "masked" in site["forms"]["resize"] and "DepthToSpace" in site["forms"]["subpixel"]
     text = invoke("inspect", model_file()).output
-    assert "resize (masked zero insertion)" in text
+    assert "resize masked" in text and "up -> subpixel: Conv 2x2" in text
 
 
 def test_report_of_a_dynamic_model_has_the_second_size(tmp_path):
@@ -472,3 +475,50 @@ def test_report_of_a_dynamic_model_has_the_second_size(tmp_path):
     assert [o["name"] for o in report["outputs_second_size"]] == ["output"]
     assert all(o["ok"] for o in report["outputs_second_size"])
     assert report["verification"] == "passed"
+
+
+@pytest.mark.parametrize("kernel, stride, dilation, risk, taps", [
+    (4, 2, 1, False, [2, 2]), (3, 2, 1, True, [2, 1]), (9, 3, 1, False, [3, 3, 3]), (2, 2, 2, True, [2, 0]),
+    (3, 1, 1, False, [3]), (5, 4, 1, True, [2, 1, 1, 1]),
+])
+def test_inspect_checkerboard_risk_is_uneven_taps_per_phase(model_file, ct_model, kernel, stride, dilation, risk, taps):
+    src = model_file(ct_model(kernel=(kernel, 4), strides=[stride, 2], dilations=[dilation, 1], pads=[0, 0, 0, 0]))
+    (site,) = json.loads(invoke("inspect", src, "--json").output)["sites"]
+    assert site["checkerboard"]["risk"] is risk and site["checkerboard"]["taps_per_phase"][0] == taps
+    assert site["checkerboard"]["axes"] == ([0] if risk else [])
+
+
+def test_verify_json(tmp_path, model_file, ct_model):
+    a = model_file()
+    b = tmp_path / "b.onnx"
+    assert invoke("convert", a, "-o", b).exit_code == 0
+    result = invoke("verify", a, b, "--json")
+    assert_clean_exit(result, 0)
+    info = json.loads(result.stdout)
+    assert info["equivalent"] is True and info["outputs"][0]["name"] == "y" and info["outputs"][0]["ok"]
+    other = model_file(ct_model(seed=9), name="other.onnx")
+    result = invoke("verify", a, other, "--json")
+    assert_clean_exit(result, 1)
+    assert json.loads(result.stdout)["equivalent"] is False
+
+
+def test_progress_line_only_on_a_terminal_and_cleared():
+    import io
+
+    from onnx_uprewrite import api
+    from onnx_uprewrite.cli import ProgressLine
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Tty()
+    line = ProgressLine(stream)
+    seen = []
+    api.convert(two_site_model(), progress=lambda *a: (seen.append(a), line(*a)))
+    line.clear()
+    stages = [s for s, _, _ in seen]
+    assert stages[0] == "running the original model" and "verifying sites" in stages and \
+        stages[-1] == "verifying the whole model"
+    assert "verifying sites 2/2" in stream.getvalue() and stream.getvalue().endswith("\r")
+    assert ProgressLine.for_stderr() is None or sys.stderr.isatty()  # pytest's stderr is not a terminal

@@ -4,6 +4,7 @@ reference outputs saved at export time; the op census afterwards has no source-f
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,26 @@ NOTES = {
     "torch_weightnorm_convtranspose_op13": "evaluated as constants",
     "torch_dcgan_op13": "BatchNormalization",
 }
+
+
+@functools.lru_cache(maxsize=None)
+def _inspect(stem):
+    inputs, _ = _load(stem)
+    return up.inspect(EXPORTED / f"{stem}.onnx", shapes={k: v.shape for k, v in inputs.items()})
+
+
+def _assert_inspect_agrees(stem, to, report):
+    """``inspect`` lists exactly the sites ``convert`` found, and a form it calls exact converts and verifies."""
+    listed = {s["node"]: s for s in _inspect(stem)["sites"]}
+    assert set(listed) == {s.node for s in report.sites}
+    for site in report.sites:
+        info = listed[site.node]
+        if site.status == "skipped":
+            assert info["source"] == to
+        elif site.status == "rewritten":
+            assert to in info["exact_forms"], (site.node, info["forms"])
+        else:
+            assert info["refused"] or to not in info["exact_forms"], (site.node, info)
 
 
 def _load(stem):
@@ -72,6 +93,7 @@ def test_exported_model_converts_and_matches_reference(stem, to):
     result = up.convert(EXPORTED / f"{stem}.onnx", to=to, inputs=inputs, shapes=shapes)
     report = result.report
     assert report.verified
+    _assert_inspect_agrees(stem, to, report)
     if stem in REFUSED:
         assert report.refused and all(REFUSED[stem] in s.reason for s in report.refused)
         return
