@@ -79,9 +79,19 @@ def find_sites(
     sites, refusals = [], []
     claimed: dict[str, str] = {}  # tensor -> site that removes its producer
     for node in model.graph.node:
+        bad = attribute_problem(node, index.opset)
+        if bad and node.op_type in SITE_OPS:
+            refusals.append(Refusal(node.name or node.output[0], "convtranspose" if node.op_type == "ConvTranspose"
+                                    else "resize", f"{node.op_type} '{node.name}': {bad}"))
+            continue
         for parser in PARSERS:
-            if parser.matches(node, index):
-                result = parser.parse(node, index)
+            try:
+                result = parser.parse(node, index) if parser.matches(node, index) else None
+            except Exception as exc:  # a construct the parser did not foresee: refuse, never crash or guess
+                result = Refusal(node.name or node.output[0], parser.SOURCE,
+                                 f"{node.op_type} '{node.name}': not understood ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); left unchanged")
+            if result is not None:
                 if isinstance(result, Site):
                     result = _check_weight_origin(result, index)
                 if isinstance(result, Site):
@@ -100,6 +110,30 @@ def find_sites(
         body = onnx.helper.make_graph(list(function.node), function.name, [], [])
         refusals.extend(_subgraph_refusals(body, f"model-local function '{function.domain}.{function.name}'"))
     return sites, refusals
+
+
+#: op types that can be the identifying node of a site (a bad attribute there refuses it outright)
+SITE_OPS = {"ConvTranspose", "Resize", "Upsample"}
+
+
+def attribute_problem(node: onnx.NodeProto, opset: int) -> str | None:
+    """Why an attribute of a default-domain node does not fit its operator schema (unknown name or
+    wrong type), or None.  Parsers then never see an attribute of an unexpected type."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except Exception:
+        return None
+    for attr in node.attribute:
+        spec = schema.attributes.get(attr.name)
+        if spec is None:
+            return f"attribute '{attr.name}' is not an attribute of {node.op_type}-{schema.since_version}"
+        if attr.type != spec.type.value:
+            got = onnx.AttributeProto.AttributeType.Name(attr.type)
+            return (f"attribute '{attr.name}' has type {got}, the {node.op_type} schema requires "
+                    f"{onnx.AttributeProto.AttributeType.Name(spec.type.value)}")
+    return None
 
 
 def _check_weight_origin(site: Site, index: GraphIndex) -> Site | Refusal:
@@ -384,9 +418,17 @@ def _measure(model, inputs, shapes, seed, required: bool, budget: int | None = N
     reshapes, so site input shapes are measured.  Without verification the run is best effort.
     """
     index = GraphIndex(model)
-    matched = [(n, p) for n in model.graph.node for p in PARSERS if p.matches(n, index)]
-    # the parsers' shape taps, and the matched nodes' outputs (what per-site verification compares)
-    taps = sorted({t for n, p in matched for t in [*p.taps(n, index), *n.output] if t})
+    taps = set()
+    for node in model.graph.node:
+        if attribute_problem(node, index.opset):
+            continue
+        for parser in PARSERS:
+            try:  # the parsers' shape taps, and the matched nodes' outputs (what per-site verification compares)
+                if parser.matches(node, index):
+                    taps.update(t for t in [*parser.taps(node, index), *node.output] if t)
+            except Exception:  # find_sites refuses such a node with the reason
+                pass
+    taps = sorted(taps)
     try:
         check_memory(model, input_shapes(model, shapes, inputs), set(taps), budget, "running the original model")
         feeds = make_inputs(model, shapes, inputs, seed)
