@@ -19,7 +19,7 @@ from . import __version__
 from .passes import EMITTERS, PARSERS
 from .budget import check_memory, default_memory_budget, weights_over_budget
 from .budget import time_budget as budget_time
-from .errors import ResourceLimit, UprewriteError, UsageError, VerificationFailed, VerificationImpossible
+from .errors import ResourceLimit, UprewriteError, UsageError, VerificationFailed, VerificationImpossible, one_line
 from .model_io import check_data_file, has_external_data, load_model, output_files, save_model, validate_model
 from .report import Report, SiteResult
 from .site_check import compare_site, magnitude_model, outer_inputs, output_quantization, site_model
@@ -47,14 +47,14 @@ def _open(model, label: str | None = None) -> tuple[onnx.ModelProto, str, tuple[
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)  # never mutate the caller's model
-        name = label or copy.graph.name or "<model>"
+        name = one_line(label or copy.graph.name or "<model>")
         validate_model(copy, name)
         if has_external_data(copy):
             raise UsageError(f"{name}: model has unloaded external data; pass a path or load it first")
         return copy, name, None
     path = Path(model)
     loaded, external = load_model(path)
-    return loaded, str(path), (path, external)
+    return loaded, one_line(str(path)), (path, external)
 
 
 def find_sites(
@@ -258,7 +258,7 @@ def convert(
         builder = Builder(namer, site.node)
         try:
             form = emit_site(site, emitter, builder, opset, budget)
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:  # OverflowError: sizes beyond int64
             refusals.append(Refusal(site.node, site.source, f"{site.source} '{site.node}': {exc}"))
             continue
         for hook in EMISSION_HOOKS:
@@ -580,7 +580,7 @@ def exact_forms(site: Site, opset: int, budget: int | None = None) -> dict[str, 
         b = Builder(Namer(onnx.ModelProto()), site.node)
         try:
             forms[form] = emit_site(site, emitter, b, opset, budget)
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:
             forms[form] = f"not possible: {exc}"
     return forms
 

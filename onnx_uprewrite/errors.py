@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped (names come from the model)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 class UprewriteError(Exception):
     """Base class; ``exit_code`` is the documented CLI exit status for this kind of failure."""
 
     exit_code = 2
+
+    def __init__(self, message: str = "", *args):
+        super().__init__(one_line(message), *args)
 
 
 class UsageError(UprewriteError):
