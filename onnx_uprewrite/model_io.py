@@ -135,6 +135,17 @@ def validate_model(model: onnx.ModelProto, label: str) -> None:
         if out.name not in known:
             raise InvalidModelError(f"{label}: graph output '{out.name}' is produced by no node")
     _check_acyclic(graph, available, label)
+    _check_crashing_attributes(graph, label)
+
+
+def _check_crashing_attributes(graph: onnx.GraphProto, label: str) -> None:
+    """Attribute values that crash onnxruntime's process (SIGFPE) instead of raising an error."""
+    for node in graph.node:
+        if node.op_type in ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv") and node.domain in ("", "ai.onnx"):
+            for attr in node.attribute:
+                if attr.name == "group" and attr.type == onnx.AttributeProto.INT and attr.i < 1:
+                    raise InvalidModelError(f"{label}: node '{node.name}' ({node.op_type}) has attribute "
+                                            f"group={attr.i}; it must be at least 1")
 
 
 def _check_acyclic(graph: onnx.GraphProto, available: set[str], label: str) -> None:

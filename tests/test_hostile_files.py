@@ -190,3 +190,10 @@ def test_debug_shows_the_traceback_and_the_default_does_not(tmp_path):
     loud = run_module("convert", "model.onnx", "--debug", cwd=tmp_path)
     assert quiet.returncode == 2 and "Traceback" not in quiet.stderr
     assert loud.returncode != 0 and "Traceback" in loud.stderr and "InvalidModelError" in loud.stderr
+
+
+def test_group_zero_is_refused_before_onnxruntime_crashes_on_it(tmp_path, ct_model):
+    """onnxruntime 1.31 dies of SIGFPE creating a session for a ConvTranspose with group=0."""
+    path = tmp_path / "model.onnx"
+    path.write_bytes(ct_model(group=0).SerializeToString())
+    assert_refused(tmp_path, ["convert", path], 2, "node 'up'", "group=0")
