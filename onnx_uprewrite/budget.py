@@ -56,8 +56,8 @@ def parse_size(text: str) -> int:
 
 
 def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
@@ -65,13 +65,11 @@ def human(n: float) -> str:
 
 def tensor_bytes(elem_type: int, dims) -> int | None:
     """Bytes of a tensor of ``dims`` (None when a dim is unknown or the type has no fixed size)."""
-    if any(d is None or d < 0 for d in dims):
+    if any(d is None or d < 0 for d in dims) or elem_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
         return None
     try:
         itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
     except (KeyError, TypeError, ValueError):
-        return None
-    if elem_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
         return None
     return math.prod(int(d) for d in dims) * itemsize
 
