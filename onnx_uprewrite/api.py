@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime
 
-from . import __version__
+from . import __version__, isolate
 from .passes import EMITTERS, PARSERS
 from .budget import check_memory, default_memory_budget, weights_over_budget
 from .budget import time_budget as budget_time
@@ -24,9 +24,11 @@ from .model_io import check_data_file, has_external_data, load_model, output_fil
 from .report import Report, SiteResult
 from .site_check import compare_site, magnitude_model, outer_inputs, output_quantization, site_model
 from .sites import GraphIndex, Refusal, Site, infer_static_shapes
+from .weights import axis_limit_problem
 from .surgery import Builder, Namer, drop_unused, op_census, splice
 from .verify import (
-    _first_line, compare, derive_tolerance, feed_inputs, input_shapes, make_inputs, run_original, run_rewritten,
+    _first_line, compare, derive_tolerance, feed_inputs, input_shapes, make_inputs, nonfinite_problem, run_original,
+    run_rewritten,
     run_with_taps, session,
 )
 
@@ -53,8 +55,21 @@ def _open(model, label: str | None = None) -> tuple[onnx.ModelProto, str, tuple[
             raise UsageError(f"{name}: model has unloaded external data; pass a path or load it first")
         return copy, name, None
     path = Path(model)
+    isolate.announce("model", path)  # for the message if onnx/onnxruntime crash the process
     loaded, external = load_model(path)
     return loaded, one_line(str(path)), (path, external)
+
+
+def _announcing(progress):
+    """``progress`` that also tells a supervising CLI parent the stage (isolate.announce)."""
+    last = [None]
+
+    def step(stage, done, total):
+        if stage != last[0]:
+            last[0] = stage
+            isolate.announce("stage", stage)
+        progress(stage, done, total)
+    return step
 
 
 def find_sites(
@@ -92,6 +107,8 @@ def find_sites(
                                  f"{node.op_type} '{node.name}': not understood ({type(exc).__name__}: "
                                  f"{str(exc).splitlines()[0] if str(exc) else ''}); left unchanged")
             if result is not None:
+                if isinstance(result, Site) and (bad := axis_limit_problem(result.axes) or _non_finite(result)):
+                    result = Refusal(result.node, result.source, f"{result.source} '{result.node}': {bad}")
                 if isinstance(result, Site):
                     result = _check_weight_origin(result, index)
                 if isinstance(result, Site):
@@ -133,6 +150,18 @@ def attribute_problem(node: onnx.NodeProto, opset: int) -> str | None:
             got = onnx.AttributeProto.AttributeType.Name(attr.type)
             return (f"attribute '{attr.name}' has type {got}, the {node.op_type} schema requires "
                     f"{onnx.AttributeProto.AttributeType.Name(spec.type.value)}")
+    return None
+
+
+def _non_finite(site: Site) -> str | None:
+    """Weights with inf/NaN: the forms differ on them (a padding tap gives 0*inf = NaN where the
+    source has none), so no rewrite is exact."""
+    for what, values in (("weight", site.weight), ("bias", site.bias), ("bias", site.phase_bias)):
+        if values is not None and np.issubdtype(values.dtype, np.floating):
+            bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+            if bad:
+                return (f"its {what} has {bad} non-finite values (inf/NaN); the forms differ on them "
+                        "(0*inf = NaN), so no rewrite is exact")
     return None
 
 
@@ -214,7 +243,7 @@ def convert(
     timings = report.timings
     timings["load_s"] = time.perf_counter() - t0
 
-    step = progress or (lambda stage, done, total: None)
+    step = _announcing(progress or (lambda stage, done, total: None))
     t = time.perf_counter()
     budget = default_memory_budget() if memory_budget is None else int(memory_budget)
     step("running the original model", 0, 1)
@@ -278,7 +307,7 @@ def convert(
     timings["rewrite_s"] = time.perf_counter() - t
 
     site_failure = None  # both checks run, so that the report has both, then either failure stops saving
-    if verify and done:
+    if verify and done:  # (with nothing rewritten, the model is returned unchanged: nothing to compare)
         t = time.perf_counter()
         try:
             with deadline:
@@ -295,7 +324,10 @@ def convert(
     report.ops_after = op_census(model)
     timings["splice_s"] = time.perf_counter() - t
 
-    if verify:
+    if verify and not done:
+        report.verified, report.verification = True, "passed"
+        report.tolerance = "none needed: nothing was rewritten, so the model is unchanged and was not compared with itself"
+    elif verify:
         t = time.perf_counter()
         step("verifying the whole model", 0, 1)
         try:
@@ -526,6 +558,10 @@ def _check(rewritten, feeds, reference, tol, report, steps=None):
         raise VerificationFailed(f"{report.model}: {report.verification}; nothing written", report) from None
     checks = compare(reference, result, tol, steps)
     bad = [o for o in checks if not o.ok]
+    odd = nonfinite_problem(checks)
+    if odd:
+        report.outputs = report.outputs or checks
+        raise VerificationImpossible(f"{report.model}: verification at {at} impossible: {odd}; nothing written")
     if bad:
         report.outputs = report.outputs or checks
         report.verification = f"failed at {at}: " + "; ".join(o.describe() for o in bad)
@@ -565,12 +601,18 @@ def inspect(model, shapes: dict | None = None, memory_budget: int | None = None)
 def checkerboard(site: Site) -> dict:
     """Uneven overlap: where the (dilated) kernel length is not a multiple of the stride, output
     phases sum different numbers of taps, the cause of checkerboard artifacts (Odena et al. 2016)."""
-    taps = [[sum(1 for k in range(a.kernel) if (k * a.dilation) % a.stride == p) for p in range(a.stride)]
-            for a in site.axes]
+    taps = [_taps_per_phase(a) for a in site.axes]
     uneven = [i for i, t in enumerate(taps) if len(set(t)) > 1]
     return {"risk": bool(uneven), "axes": uneven, "taps_per_phase": taps,
             "why": (f"axis {', '.join(map(str, uneven))}: output phases sum different numbers of kernel taps "
                     "(kernel not divisible by stride)") if uneven else None}
+
+
+def _taps_per_phase(a) -> list[int]:
+    counts = [0] * a.stride
+    for k in range(a.kernel):
+        counts[(k * a.dilation) % a.stride] += 1
+    return counts
 
 
 def exact_forms(site: Site, opset: int, budget: int | None = None) -> dict[str, str]:

@@ -85,12 +85,15 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 def check_memory(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], kept: set[str],
                  budget: int | None, what: str) -> None:
     """Raise ResourceLimit when one run of ``model`` on inputs of ``input_shapes`` (keeping the
-    tensors ``kept`` as outputs) needs more than ``budget`` bytes by the estimate above."""
-    if budget is None:
-        return
+    tensors ``kept`` as outputs) needs more than ``budget`` bytes by the estimate above, and
+    InvalidModelError for shapes that would crash onnxruntime (model_io.check_resize_ranks)."""
+    from .model_io import check_resize_ranks
     from .sites import infer_static_typed
 
     typed = infer_static_typed(model, input_shapes)
+    check_resize_ranks(model, typed)  # onnxruntime would abort the process on them
+    if budget is None:
+        return
     weights = weight_bytes(model)
     inputs = sum(n for name, shape in input_shapes.items()
                  if (n := tensor_bytes(typed.get(name, (onnx.TensorProto.FLOAT, ()))[0], shape)) is not None)

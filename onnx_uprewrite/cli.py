@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from . import api
+from . import api, isolate
 from .budget import parse_size
 from .errors import UprewriteError, UsageError
 from .report import _finite
@@ -251,6 +251,14 @@ def _on_sigterm(signum, frame):
 
 
 def main() -> None:
+    """The ``uprewrite`` entry point: the command runs in a forked child (isolate.supervise), so that
+    onnx or onnxruntime crashing on a malformed model still ends in one error line and exit 2."""
+    if isolate.can_fork():
+        sys.exit(isolate.supervise(_main))
+    _main()
+
+
+def _main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli(standalone_mode=False)

@@ -12,6 +12,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from .errors import InvalidModelError, UsageError
+from .isolate import announce_temp
 
 MIN_OPSET = 7
 # onnx refuses to serialize a ModelProto above 2 GiB; stay clearly below it
@@ -138,14 +139,58 @@ def validate_model(model: onnx.ModelProto, label: str) -> None:
     _check_crashing_attributes(graph, label)
 
 
+#: INT attributes whose values onnxruntime does not check before it divides by them or multiplies
+#: them, dying of SIGFPE (found by tests/test_fuzz.py): (ops, attribute, smallest, largest)
+_CRASHING_INTS = (
+    (("Conv", "ConvTranspose", "ConvInteger", "QLinearConv"), "group", 1, None),
+    (("DepthToSpace", "SpaceToDepth"), "blocksize", 1, (1 << 31) - 1),
+)
+
+
 def _check_crashing_attributes(graph: onnx.GraphProto, label: str) -> None:
-    """Attribute values that crash onnxruntime's process (SIGFPE) instead of raising an error."""
+    """Attribute values that crash onnxruntime's process (SIGFPE) instead of raising an error, in
+    ``graph`` and every subgraph of its nodes."""
     for node in graph.node:
-        if node.op_type in ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv") and node.domain in ("", "ai.onnx"):
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                _check_crashing_attributes(sub, label)
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        for ops, name, low, high in _CRASHING_INTS:
+            if node.op_type not in ops:
+                continue
             for attr in node.attribute:
-                if attr.name == "group" and attr.type == onnx.AttributeProto.INT and attr.i < 1:
+                if attr.name == name and attr.type == onnx.AttributeProto.INT and not (
+                    attr.i >= low and (high is None or attr.i <= high)
+                ):
+                    limit = f"at least {low}" if high is None else f"between {low} and {high}"
                     raise InvalidModelError(f"{label}: node '{node.name}' ({node.op_type}) has attribute "
-                                            f"group={attr.i}; it must be at least 1")
+                                            f"{name}={attr.i}; it must be {limit}")
+
+
+def check_resize_ranks(model: onnx.ModelProto, typed: dict) -> None:
+    """onnxruntime aborts (std::terminate) on a Resize/Upsample whose constant ``scales`` or ``sizes``
+    count differs from its input's rank; ``typed`` (name -> (elem_type, dims)) gives the ranks
+    known before a run, --shape included."""
+    constants = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Constant" and attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                constants[node.output[0]] = attr.t
+    for node in model.graph.node:
+        if node.op_type not in ("Resize", "Upsample") or node.domain not in ("", "ai.onnx") or not node.input:
+            continue
+        if any(a.name == "axes" for a in node.attribute) or node.input[0] not in typed:
+            continue
+        rank = len(typed[node.input[0]][1])
+        for name in node.input[1:]:
+            t = constants.get(name)
+            if t is None or len(t.dims) != 1 or t.dims[0] in (0, rank):
+                continue
+            if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64):
+                continue  # roi, or a mistyped input onnxruntime rejects itself
+            raise InvalidModelError(f"node '{node.name}' ({node.op_type}): input '{name}' has {t.dims[0]} "
+                                    f"values for an input of rank {rank}; they must match")
 
 
 def _check_acyclic(graph: onnx.GraphProto, available: set[str], label: str) -> None:
@@ -195,6 +240,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool =
     if external:
         check_data_file(path)
     tmp = Path(tempfile.mkdtemp(prefix=".uprewrite-", dir=parent))
+    announce_temp(tmp)
     placed: Path | None = None  # a data file already renamed into place, removed again if the model is not
     try:
         written = []

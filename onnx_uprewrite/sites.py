@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import isolate
+from .isolate import NativeCrash
 from .weights import Axis, QuantizedWeight
 
 
@@ -348,7 +350,7 @@ def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], leaves: list[
     small = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
     small.ir_version = model.ir_version
     small.functions.extend(model.functions)
-    typed = onnx.shape_inference.infer_shapes(small, strict_mode=False)
+    typed = infer_shapes(small)
     known = {vi.name: vi for vi in list(typed.graph.value_info) + list(typed.graph.output)}
     out = known.get(name)
     if out is None or not out.type.tensor_type.elem_type:
@@ -486,6 +488,14 @@ def infer_static_shapes(
     return {name: dims for name, (_, dims) in infer_static_typed(model, overrides).items()}
 
 
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx shape inference (not strict) in a server process (isolate.infer_shapes): onnx's C++ aborts
+    the process on some malformed models (e.g. a Slice of a tensor with a negative inferred length)."""
+    typed = onnx.ModelProto()
+    typed.ParseFromString(isolate.infer_shapes(model.SerializeToString()))
+    return typed
+
+
 def infer_static_typed(
     model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None = None
 ) -> dict[str, tuple[int, tuple[int | None, ...]]]:
@@ -513,7 +523,9 @@ def infer_static_typed(
         else:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False)
+        inferred = infer_shapes(skeleton)
+    except NativeCrash:
+        raise
     except Exception:  # inference is advisory; ORT verification is the judge
         return {}
     shapes = {}

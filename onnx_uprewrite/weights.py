@@ -36,6 +36,21 @@ class Axis:
         return self.stride * length + self.extension
 
 
+#: the largest stride, dilation or scale factor a site may have: far beyond any real upsampling
+#: (a ConvTranspose iSTFT's hop is a few hundred), and small enough that per-phase loops, phase
+#: lists and the report stay bounded
+MAX_FACTOR = 1 << 16
+
+
+def axis_limit_problem(axes) -> str | None:
+    """Why ``axes`` (canonical Axis) are beyond MAX_FACTOR, or None."""
+    for i, a in enumerate(axes):
+        for what, value in (("stride", a.stride), ("dilation", a.dilation)):
+            if value > MAX_FACTOR:
+                return f"spatial axis {i}: {what} {value} is over {MAX_FACTOR}, the largest this tool converts"
+    return None
+
+
 @dataclass(frozen=True)
 class SubpixelAxis:
     """How one axis of a transposed convolution becomes a stride-1 Conv + depth-to-space + crop.
@@ -514,6 +529,8 @@ def interpolation_axis(stride: int, mode: str, ctm: str, nearest_mode: str) -> I
     ``pb`` chosen so that the smallest k is 0.
     """
     s = stride
+    if s > MAX_FACTOR:
+        raise ValueError(f"scale {s} is over {MAX_FACTOR}, the largest factor this tool converts")
     if s == 1:  # onnxruntime copies an axis with scale 1, whatever the coordinate mode
         return InterpolationAxis(1, (1.0,), 0, 0, 0)
     entries = []

@@ -20,7 +20,7 @@ import numpy as np
 from onnx import NodeProto
 
 from onnx_uprewrite.sites import GraphIndex, NotConstant, Refusal, Site, attributes, conv_geometry, conv_weights, text
-from onnx_uprewrite.weights import InterpolationAxis, interpolation_axis, upsample_conv_axis, upsample_conv_weight
+from onnx_uprewrite.weights import MAX_FACTOR, InterpolationAxis, interpolation_axis, upsample_conv_axis, upsample_conv_weight
 
 SOURCE = "resize"
 def _upsampler(node: NodeProto, index: GraphIndex | None) -> NodeProto | None:
@@ -127,6 +127,8 @@ def resize_axes(resize: NodeProto, index: GraphIndex, rank: int) -> tuple[list[I
     spatial = scales[2:]
     if any(s < 1 or s != int(s) for s in spatial):
         raise ValueError(f"scales {spatial} are not positive integers")
+    if any(s > MAX_FACTOR for s in spatial):
+        raise ValueError(f"scales {spatial} exceed {MAX_FACTOR}, the largest factor this tool converts")
     try:
         axes = [interpolation_axis(int(s), mode, ctm, nm) for s in spatial]
     except ValueError as exc:

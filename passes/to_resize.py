@@ -40,13 +40,21 @@ class _ConvPlan:
     why_masked: str
 
 
+#: dilated kernels with more taps than this are not tried for box factoring (which would need the
+#: dense kernel in memory); they take the masked form
+MAX_DENSE_TAPS = 1 << 16
+
+
 def _plan(site: Site) -> _ConvPlan:
     strides = [a.stride for a in site.axes]
-    dense = dilate_kernel(site.weight, [a.dilation for a in site.axes])
-    if site.weight_quant is not None:
+    dense_taps = math.prod(a.effective_kernel for a in site.axes)
+    if dense_taps > MAX_DENSE_TAPS and dense_taps > math.prod(a.kernel for a in site.axes):
+        factor, why = None, f"box factoring not tried: the dilated kernel would have {dense_taps:,} taps"
+    elif site.weight_quant is not None:
         factor, why = None, "integer weights (QDQ): a box-factored kernel would change their values"
     elif np.issubdtype(site.weight.dtype, np.floating):
         eps = float(np.finfo(site.weight.dtype).eps)
+        dense = dilate_kernel(site.weight, [a.dilation for a in site.axes])
         factor, why = factor_box(dense, strides, rtol=4 * eps * max(strides))
     else:
         factor, why = None, f"weight dtype {site.weight.dtype} is not a float type"

@@ -1019,6 +1019,10 @@ def check_convert(model: onnx.ModelProto, opts: dict, output: Path | None = None
     if refusal is not None:
         check_error(refusal)
         assert output is None or not output.exists(), "output written although convert raised"
+        if os.environ.get("FUZZ_LOG_FAILED") and refusal.exit_code == 1:
+            with open(os.environ["FUZZ_LOG_FAILED"], "a") as fh:
+                fh.write(f"{opts} {refusal}\n")
+            Path(os.environ["FUZZ_LOG_FAILED"] + ".onnx").write_bytes(before)
         return f"convert refused: exit {refusal.exit_code} {type(refusal).__name__}"
     report = result.report
     if opts.get("verify", True):

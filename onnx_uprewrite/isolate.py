@@ -1,0 +1,270 @@
+"""Native crashes: onnx's C++ shape inference and onnxruntime kill the process (SIGABRT, SIGFPE) on
+some malformed models instead of raising.  Where the platform can fork, such code runs in a forked
+child, so a crash becomes an :class:`NativeCrash` (exit 2, one line) instead of the caller's death.
+
+* :func:`infer_shapes` runs onnx shape inference in a server process (``_infer_server.py``, started
+  fresh, never forked from this possibly multi-threaded process), which a crash ends instead of
+  this one; the models it sees have no weights, so sending them is cheap.
+* :func:`supervise` runs the whole CLI in a child (cli.main): a crash inside onnxruntime, anywhere,
+  then still ends with ``uprewrite: error: ...`` and exit 2, and the child's temporary output
+  folders (announced through :func:`announce`) are removed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from .errors import InvalidModelError, one_line
+
+#: set to 1 to run everything in-process (debuggers; platforms where fork is unsafe)
+NO_FORK_ENV = "UPREWRITE_NO_FORK"
+_TEMP_FD_ENV = "_UPREWRITE_TEMP_FD"
+_NATIVE_TAIL = 4096  # bytes of the child's native stderr kept for the message
+
+
+class NativeCrash(InvalidModelError):
+    """onnx or onnxruntime crashed (a signal) on the model: malformed in a way they do not check."""
+
+
+def can_fork() -> bool:
+    """Whether the CLI runs in a forked child (supervise); UPREWRITE_NO_FORK=1 also keeps onnx
+    shape inference in this process."""
+    return sys.platform.startswith("linux") and os.environ.get(NO_FORK_ENV) != "1"
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def last_line(text: bytes) -> str:
+    lines = [ln.strip() for ln in text.decode("utf-8", "replace").splitlines() if ln.strip()]
+    return one_line(lines[-1])[:300] if lines else ""
+
+
+def crash_message(what: str, signum: int, native: bytes) -> str:
+    said = last_line(native)
+    return (f"{what} crashed ({signal_name(signum)}{': ' + said if said else ''}); the model is malformed "
+            "in a way onnx/onnxruntime do not check")
+
+
+class _Drain(threading.Thread):
+    """Reads a pipe to its end, keeping everything (``keep=None``) or the last ``keep`` bytes."""
+
+    def __init__(self, fd: int, keep: int | None = None):
+        super().__init__(daemon=True)
+        self.fd, self.keep, self.data = fd, keep, b""
+
+    def run(self):
+        with os.fdopen(self.fd, "rb", buffering=0) as fh:
+            while chunk := fh.read(65536):
+                self.data += chunk
+                if self.keep is not None:
+                    self.data = self.data[-self.keep:]
+
+
+class _InferenceServer:
+    """The ``_infer_server.py`` process: started on first use (onnx import, about 0.2 s), restarted
+    after a crash, reset in forked children (which must not share the parent's pipes)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.proc: subprocess.Popen | None = None
+        self.stderr = None
+
+    def reset(self) -> None:
+        self.proc, self.stderr = None, None
+        self.lock = threading.Lock()
+
+    def _start(self) -> subprocess.Popen:
+        self.stderr = tempfile.TemporaryFile()
+        script = Path(__file__).with_name("_infer_server.py")
+        self.proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr)
+        return self.proc
+
+    def request(self, data: bytes) -> bytes:
+        with self.lock:
+            proc = self.proc if self.proc is not None and self.proc.poll() is None else self._start()
+            try:
+                proc.stdin.write(struct.pack("<Q", len(data)) + data)
+                proc.stdin.flush()
+                head = proc.stdout.read(8)
+            except (BrokenPipeError, OSError):
+                head = b""
+            if len(head) < 8:
+                raise self._died(proc)
+            (size,) = struct.unpack("<Q", head)
+            body = proc.stdout.read(size)
+        if body[:1] == b"\x01":
+            raise ValueError(body[1:].decode("utf-8", "replace"))
+        return body[1:]
+
+    def _died(self, proc: subprocess.Popen) -> NativeCrash:
+        try:
+            code = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        self.stderr.seek(0)
+        native = self.stderr.read()[-_NATIVE_TAIL:]
+        self.reset()
+        if code < 0:
+            return NativeCrash(crash_message("onnx shape inference", -code, native))
+        return NativeCrash(f"onnx shape inference ended its process (exit status {code}: {last_line(native)})")
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+_SERVER = _InferenceServer()
+os.register_at_fork(after_in_child=_SERVER.reset)
+atexit.register(_SERVER.close)
+
+
+def infer_shapes(data: bytes) -> bytes:
+    """onnx shape inference (not strict) of serialized model ``data``, in the server process; a
+    crash there raises :class:`NativeCrash`.  With UPREWRITE_NO_FORK=1: in this process."""
+    if os.environ.get(NO_FORK_ENV) == "1":
+        model = onnx.ModelProto()
+        model.ParseFromString(data)
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False).SerializeToString()
+    return _SERVER.request(data)
+
+
+def announce(kind: str, value: os.PathLike | str) -> None:
+    """Tell a supervising parent (if any) something for its crash message and cleanup: ``temp`` (a
+    temporary folder to remove if this process dies), ``model`` (the file being processed) or
+    ``stage`` (what is running now)."""
+    fd = os.environ.get(_TEMP_FD_ENV)
+    if fd is None:
+        return
+    text = one_line(os.fspath(value)) if kind != "temp" else os.fspath(value)
+    try:
+        os.write(int(fd), f"{kind}\t{text}\n".encode("utf-8", "surrogateescape"))
+    except (OSError, ValueError):
+        pass
+
+
+def announce_temp(path: os.PathLike | str) -> None:
+    announce("temp", path)
+
+
+def supervise(run: Callable[[], int], what: str = "onnx/onnxruntime") -> int:
+    """Run ``run()`` (returning an exit status) in a forked child and return the child's status.
+
+    The parent forwards SIGTERM and SIGINT to the child (which then cleans up and exits 143/130),
+    collects the child's native stderr (passed through when it exits normally) and, when the
+    child is killed by any other signal, prints one ``uprewrite: error:`` line, removes the
+    temporary folders it announced and returns 2."""
+    err_r, err_w = os.pipe()
+    temp_r, temp_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(err_r)
+        os.close(temp_r)
+        os.environ[_TEMP_FD_ENV] = str(temp_w)
+        python_err = os.dup(2)
+        os.dup2(err_w, 2)
+        os.close(err_w)
+        sys.stderr = os.fdopen(python_err, "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",
+                               errors="backslashreplace")
+        _once_per_sigint()
+        status = 1
+        try:
+            result = run()
+            status = result if isinstance(result, int) else 0
+        except SystemExit as exc:
+            status = _exit_status(exc)
+        except BaseException:  # noqa: BLE001 - --debug re-raises: show it as the parent would
+            traceback.print_exc()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:  # noqa: BLE001 - a closed pipe
+                    pass
+            os._exit(status)
+    os.close(err_w)
+    os.close(temp_w)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda s, f: _forward(pid, s))
+    drain_err, drain_temp = _Drain(err_r, 1 << 20), _Drain(temp_r)
+    drain_err.start()
+    drain_temp.start()
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except ChildProcessError:  # reaped elsewhere: treat as a crash we cannot name
+            status = signal.SIGKILL
+            break
+    drain_err.join()
+    drain_temp.join()
+    if os.WIFSIGNALED(status):
+        told: dict[str, list[str]] = {}
+        for line in drain_temp.data.decode("utf-8", "surrogateescape").splitlines():
+            kind, _, value = line.partition("\t")
+            told.setdefault(kind, []).append(value)
+        for folder in told.get("temp", []):
+            shutil.rmtree(folder, ignore_errors=True)
+        signum = os.WTERMSIG(status)
+        model = told["model"][-1] + ": " if "model" in told else ""
+        if "stage" in told:
+            what += f" ({told['stage'][-1]})"
+        sys.stderr.write(f"uprewrite: error: {model}{crash_message(what, signum, drain_err.data)}; "
+                         "nothing was written\n")
+        sys.stderr.flush()
+        return 2
+    if drain_err.data:
+        sys.stderr.buffer.write(drain_err.data)
+        sys.stderr.flush()
+    return os.waitstatus_to_exitcode(status)
+
+
+def _forward(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _once_per_sigint() -> None:
+    """In the child: the first SIGINT raises KeyboardInterrupt, later ones (Ctrl-C reaches the child
+    from the terminal and again forwarded by the parent) are ignored so that cleanup completes."""
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+
+
+def _exit_status(exc: SystemExit) -> int:
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    sys.stderr.write(f"{code}\n")
+    return 1
