@@ -94,6 +94,10 @@ def validate_model(model: onnx.ModelProto, label: str) -> None:
     """Structural checks onnxruntime would also need; not onnx.checker (DESIGN.md §3)."""
     if not model.HasField("graph") or model.ir_version <= 0:
         raise InvalidModelError(f"{label}: not an ONNX model (no graph or no IR version)")
+    domains = ["" if o.domain == "ai.onnx" else o.domain for o in model.opset_import]
+    twice = sorted({d for d in domains if domains.count(d) > 1})
+    if twice:
+        raise InvalidModelError(f"{label}: opset of domain '{twice[0] or 'ai.onnx'}' is imported more than once")
     opset = default_opset(model)
     if opset is None:
         raise InvalidModelError(f"{label}: model imports no default-domain (ai.onnx) opset")

@@ -146,3 +146,10 @@ def test_factors_beyond_the_limit_are_refused_quickly(attr, value):
     info = api.inspect(model)  # no onnxruntime run: the limit alone keeps this bounded
     (site,) = info["sites"]
     assert "over 65536, the largest this tool converts" in site["refused"]
+
+
+def test_an_opset_imported_twice_is_invalid(tmp_path):
+    model = graph_model([helper.make_node("Relu", ["x"], ["y"])], opsets=(("", OPSET), ("ai.onnx", 13)))
+    src = tmp_path / "m.onnx"
+    src.write_bytes(model.SerializeToString())
+    assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "o.onnx"], 2, str(src), "imported more than once")
