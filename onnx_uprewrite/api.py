@@ -19,6 +19,8 @@ from . import __version__, isolate
 from .passes import EMITTERS, PARSERS
 from .budget import check_memory, default_memory_budget, weights_over_budget
 from .budget import time_budget as budget_time
+from .fastest import KEEP
+from .fastest import pick as pick_fastest
 from .errors import ResourceLimit, UprewriteError, UsageError, VerificationFailed, VerificationImpossible, one_line
 from .model_io import check_data_file, has_external_data, load_model, output_files, save_model, validate_model
 from .report import Report, SiteResult
@@ -33,6 +35,8 @@ from .verify import (
 )
 
 FORMS = ("subpixel", "resize", "convtranspose")
+#: what --to accepts: a form, or "fastest" (per site, the fastest exact form measured in onnxruntime)
+TARGETS = FORMS + ("fastest",)
 #: source forms a site can come from (``--from``): the target forms plus Keras-style repeats
 SOURCES = ("convtranspose", "resize", "repeat", "subpixel")
 
@@ -58,6 +62,29 @@ def _open(model, label: str | None = None) -> tuple[onnx.ModelProto, str, tuple[
     isolate.announce("model", path)  # for the message if onnx/onnxruntime crash the process
     loaded, external = load_model(path)
     return loaded, one_line(str(path)), (path, external)
+
+
+def _pick_fastest(model, site, namer, captured, opset, budget, provider, refusals):
+    """``(form, builder, description, Choice)`` of the fastest exact form of ``site`` (fastest.KEEP:
+    leave it), or None when no form is possible (the reasons go to ``refusals``)."""
+    built, why_not = {}, []
+    for form, emitter in sorted(EMITTERS.items()):
+        if form == site.source:
+            continue
+        builder = Builder(namer, site.node)
+        try:
+            built[form] = (builder, emit_site(site, emitter, builder, opset, budget))
+        except (ValueError, OverflowError) as exc:
+            why_not.append(f"{form}: {exc}")
+    if site.input not in captured:
+        refusals.append(Refusal(site.node, site.source, f"{site.source} '{site.node}': its input was not "
+                                "captured in the reference run, so its forms cannot be timed"))
+        return None
+    choice = pick_fastest(model, site, captured, {f: b.emission for f, (b, _) in built.items()}, provider)
+    if choice.form == KEEP:
+        return KEEP, None, None, choice
+    builder, description = built[choice.form]
+    return choice.form, builder, description, choice
 
 
 def _announcing(progress):
@@ -212,6 +239,7 @@ def convert(
     memory_budget: int | None = None,
     time_budget: float | None = None,
     progress=None,
+    provider: str = "CPUExecutionProvider",
 ) -> ConvertResult:
     """Rewrite every upsampling site of ``model`` (path or ModelProto) into form ``to``.
 
@@ -222,13 +250,15 @@ def convert(
     of physical memory) refuses a verification whose estimated memory exceeds it before anything
     runs; ``time_budget`` (seconds) stops verification that runs longer (budget.py).  ``progress``,
     if given, is called as ``progress(stage, done, total)`` as work advances (the CLI's progress
-    line).  Raises
+    line).  ``to="fastest"`` times, per site, the original and every exact form alone on the site's
+    captured input with onnxruntime ``provider`` and keeps the fastest (fastest.py).  Raises
     UsageError, InvalidModelError, VerificationImpossible, ResourceLimit or VerificationFailed
     (with ``.report``).
     """
     t0 = time.perf_counter()
-    if to not in FORMS:
-        raise UsageError(f"--to {to!r}: expected one of {', '.join(FORMS)}")
+    if to not in TARGETS:
+        raise UsageError(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
+    fastest = to == "fastest"
     unknown = sorted(set(sources or ()) - set(SOURCES))
     if unknown:
         raise UsageError(f"--from {', '.join(unknown)}: expected among {', '.join(SOURCES)}")
@@ -250,7 +280,8 @@ def convert(
     deadline = budget_time(time_budget)
     try:
         with deadline:
-            feeds, reference, captured = _measure(model, inputs, shapes, seed, required=verify, budget=budget)
+            feeds, reference, captured = _measure(model, inputs, shapes, seed, required=verify or fastest,
+                                                  budget=budget)
             measured = {k: tuple(v.shape) for k, v in captured.items()}
             second = _second_size(model, feeds, seed, budget) if verify else None
     except (UsageError, VerificationImpossible, ResourceLimit) as exc:
@@ -274,31 +305,43 @@ def convert(
         sites = [s for s in sites if s.source in sources]
         refusals = [r for r in refusals if r.source in sources]
 
-    emitter = EMITTERS[to]
     namer = Namer(model)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     replacements, candidates, terms, done = {}, set(), 0, []
     for i, site in enumerate(sites):
         step("rewriting sites", i, len(sites))
-        if site.source == to:
+        if fastest:
+            step("timing the forms of sites", i, len(sites))
+            picked = _pick_fastest(model, site, namer, captured, opset, budget, provider, refusals)
+            if picked is None:
+                continue
+            target, builder, form, choice = picked
+            if target == KEEP:
+                report.sites.append(SiteResult(node=site.node, source=site.source, target=site.source,
+                                               status="skipped", reason=f"fastest: {choice.why}",
+                                               params=site.params(), timings_ms=choice.medians_ms))
+                continue
+        elif site.source == to:
             report.sites.append(SiteResult(node=site.node, source=site.source, target=to, status="skipped",
                                            reason=f"already in form {to}", params=site.params()))
             continue
-        builder = Builder(namer, site.node)
-        try:
-            form = emit_site(site, emitter, builder, opset, budget)
-        except (ValueError, OverflowError) as exc:  # OverflowError: sizes beyond int64
-            refusals.append(Refusal(site.node, site.source, f"{site.source} '{site.node}': {exc}"))
-            continue
+        else:
+            target, choice, builder = to, None, Builder(namer, site.node)
+            try:
+                form = emit_site(site, EMITTERS[to], builder, opset, budget)
+            except (ValueError, OverflowError) as exc:  # OverflowError: sizes beyond int64
+                refusals.append(Refusal(site.node, site.source, f"{site.source} '{site.node}': {exc}"))
+                continue
         for hook in EMISSION_HOOKS:
             hook(site, builder.emission)
         replacements[site.output] = (site.replaced_outputs, builder.emission)
         candidates.update(site.weight_tensors)
         terms += site.terms_per_output
         result = SiteResult(
-            node=site.node, source=site.source, target=to, status="rewritten", form=form,
-            params=site.params(), macs_before=site.source_macs, macs_after=emitter.macs(site),
-            notes=list(site.notes),
+            node=site.node, source=site.source, target=target, status="rewritten", form=form,
+            params=site.params(), macs_before=site.source_macs, macs_after=EMITTERS[target].macs(site),
+            notes=list(site.notes) + ([f"fastest: {choice.why}"] if choice else []),
+            timings_ms=choice.medians_ms if choice else None,
         )
         report.sites.append(result)
         done.append((site, builder.emission, result))

@@ -72,7 +72,11 @@ def cli() -> None:
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file [default: <stem>.<form>.onnx beside MODEL].")
-@click.option("--to", "to", default="subpixel", show_default=True, type=click.Choice(api.FORMS), help="Target form.")
+@click.option("--to", "to", default="subpixel", show_default=True, type=click.Choice(api.TARGETS),
+              help="Target form; 'fastest': per site, the exact form (or the original) that runs fastest in "
+                   "onnxruntime on the site's real input.")
+@click.option("--provider", default="CPUExecutionProvider", show_default=True,
+              help="onnxruntime execution provider that --to fastest times the forms with.")
 @click.option("--only", multiple=True, metavar="NODE", help="Rewrite only these site nodes (repeatable).")
 @click.option("--from", "sources", multiple=True, type=click.Choice(api.SOURCES),
               help="Rewrite only sites of these source forms (repeatable).")
@@ -87,7 +91,7 @@ def cli() -> None:
 @TIME_BUDGET
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def convert(model, output, to, only, sources, inputs_file, shape, atol, rtol, no_verify, report_file, seed,
+def convert(model, output, to, provider, only, sources, inputs_file, shape, atol, rtol, no_verify, report_file, seed,
             memory_budget, time_budget, quiet, debug):
     """Rewrite every upsampling site of MODEL into the form --to, verify, save."""
     progress = None if quiet else ProgressLine.for_stderr()
@@ -99,7 +103,7 @@ def convert(model, output, to, only, sources, inputs_file, shape, atol, rtol, no
             shapes=parse_shape_option(shape), atol=atol, rtol=rtol, verify=not no_verify, seed=seed,
             also_writes=[report_file] if report_file is not None else [],
             memory_budget=_size(memory_budget), time_budget=time_budget,
-            progress=progress,
+            progress=progress, provider=provider,
         )
     except UprewriteError as exc:
         if progress is not None:

@@ -26,6 +26,7 @@ class SiteResult:
     max_rel_error: float | None = None
     ratio: float | None = None  # max over elements of error / tolerance
     tolerance: str | None = None
+    timings_ms: dict | None = None  # --to fastest: median ms of each candidate form alone ("original" included)
 
 
 @dataclass
@@ -88,6 +89,8 @@ class Report:
             if s.macs_before and s.macs_after:
                 macs = f" (MACs {s.macs_before:,} -> {s.macs_after:,})"
             lines.append(f"  rewritten  {s.node}: {s.form}{macs}")
+            if s.timings_ms:
+                lines.append(f"             timed alone: {_timings(s.timings_ms)}")
             if s.ratio is not None:
                 lines.append(f"             alone on its captured input: max abs error {s.max_abs_error:.3g}, "
                              f"{s.ratio:.3f} of its tolerance")
@@ -96,6 +99,8 @@ class Report:
         for s in self.sites:
             if s.status == "skipped":
                 lines.append(f"  skipped    {s.node}: {s.reason}")
+                if s.timings_ms:
+                    lines.append(f"             timed alone: {_timings(s.timings_ms)}")
         lines.append(f"  ops before: {_census(self.ops_before)}")
         lines.append(f"  ops after:  {_census(self.ops_after)}")
         if self.verified:
@@ -122,6 +127,10 @@ class Report:
 def _finite(x: float) -> float | None:
     """JSON has no infinity: an infinite error (shape mismatch, NaN where the original has none) is null."""
     return x if math.isfinite(x) else None
+
+
+def _timings(ms: dict[str, float]) -> str:
+    return ", ".join(f"{form} {t:.3f} ms" for form, t in sorted(ms.items(), key=lambda kv: kv[1]))
 
 
 def _census(counts: dict[str, int]) -> str:

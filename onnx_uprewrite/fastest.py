@@ -1,0 +1,106 @@
+"""``--to fastest``: per site, time every exact form in onnxruntime on the site's real input and keep
+the fastest; the original form stays unless a candidate is faster by more than the noise margin.
+
+Each candidate runs alone (a model of just that site, site_check.site_model) on the activation
+captured at the site in the reference run, so the shapes are the real ones.  Candidates and the
+original are timed interleaved (A B C A B C ...) in one process with one thread each, and compared
+by their medians: interleaving spreads drifts of the machine over all of them alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .site_check import outer_inputs, site_model
+from .sites import Site
+from .surgery import Emission
+
+#: the form "keep": the site's original nodes
+KEEP = "original"
+#: a candidate replaces the original only when its median is below (1 - NOISE_MARGIN) x the original's
+NOISE_MARGIN = 0.03
+DEFAULT_RUNS = 15
+#: stop timing a site after this many seconds of runs (all candidates together), keeping >= 3 runs each
+SITE_SECONDS = 2.0
+
+
+@dataclass
+class Choice:
+    form: str  # KEEP or a target form
+    medians_ms: dict[str, float]  # every candidate timed (KEEP included)
+    why: str
+
+
+def original_emission(model: onnx.ModelProto, site: Site) -> Emission:
+    """The nodes the rewrite of ``site`` removes, plus the constant producers they read (Constant,
+    DequantizeLinear of a weight, ...), in graph order."""
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    order = {id(n): i for i, n in enumerate(model.graph.node)}
+    chosen = {id(n): n for n in model.graph.node if n.output and n.output[0] in site.replaced_outputs}
+    initializers = {t.name for t in model.graph.initializer}
+    pending = True
+    while pending:
+        pending = False
+        for name in outer_inputs(Emission(nodes=list(chosen.values()))):
+            node = producer.get(name)
+            if name != site.input and name not in initializers and node is not None and id(node) not in chosen:
+                chosen[id(node)] = node
+                pending = True
+    return Emission(nodes=sorted(chosen.values(), key=lambda n: order[id(n)]))
+
+
+def session(model: onnx.ModelProto, provider: str) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=[provider])
+
+
+def time_interleaved(sessions: dict[str, ort.InferenceSession], feeds: dict[str, dict[str, np.ndarray]],
+                     runs: int, seconds: float = SITE_SECONDS) -> dict[str, float]:
+    """Median seconds per candidate, runs interleaved; stops early after ``seconds`` (>= 3 runs)."""
+    for name, s in sessions.items():  # warm-up: allocations, kernel selection
+        s.run(None, feeds[name])
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    start = time.perf_counter()
+    for i in range(runs):
+        for name, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, feeds[name])
+            times[name].append(time.perf_counter() - t)
+        if i >= 2 and time.perf_counter() - start > seconds:
+            break
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def choose(medians: dict[str, float], margin: float = NOISE_MARGIN) -> tuple[str, str]:
+    """``(form, why)``: the fastest candidate if it beats the original by more than ``margin``."""
+    base = medians[KEEP]
+    best = min(medians, key=medians.get)
+    if best == KEEP:
+        return KEEP, "the original form is the fastest"
+    if medians[best] >= base * (1 - margin):
+        return KEEP, (f"{best} is {medians[best] / base:.3f}x the original, within the {margin:.0%} noise "
+                      "margin: kept")
+    return best, f"{best} is {medians[best] / base:.3f}x the original"
+
+
+def pick(model: onnx.ModelProto, site: Site, captured: dict[str, np.ndarray], emissions: dict[str, Emission],
+         provider: str, runs: int = DEFAULT_RUNS) -> Choice:
+    """Time the original and every emission of ``site`` on the activations ``captured`` at the site."""
+    candidates = {KEEP: original_emission(model, site), **emissions}
+    sessions, feeds = {}, {}
+    for form, emission in candidates.items():
+        values = {n: captured[n] for n in outer_inputs(emission) if n in captured}
+        sessions[form] = session(site_model(model, emission, values, site.output), provider)
+        feeds[form] = values
+    medians = time_interleaved(sessions, feeds, runs)
+    form, why = choose(medians)
+    return Choice(form, {k: v * 1e3 for k, v in medians.items()}, why)
