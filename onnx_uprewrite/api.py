@@ -14,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime
+from onnx import numpy_helper
 
 from . import __version__, isolate
 from .passes import EMITTERS, PARSERS
 from .budget import check_memory, default_memory_budget, weights_over_budget
 from .budget import time_budget as budget_time
-from .fastest import KEEP
+from .fastest import KEEP, original_emission
 from .fastest import pick as pick_fastest
+from .profile import Profile, check_model, load_profile, model_constants, node_problems
 from .errors import ResourceLimit, UprewriteError, UsageError, VerificationFailed, VerificationImpossible, one_line
 from .model_io import check_data_file, has_external_data, load_model, output_files, save_model, validate_model
 from .report import Report, SiteResult
@@ -62,6 +64,47 @@ def _open(model, label: str | None = None) -> tuple[onnx.ModelProto, str, tuple[
     isolate.announce("model", path)  # for the message if onnx/onnxruntime crash the process
     loaded, external = load_model(path)
     return loaded, one_line(str(path)), (path, external)
+
+
+#: candidate emitters under a profile: each form, and the sub-pixel one also with DepthToSpace DCR
+def _profile_candidates():
+    return [(form, e) for form, e in sorted(EMITTERS.items())] + [("subpixel", EMITTERS["subpixel"].DCR)]
+
+
+def _pick_for_profile(model, site, namer, prof, shapes, opset, budget, refusals):
+    """``(form, builder, description, why)``: fastest.KEEP when the target runs the site as it is,
+    else the exact form with the fewest MACs (then nodes, then the source's own form) whose every node
+    the target runs; None
+    (a refusal with each form's reason) when there is none."""
+    original = original_emission(model, site)
+    names = {i for n in original.nodes for i in n.input}
+    constants = model_constants(model, names)
+    problems = [p for n in original.nodes for p in node_problems(n, prof, constants, shapes)]
+    if not problems:
+        return KEEP, None, None, f"{prof.name} runs it as it is"
+    ok, why_not = [], [f"original: {problems[0]}"]
+    for form, emitter in _profile_candidates():
+        builder = Builder(namer, site.node)
+        try:
+            description = emit_site(site, emitter, builder, opset, budget)
+        except (ValueError, OverflowError) as exc:
+            why_not.append(f"{form}: {exc}")
+            continue
+        emission = builder.emission
+        local = {t.name: numpy_helper.to_array(t) for t in emission.initializers}
+        local.update(model_constants(model, {i for n in emission.nodes for i in n.input} - set(local)))
+        bad = [p for n in emission.nodes for p in node_problems(n, prof, local, shapes)]
+        if bad:
+            why_not.append(f"{form}: {bad[0]}")
+            continue
+        ok.append((emitter.macs(site) or 0, len(emission.nodes), form != site.source, form, builder, description))
+    if not ok:
+        refusals.append(Refusal(site.node, site.source, f"{site.source} '{site.node}': no exact form that "
+                                f"{prof.name} runs ({'; '.join(why_not)})"))
+        return None
+    macs, _, _, form, builder, description = min(ok, key=lambda c: c[:3])  # ties: the source's own form
+    return form, builder, description, f"{prof.name} cannot run the original ({problems[0]}); {form} is the " \
+        f"cheapest form it runs ({macs:,} MACs)"
 
 
 def _pick_fastest(model, site, namer, captured, opset, budget, provider, refusals):
@@ -240,6 +283,7 @@ def convert(
     time_budget: float | None = None,
     progress=None,
     provider: str = "CPUExecutionProvider",
+    profile=None,
 ) -> ConvertResult:
     """Rewrite every upsampling site of ``model`` (path or ModelProto) into form ``to``.
 
@@ -251,7 +295,9 @@ def convert(
     runs; ``time_budget`` (seconds) stops verification that runs longer (budget.py).  ``progress``,
     if given, is called as ``progress(stage, done, total)`` as work advances (the CLI's progress
     line).  ``to="fastest"`` times, per site, the original and every exact form alone on the site's
-    captured input with onnxruntime ``provider`` and keeps the fastest (fastest.py).  Raises
+    captured input with onnxruntime ``provider`` and keeps the fastest (fastest.py).  ``profile`` (a
+    name, a file or a ``profile.Profile``; ``to`` is then ignored) rewrites only the sites the target
+    cannot run, each into the cheapest exact form it can run, and checks the result (profile.py).  Raises
     UsageError, InvalidModelError, VerificationImpossible, ResourceLimit or VerificationFailed
     (with ``.report``).
     """
@@ -259,6 +305,10 @@ def convert(
     if to not in TARGETS:
         raise UsageError(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
     fastest = to == "fastest"
+    prof = None
+    if profile is not None:
+        prof = profile if isinstance(profile, Profile) else load_profile(profile)
+        to, fastest = f"profile {prof.name}", False
     unknown = sorted(set(sources or ()) - set(SOURCES))
     if unknown:
         raise UsageError(f"--from {', '.join(unknown)}: expected among {', '.join(SOURCES)}")
@@ -310,7 +360,17 @@ def convert(
     replacements, candidates, terms, done = {}, set(), 0, []
     for i, site in enumerate(sites):
         step("rewriting sites", i, len(sites))
-        if fastest:
+        if prof is not None:
+            picked = _pick_for_profile(model, site, namer, prof, measured, opset, budget, refusals)
+            if picked is None:
+                continue
+            target, builder, form, why = picked
+            if target == KEEP:
+                report.sites.append(SiteResult(node=site.node, source=site.source, target=site.source,
+                                               status="skipped", reason=why, params=site.params()))
+                continue
+            choice = None
+        elif fastest:
             step("timing the forms of sites", i, len(sites))
             picked = _pick_fastest(model, site, namer, captured, opset, budget, provider, refusals)
             if picked is None:
@@ -340,7 +400,8 @@ def convert(
         result = SiteResult(
             node=site.node, source=site.source, target=target, status="rewritten", form=form,
             params=site.params(), macs_before=site.source_macs, macs_after=EMITTERS[target].macs(site),
-            notes=list(site.notes) + ([f"fastest: {choice.why}"] if choice else []),
+            notes=list(site.notes) + ([f"fastest: {choice.why}"] if choice else [])
+            + ([why] if prof is not None else []),
             timings_ms=choice.medians_ms if choice else None,
         )
         report.sites.append(result)
@@ -365,6 +426,9 @@ def convert(
     splice(model, replacements)
     drop_unused(model, candidates)
     report.ops_after = op_census(model)
+    if prof is not None:
+        report.profile = prof.name
+        report.profile_violations = [str(v) for v in check_model(model, prof, measured)]
     timings["splice_s"] = time.perf_counter() - t
 
     if verify and not done:

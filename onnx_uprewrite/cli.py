@@ -19,6 +19,8 @@ import numpy as np
 from . import api, isolate
 from .budget import parse_size
 from .errors import UprewriteError, UsageError
+from .profile import check_model, load_profile
+from .sites import infer_static_shapes
 from .report import _finite
 from .verify import parse_shape_option
 
@@ -75,6 +77,10 @@ def cli() -> None:
 @click.option("--to", "to", default="subpixel", show_default=True, type=click.Choice(api.TARGETS),
               help="Target form; 'fastest': per site, the exact form (or the original) that runs fastest in "
                    "onnxruntime on the site's real input.")
+@click.option("--profile", "profile", metavar="NAME|FILE",
+              help="Target accelerator: rewrite only the sites it cannot run, each into the cheapest exact form "
+                   "it runs, and check the result (built-in: tidl, ethos-u, rknn, kl520, kl720, ax650, vitis-dpu, "
+                   "dla, cv18xx; or a JSON/TOML file).")
 @click.option("--provider", default="CPUExecutionProvider", show_default=True,
               help="onnxruntime execution provider that --to fastest times the forms with.")
 @click.option("--only", multiple=True, metavar="NODE", help="Rewrite only these site nodes (repeatable).")
@@ -91,19 +97,20 @@ def cli() -> None:
 @TIME_BUDGET
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def convert(model, output, to, provider, only, sources, inputs_file, shape, atol, rtol, no_verify, report_file, seed,
+def convert(model, output, to, profile, provider, only, sources, inputs_file, shape, atol, rtol, no_verify, report_file, seed,
             memory_budget, time_budget, quiet, debug):
     """Rewrite every upsampling site of MODEL into the form --to, verify, save."""
     progress = None if quiet else ProgressLine.for_stderr()
     try:
         if output is None:
-            output = model.with_name(f"{model.name[:-5] if model.name.endswith('.onnx') else model.name}.{to}.onnx")
+            suffix = Path(profile).stem if profile else to
+            output = model.with_name(f"{model.name[:-5] if model.name.endswith('.onnx') else model.name}.{suffix}.onnx")
         result = api.convert(
             model, to=to, output=output, only=list(only) or None, sources=list(sources) or None, inputs=_load_npz(inputs_file),
             shapes=parse_shape_option(shape), atol=atol, rtol=rtol, verify=not no_verify, seed=seed,
             also_writes=[report_file] if report_file is not None else [],
             memory_budget=_size(memory_budget), time_budget=time_budget,
-            progress=progress, provider=provider,
+            progress=progress, provider=provider, profile=profile,
         )
     except UprewriteError as exc:
         if progress is not None:
@@ -119,7 +126,7 @@ def convert(model, output, to, provider, only, sources, inputs_file, shape, atol
         _write_report(report_file, report.to_json())
     if not quiet:
         click.echo(report.summary())
-    sys.exit(EXIT_PARTIAL if report.refused else EXIT_OK)
+    sys.exit(EXIT_PARTIAL if report.refused or report.profile_violations else EXIT_OK)
 
 
 class ProgressLine:
@@ -244,6 +251,32 @@ def verify(a, b, inputs_file, shape, atol, rtol, seed, as_json, memory_budget, t
         click.echo(f"output '{c.name}': max abs error {c.max_abs_error:.3g}, tolerance {c.tolerance:.3g}: {verdict}")
     click.echo(f"tolerance: {tol.derivation}")
     sys.exit(EXIT_OK if all(c.ok for c in checks) else EXIT_VERIFY_FAILED)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("--profile", "profile", required=True, metavar="NAME|FILE", help="Built-in profile name or file.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def check(model, profile, as_json, debug):
+    """Check that the target of --profile runs every upsampling node of MODEL (exit 1 when not)."""
+    try:
+        prof = load_profile(profile)
+        loaded, label, _ = api._open(model)
+        violations = check_model(loaded, prof, infer_static_shapes(loaded))
+    except UprewriteError as exc:
+        _fail(exc, debug)
+        return
+    if as_json:
+        click.echo(json.dumps({"model": label, "profile": prof.name, "ok": not violations,
+                               "violations": [{"node": v.node, "op": v.op, "reason": v.reason} for v in violations]},
+                              indent=2))
+    elif violations:
+        for v in violations:
+            click.echo(f"{label}: {prof.name} cannot run {v}")
+    else:
+        click.echo(f"{label}: {prof.name} runs every upsampling node")
+    sys.exit(EXIT_VERIFY_FAILED if violations else EXIT_OK)
 
 
 class _Terminated(BaseException):

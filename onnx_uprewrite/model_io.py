@@ -198,16 +198,37 @@ def check_resize_ranks(model: onnx.ModelProto, typed: dict) -> None:
 
 
 def _check_acyclic(graph: onnx.GraphProto, available: set[str], label: str) -> None:
-    ready = set(available)
-    pending = list(graph.node)
-    while pending:
-        rest = [n for n in pending if not all(i in ready for i in n.input if i)]
-        if len(rest) == len(pending):
-            raise InvalidModelError(f"{label}: graph has a cycle through node '{rest[0].name}' ({rest[0].op_type})")
-        for n in pending:
-            if n not in rest:
-                ready.update(n.output)
-        pending = rest
+    """Kahn's algorithm over tensor dependencies: linear in nodes + edges."""
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    waiting = [0] * len(graph.node)
+    readers: dict[int, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in {x for x in node.input if x and x not in available and x in producer}:
+            waiting[i] += 1
+            readers.setdefault(producer[name], []).append(i)
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    done = 0
+    while ready:
+        i = ready.pop()
+        done += 1
+        for j in readers.get(i, ()):
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                ready.append(j)
+    if done < len(graph.node):
+        stuck = graph.node[next(i for i, w in enumerate(waiting) if w)]
+        raise InvalidModelError(f"{label}: graph has a cycle through node '{stuck.name}' ({stuck.op_type})")
+
+
+def _likely_over_inline_limit(model: onnx.ModelProto) -> bool:
+    """Whether the model may not serialize inline (protobuf's 2 GiB): its weights' bytes from their
+    shapes (cheap), and ByteSize only near the limit."""
+    from .budget import weight_bytes
+
+    weights = weight_bytes(model)
+    if weights > INLINE_LIMIT:
+        return True
+    return weights > INLINE_LIMIT // 2 and model.ByteSize() > INLINE_LIMIT
 
 
 def output_files(path: Path, external: bool) -> list[Path]:
@@ -240,7 +261,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool =
         raise UsageError(f"{path}: output folder {parent} does not exist")
     if path.is_dir():
         raise UsageError(f"{path}: output is a directory; give a file name")
-    external = external or model.ByteSize() > INLINE_LIMIT
+    external = external or _likely_over_inline_limit(model)
     if external:
         check_data_file(path)
     tmp = Path(tempfile.mkdtemp(prefix=".uprewrite-", dir=parent))

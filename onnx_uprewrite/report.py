@@ -36,6 +36,8 @@ class Report:
     sites: list[SiteResult] = field(default_factory=list)
     verified: bool = False
     verification: str = "not run"
+    profile: str | None = None  # --profile: the target's name
+    profile_violations: list[str] = field(default_factory=list)  # upsampling nodes it still cannot run
     tolerance: str | None = None
     outputs: list[OutputCheck] = field(default_factory=list)
     # models with symbolic input dims are also checked at a second size (every symbolic dim doubled)
@@ -101,6 +103,13 @@ class Report:
                 lines.append(f"  skipped    {s.node}: {s.reason}")
                 if s.timings_ms:
                     lines.append(f"             timed alone: {_timings(s.timings_ms)}")
+        if self.profile is not None:
+            if self.profile_violations:
+                for v in self.profile_violations:
+                    lines.append(f"  profile    {self.profile} cannot run {v}")
+            else:
+                lines.append(f"  profile    {self.profile} runs every upsampling node (ConvTranspose, Resize, "
+                             "Upsample, DepthToSpace and the Conv of each pair)")
         lines.append(f"  ops before: {_census(self.ops_before)}")
         lines.append(f"  ops after:  {_census(self.ops_after)}")
         if self.verified:

@@ -12,19 +12,16 @@ crop gives errors of the order of the output itself, far above this.
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
+from onnx import helper, numpy_helper
 
-from .budget import run_session
+from .budget import run_session, tensor_bytes
 from .errors import UprewriteError, UsageError, VerificationImpossible
-from .model_io import INLINE_LIMIT
 
 ort.set_default_logger_severity(4)  # onnxruntime's own error lines would bypass our one-line messages
 
@@ -88,20 +85,58 @@ def derive_tolerance(dtype: np.dtype, terms: int, atol: float | None, rtol: floa
                      derivation=text)
 
 
+#: initializers at least this big reach onnxruntime as OrtValues (add_external_initializers), not
+#: serialized into the model bytes: no 2 GiB protobuf limit, no copy of every weight into bytes
+EXTERNAL_MIN_BYTES = 1 << 20
+_ORTVALUE_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+                   onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+                   onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
+
+
+def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[np.ndarray]]:
+    """``model`` without the data of its big initializers (declared external, at a location that is
+    never read) + their names and values, for ``add_external_initializers``."""
+    skeleton = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(skeleton, field, getattr(model, field))
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    src, g = model.graph, skeleton.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    g.sparse_initializer.extend(src.sparse_initializer)
+    names, values = [], []
+    for t in src.initializer:
+        size = tensor_bytes(t.data_type, list(t.dims))
+        if (t.data_type not in _ORTVALUE_TYPES or size is None or size < EXTERNAL_MIN_BYTES
+                or t.data_location == onnx.TensorProto.EXTERNAL):
+            g.initializer.append(t)
+            continue
+        ref = g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims,
+                                data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", "uprewrite-never-read.bin"), ("offset", "0"), ("length", str(size))):
+            ref.external_data.add(key=key, value=value)
+        names.append(t.name)
+        values.append(np.ascontiguousarray(numpy_helper.to_array(t)))
+    return skeleton, names, values
+
+
 def session(model: onnx.ModelProto | bytes) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     opts.log_severity_level = 4
-    if isinstance(model, onnx.ModelProto) and model.ByteSize() > INLINE_LIMIT:
-        with tempfile.TemporaryDirectory(prefix="uprewrite-verify-") as tmp:
-            path = os.path.join(tmp, "model.onnx")
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)  # saving with external data rewrites the proto it is given
-            onnx.save_model(copy, path, save_as_external_data=True, location="model.data")
-            del copy
-            return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    if isinstance(model, bytes):
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    skeleton, names, values = split_weights(model)
+    keep = [ort.OrtValue.ortvalue_from_numpy(v) for v in values]
+    if names:
+        opts.add_external_initializers(names, keep)
+    sess = ort.InferenceSession(skeleton.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess._uprewrite_weights = (values, keep)  # onnxruntime reads them for the session's lifetime
+    return sess
 
 
 def feed_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

@@ -24,8 +24,18 @@ from onnx_uprewrite.weights import plan_subpixel_axis, subpixel_bias, subpixel_w
 FORM = "subpixel"
 
 
-def emit(site: Site, b: Builder, opset: int) -> str:
-    """Append the sub-pixel form of ``site`` to ``b``; returns a one-line description of it."""
+def _to_dcr(values: np.ndarray, channels: int, n_phase: int) -> np.ndarray:
+    """Conv output channels in CRD order (``c*S + p``) -> DCR order (``p*C + c``), along axis 0."""
+    return values.reshape(channels, n_phase, *values.shape[1:]).swapaxes(0, 1).reshape(values.shape)
+
+
+def emit(site: Site, b: Builder, opset: int, layout: str = "CRD") -> str:
+    """Append the sub-pixel form of ``site`` to ``b``; returns a one-line description of it.
+
+    ``layout`` is the DepthToSpace mode: CRD (PyTorch's PixelShuffle order) or DCR (TensorFlow's
+    depth_to_space, the only one some compilers take): the Conv's output channels are permuted to
+    match, so both are exact.  DCR needs 2-D square strides and group 1 (a grouped Conv keeps each
+    group's channels together, which DCR's phase-major order splits)."""
     if opset < 7:
         raise ValueError(f"opset {opset} < 7 is not supported for emission")
     plans = tuple(plan_subpixel_axis(a) for a in site.axes)
@@ -33,13 +43,22 @@ def emit(site: Site, b: Builder, opset: int) -> str:
     n_phase = math.prod(strides)
     rank = site.rank
     c_out = site.out_channels
+    dcr = layout == "DCR" and n_phase > 1
+    if dcr and not (rank == 2 and strides[0] == strides[1] and opset >= 11):
+        raise ValueError(f"DepthToSpace DCR needs 2-D square strides and opset >= 11 (strides {list(strides)}, "
+                         f"opset {opset})")
+    if dcr and site.group != 1:
+        raise ValueError(f"DepthToSpace DCR cannot follow a grouped Conv (group {site.group}): DCR's phase-major "
+                         "channel order mixes the groups")
+    order = (lambda v: _to_dcr(v, c_out, n_phase)) if dcr else (lambda v: v)
     weight = b.weight("weight", site.weight, site.weight_quant,
-                      lambda w: subpixel_weight(w, site.group, plans), 0, opset)
+                      lambda w: order(subpixel_weight(w, site.group, plans)), 0, opset)
     inputs = [site.input, weight]
     if site.phase_bias is not None:  # [C, s...] by phase: already CRD order when flattened
-        inputs.append(b.constant("bias", site.phase_bias.reshape(-1)))
+        inputs.append(b.constant("bias", order(site.phase_bias.reshape(-1))))
     elif site.bias is not None:
-        inputs.append(b.weight("bias", site.bias, site.bias_quant, lambda v: subpixel_bias(v, n_phase), 0, opset))
+        inputs.append(b.weight("bias", site.bias, site.bias_quant, lambda v: order(subpixel_bias(v, n_phase)), 0,
+                               opset))
     crop = any(p.crop_start or p.crop_drop_end for p in plans)
     steps_after_conv = (n_phase > 1) + crop
     y = b.node(
@@ -60,8 +79,9 @@ def emit(site: Site, b: Builder, opset: int) -> str:
     if n_phase > 1:
         last = site.output if not crop else None
         if rank == 2 and strides[0] == strides[1] and opset >= 11:
-            y = b.node("DepthToSpace", [y], "depth_to_space", output=last, blocksize=strides[0], mode="CRD")
-            parts.append(f"DepthToSpace({strides[0]}, CRD)")
+            mode = "DCR" if dcr else "CRD"
+            y = b.node("DepthToSpace", [y], "depth_to_space", output=last, blocksize=strides[0], mode=mode)
+            parts.append(f"DepthToSpace({strides[0]}, {mode})")
         else:
             q = [None if n is None else n + p.conv_extra for n, p in zip(site.input_lengths, plans)]
             y = _shuffle(b, y, c_out, strides, q, last)
@@ -102,6 +122,30 @@ def _crop(b: Builder, y: str, plans, output: str, opset: int) -> str:
     starts = [plans[a - 2].crop_start for a in axes]
     ends = [-plans[a - 2].crop_drop_end or None for a in axes]
     return b.slice(y, starts, ends, axes, opset, output=output)
+
+
+class Layout:
+    """The sub-pixel emitter with DepthToSpace in ``mode`` (an emitter like the modules in EMITTERS)."""
+
+    FORM = FORM
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def emit(self, site: Site, b: Builder, opset: int) -> str:
+        return emit(site, b, opset, layout=self.mode)
+
+    @staticmethod
+    def macs(site: Site) -> int | None:
+        return macs(site)
+
+    @staticmethod
+    def weight_count(site: Site) -> int:
+        return weight_count(site)
+
+
+#: the sub-pixel form with DepthToSpace DCR (for targets that run only DCR)
+DCR = Layout("DCR")
 
 
 def weight_count(site: Site) -> int:

@@ -1,0 +1,308 @@
+"""Accelerator profiles: what a target runs of ConvTranspose / Resize / DepthToSpace / Conv, and the
+checker that says which nodes of a model it cannot run.
+
+A profile is JSON (or TOML on Python >= 3.11): built-in ones live in ``onnx_uprewrite/profiles/``
+with the vendor documentation they come from (``SOURCES.md``); ``--profile FILE`` reads a user's.
+Schema (every key but ``name`` optional; an op absent from ``ops`` is run without limits)::
+
+    {"name": "mytarget", "title": "...", "sources": [{"url": "...", "quote": "...", "supports": "..."}],
+     "ops": {
+       "ConvTranspose": {"supported": true, "strides": [2], "square_stride": true, "kernels": [2, 4],
+                         "max_kernel": 31, "max_pad": 15, "dilation": false, "output_padding": false,
+                         "output_shape": false, "groups": "1" | "depthwise" | "1_or_depthwise" | "any"},
+       "Resize": {"supported": true, "modes": ["nearest", "linear"], "scales": [2, 4], "max_scale": 8},
+       "DepthToSpace": {"supported": true, "modes": ["DCR"], "blocksizes": [2, 4, 8]},
+       "Conv": {"supported": true, "max_kernel": 7, "strides": [1, 2], "dilation": true, "groups": "any"}},
+     "notes": ["..."]}
+
+Lists are the allowed per-axis values (null or absent: any); ``max_*`` are inclusive bounds;
+``dilation`` / ``output_padding`` / ``output_shape`` false forbid a non-default value.  Resize
+covers Upsample too; ``scales`` are the spatial factors (integers).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import UsageError
+
+BUILTIN_DIR = Path(__file__).with_name("profiles")
+CHECKED_OPS = ("ConvTranspose", "Resize", "Upsample", "DepthToSpace")
+
+_OP_KEYS = {
+    "ConvTranspose": {"supported", "strides", "square_stride", "kernels", "max_kernel", "max_pad", "dilation",
+                      "output_padding", "output_shape", "groups"},
+    "Resize": {"supported", "modes", "scales", "max_scale"},
+    "DepthToSpace": {"supported", "modes", "blocksizes"},
+    "Conv": {"supported", "max_kernel", "strides", "kernels", "max_pad", "dilation", "groups"},
+}
+_GROUPS = ("1", "depthwise", "1_or_depthwise", "any")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    title: str = ""
+    ops: dict = field(default_factory=dict)
+    path: str = ""
+
+    def limits(self, op: str) -> dict | None:
+        return self.ops.get("Resize" if op == "Upsample" else op)
+
+
+@dataclass(frozen=True)
+class Violation:
+    node: str
+    op: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.op} '{self.node}': {self.reason}"
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.json"))
+
+
+def load_profile(spec: str | Path) -> Profile:
+    """A built-in profile by name, or a JSON/TOML file; UsageError says what is wrong with it."""
+    path = Path(spec)
+    if not path.suffix and (BUILTIN_DIR / f"{spec}.json").is_file():
+        path = BUILTIN_DIR / f"{spec}.json"
+    if not path.is_file():
+        raise UsageError(f"--profile {spec}: no such file and no built-in profile of that name "
+                         f"(built-in: {', '.join(builtin_names())})")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".toml":
+            if sys.version_info < (3, 11):
+                raise UsageError(f"--profile {path}: TOML needs Python >= 3.11 (tomllib); use JSON")
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parse problem is the user's file
+        raise UsageError(f"--profile {path}: cannot read: {type(exc).__name__}: {exc}") from None
+    return parse_profile(data, str(path))
+
+
+def parse_profile(data, where: str = "profile") -> Profile:
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        raise UsageError(f"--profile {where}: expected an object with a string 'name'")
+    unknown = set(data) - {"name", "title", "sources", "ops", "notes"}
+    if unknown:
+        raise UsageError(f"--profile {where}: unknown key(s) {', '.join(sorted(unknown))}")
+    ops = data.get("ops", {})
+    if not isinstance(ops, dict):
+        raise UsageError(f"--profile {where}: 'ops' must be an object")
+    for op, limits in ops.items():
+        if op not in _OP_KEYS:
+            raise UsageError(f"--profile {where}: op '{op}' is not one of {', '.join(_OP_KEYS)}")
+        if not isinstance(limits, dict):
+            raise UsageError(f"--profile {where}: ops.{op} must be an object")
+        bad = set(limits) - _OP_KEYS[op]
+        if bad:
+            raise UsageError(f"--profile {where}: ops.{op}: unknown key(s) {', '.join(sorted(bad))}")
+        for key, value in limits.items():
+            _check_value(where, op, key, value)
+    return Profile(name=data["name"], title=str(data.get("title", "")), ops=ops, path=where)
+
+
+def _check_value(where, op, key, value):
+    def fail(expected):
+        raise UsageError(f"--profile {where}: ops.{op}.{key} = {value!r}: expected {expected}")
+
+    if value is None:
+        return
+    if key in ("supported", "square_stride", "dilation", "output_padding", "output_shape"):
+        if not isinstance(value, bool):
+            fail("true or false")
+    elif key in ("strides", "kernels", "scales", "blocksizes"):
+        if not (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                for v in value)):
+            fail("a list of positive integers or null")
+    elif key in ("max_kernel", "max_pad", "max_scale"):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            fail("a non-negative integer or null")
+    elif key == "modes":
+        allowed = {"Resize": {"nearest", "linear", "cubic"}, "DepthToSpace": {"DCR", "CRD"}}[op]
+        if not (isinstance(value, list) and set(value) <= allowed):
+            fail(f"a list among {sorted(allowed)}")
+    elif key == "groups" and value not in _GROUPS:
+        fail(" / ".join(_GROUPS))
+
+
+# ---------------------------------------------------------------------------------------------
+# the checker
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _text(v):
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def node_problems(node: onnx.NodeProto, profile: Profile, constants: dict[str, np.ndarray],
+                  shapes: dict[str, tuple] | None = None) -> list[str]:
+    """Why ``profile``'s target cannot run ``node`` (empty: it can).  ``constants`` holds the values
+    of constant inputs (weights, Resize scales); ``shapes`` known tensor shapes."""
+    limits = profile.limits(node.op_type)
+    if limits is None or node.domain not in ("", "ai.onnx"):
+        return []
+    if limits.get("supported") is False:
+        return [f"{profile.name} does not run {node.op_type}"]
+    a = _attrs(node)
+    check = {"ConvTranspose": _conv_problems, "Conv": _conv_problems, "Resize": _resize_problems,
+             "Upsample": _resize_problems, "DepthToSpace": _d2s_problems}.get(node.op_type)
+    return check(node, a, limits, constants, shapes or {}) if check else []
+
+
+def _allowed(what, values, allowed):
+    if allowed is None:
+        return None
+    bad = [v for v in values if v not in allowed]
+    return f"{what} {list(values)} not among {allowed}" if bad else None
+
+
+def _conv_problems(node, a, limits, constants, shapes):
+    out = []
+    w = constants.get(node.input[1]) if len(node.input) > 1 else None
+    kernel = a.get("kernel_shape") or (list(w.shape[2:]) if w is not None else None)
+    rank = len(kernel) if kernel else (len(w.shape) - 2 if w is not None else None)
+    strides = a.get("strides") or ([1] * rank if rank else [])
+    for why in (_allowed("strides", strides, limits.get("strides")),
+                _allowed("kernel", kernel or [], limits.get("kernels"))):
+        if why:
+            out.append(why)
+    if limits.get("square_stride") and len(set(strides)) > 1:
+        out.append(f"strides {list(strides)} are not square")
+    if limits.get("max_kernel") is not None and kernel and max(kernel) > limits["max_kernel"]:
+        out.append(f"kernel {list(kernel)} over {limits['max_kernel']}")
+    pads = a.get("pads") or []
+    if limits.get("max_pad") is not None and pads and max(pads) > limits["max_pad"]:
+        out.append(f"pads {list(pads)} over {limits['max_pad']}")
+    if _text(a.get("auto_pad", "NOTSET")) not in ("NOTSET", "VALID") and limits.get("max_pad") is not None:
+        out.append(f"auto_pad {_text(a['auto_pad'])} (pads not checked against {limits['max_pad']})")
+    if limits.get("dilation") is False and any(d != 1 for d in a.get("dilations") or []):
+        out.append(f"dilations {list(a['dilations'])}")
+    if limits.get("output_padding") is False and any(p for p in a.get("output_padding") or []):
+        out.append(f"output_padding {list(a['output_padding'])}")
+    if limits.get("output_shape") is False and "output_shape" in a:
+        out.append("the output_shape attribute")
+    group = a.get("group", 1)
+    rule = limits.get("groups") or "any"
+    if rule != "any" and group != 1:
+        channels = None
+        if w is not None:  # depthwise: one input and one output channel per group
+            cin = w.shape[0] if node.op_type == "ConvTranspose" else w.shape[1] * group
+            per_out = w.shape[1] if node.op_type == "ConvTranspose" else w.shape[0] // group
+            channels = (cin, per_out)
+        depthwise = channels is not None and group == channels[0] and channels[1] == 1
+        if rule == "1" or not depthwise:
+            out.append(f"group {group}" + (" (not depthwise)" if rule != "1" else ""))
+    return out
+
+
+def _resize_problems(node, a, limits, constants, shapes):
+    out = []
+    mode = _text(a.get("mode", "nearest"))
+    if limits.get("modes") is not None and mode not in limits["modes"]:
+        out.append(f"mode {mode} not among {limits['modes']}")
+    scales = _resize_scales(node, a, constants, shapes)
+    if scales is None:
+        if limits.get("scales") is not None or limits.get("max_scale") is not None:
+            out.append("its scales are not constant, so they cannot be checked")
+        return out
+    spatial = scales[2:]
+    if limits.get("scales") is not None and any(s != int(s) or int(s) not in limits["scales"] for s in spatial):
+        out.append(f"scales {[float(s) for s in spatial]} not among {limits['scales']}")
+    if limits.get("max_scale") is not None and any(s > limits["max_scale"] for s in spatial):
+        out.append(f"scales {[float(s) for s in spatial]} over {limits['max_scale']}")
+    return out
+
+
+def _resize_scales(node, a, constants, shapes):
+    if node.op_type == "Upsample" and "scales" in a:
+        return [float(s) for s in a["scales"]]
+    names = list(node.input)
+    scales_name = names[1] if node.op_type == "Upsample" else (names[2] if len(names) > 2 else "")
+    sizes_name = names[3] if node.op_type == "Resize" and len(names) > 3 else ""
+    if scales_name and scales_name in constants and constants[scales_name].size:
+        values = [float(s) for s in constants[scales_name].reshape(-1)]
+    elif sizes_name and sizes_name in constants and node.input[0] in shapes:
+        in_shape = shapes[node.input[0]]
+        sizes = constants[sizes_name].reshape(-1)
+        if any(d is None or d == 0 for d in in_shape) or len(sizes) != len(in_shape):
+            return None
+        values = [float(o) / float(i) for o, i in zip(sizes, in_shape)]
+    else:
+        return None
+    if "axes" in a:  # opset 18: scales for these axes only
+        rank = len(shapes.get(node.input[0], ())) or max(a["axes"]) + 1
+        full = [1.0] * rank
+        for ax, s in zip(a["axes"], values):
+            full[ax % rank] = s
+        values = full
+    return values
+
+
+def _d2s_problems(node, a, limits, constants, shapes):
+    out = []
+    mode = _text(a.get("mode", "DCR"))
+    if limits.get("modes") is not None and mode not in limits["modes"]:
+        out.append(f"mode {mode} not among {limits['modes']}")
+    block = a.get("blocksize")
+    if limits.get("blocksizes") is not None and block not in limits["blocksizes"]:
+        out.append(f"blocksize {block} not among {limits['blocksizes']}")
+    return out
+
+
+def model_constants(model: onnx.ModelProto, names: set[str]) -> dict[str, np.ndarray]:
+    """The values of initializers and Constant outputs among ``names`` (external data loaded)."""
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in names}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output and node.output[0] in names and node.attribute \
+                and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def upsampling_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """ConvTranspose, Resize, Upsample and DepthToSpace nodes of the main graph, and the Conv nodes
+    that pair with them into an upsampling site (a Conv reading a Resize/Upsample output, or feeding
+    a DepthToSpace)."""
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    feeds_d2s = {n.input[0] for n in model.graph.node if n.op_type == "DepthToSpace" and n.input}
+    found = []
+    for node in model.graph.node:
+        if node.op_type in CHECKED_OPS:
+            found.append(node)
+        elif node.op_type == "Conv" and node.input:
+            before = producer.get(node.input[0])
+            if (before is not None and before.op_type in ("Resize", "Upsample")) or node.output[0] in feeds_d2s:
+                found.append(node)
+    return found
+
+
+def check_model(model: onnx.ModelProto, profile: Profile, shapes: dict | None = None) -> list[Violation]:
+    """Every upsampling node of ``model``'s main graph (upsampling_nodes) that ``profile``'s target
+    cannot run, with why."""
+    nodes = upsampling_nodes(model)
+    constants = model_constants(model, {i for n in nodes for i in n.input})
+    found = []
+    for node in nodes:
+        for why in node_problems(node, profile, constants, shapes):
+            found.append(Violation(node.name or node.output[0], node.op_type, why))
+    return found
