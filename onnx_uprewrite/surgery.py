@@ -178,11 +178,11 @@ def drop_unused(model: onnx.ModelProto, candidates: set[str]) -> None:
             graph.node.remove(n)
     used = _used_names(graph)
     inputs = {i.name for i in graph.input}
-    keep = [t for t in graph.initializer if t.name not in candidates or t.name in used]
-    if len(keep) != len(graph.initializer):
-        dropped = {t.name for t in graph.initializer} - {t.name for t in keep}
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+    drop = [i for i, t in enumerate(graph.initializer) if t.name in candidates and t.name not in used]
+    if drop:
+        dropped = {graph.initializer[i].name for i in drop}
+        for i in reversed(drop):  # in place: re-adding the kept ones would copy every weight
+            del graph.initializer[i]
         # IR < 4 lists initializers as graph inputs too: drop those entries with them
         stale = [i for i in graph.input if i.name in dropped and i.name in inputs]
         for i in stale:

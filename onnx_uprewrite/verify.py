@@ -87,7 +87,7 @@ def derive_tolerance(dtype: np.dtype, terms: int, atol: float | None, rtol: floa
 
 #: initializers at least this big reach onnxruntime as OrtValues (add_external_initializers), not
 #: serialized into the model bytes: no 2 GiB protobuf limit, no copy of every weight into bytes
-EXTERNAL_MIN_BYTES = 1 << 20
+EXTERNAL_MIN_BYTES = 1 << 16
 _ORTVALUE_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
                    onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
                    onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
