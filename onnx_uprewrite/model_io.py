@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper
+from onnx import external_data_helper, numpy_helper
 
 from .errors import InvalidModelError, UsageError
 from .isolate import announce_temp
@@ -249,6 +249,64 @@ def default_opset(model: onnx.ModelProto) -> int | None:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
+#: numpy's bytes of these types are their ONNX raw_data (not so for 4-bit or 8-bit float types)
+_NUMPY_RAW = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+              onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+              onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
+EXTERNAL_THRESHOLD = 1024  # bytes: smaller initializers stay in the model file
+ALIGN_THRESHOLD, ALIGNMENT = 1 << 20, 4096  # big tensors start at page offsets (onnxruntime can mmap them)
+
+
+def shell(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without its main-graph initializers (cheap: no weight is copied)."""
+    out = onnx.ModelProto()
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(out, name, getattr(model, name))
+    out.opset_import.extend(model.opset_import)
+    out.metadata_props.extend(model.metadata_props)
+    out.functions.extend(model.functions)
+    src, g = model.graph, out.graph
+    g.name, g.doc_string = src.name, src.doc_string
+    for name in ("node", "input", "output", "value_info", "sparse_initializer", "quantization_annotation"):
+        getattr(g, name).extend(getattr(src, name))
+    return out
+
+
+def write_external(model: onnx.ModelProto, model_path: Path, data_path: Path, location: str) -> None:
+    """Save ``model`` with its initializers of EXTERNAL_THRESHOLD bytes or more in ``data_path``
+    (referenced as ``location``), one tensor at a time: the model is neither copied nor changed,
+    unlike onnx.save_model(save_as_external_data=True), which needs a copy of every weight."""
+    out = shell(model)
+    offset = 0
+    with open(data_path, "wb") as fh:
+        for t in model.graph.initializer:
+            raw = None
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                if t.HasField("raw_data"):
+                    raw = t.raw_data
+                elif t.data_type in _NUMPY_RAW:
+                    raw = numpy_helper.to_array(t).tobytes()
+            if raw is None or len(raw) < EXTERNAL_THRESHOLD:
+                out.graph.initializer.append(t)
+                continue
+            if len(raw) >= ALIGN_THRESHOLD and offset % ALIGNMENT:
+                pad = ALIGNMENT - offset % ALIGNMENT
+                fh.write(b"\0" * pad)
+                offset += pad
+            fh.write(raw)
+            ref = out.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims, doc_string=t.doc_string)
+            ref.metadata_props.extend(t.metadata_props)
+            ref.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+                ref.external_data.add(key=key, value=value)
+            offset += len(raw)
+            del raw
+    if offset == 0:
+        data_path.unlink()
+    with open(model_path, "wb") as fh:
+        fh.write(out.SerializeToString())
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool = False) -> list[Path]:
     """Write ``model`` atomically: everything goes to a temp folder beside ``path``, then renames.
 
@@ -271,11 +329,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool =
         written = []
         if external:
             data_name = output_files(path, True)[1].name
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)  # save_as_external_data mutates the proto it is given
-            onnx.save_model(copy, str(tmp / path.name), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-            del copy
+            write_external(model, tmp / path.name, tmp / data_name, data_name)
             if (tmp / data_name).exists():
                 os.replace(tmp / data_name, parent / data_name)
                 placed = parent / data_name

@@ -144,3 +144,33 @@ def test_save_model_failure_leaves_nothing(tmp_path, ct_model, monkeypatch):
     with pytest.raises(OSError):
         save_model(ct_model(), out)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_external_save_keeps_every_tensor_kind_and_leaves_the_model_alone(tmp_path):
+    """write_external streams raw bytes tensor by tensor: typed fields (float16 in int32_data,
+    bool), packed 4-bit raw data, strings and small tensors (inline) all read back equal."""
+    from onnx import TensorProto, numpy_helper
+
+    rng = np.random.default_rng(0)
+    big = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "big")
+    typed_f16 = TensorProto(name="f16", data_type=TensorProto.FLOAT16, dims=[40, 40])
+    typed_f16.int32_data.extend(rng.standard_normal(1600).astype(np.float16).view(np.uint16).astype(np.int32))
+    flags = helper.make_tensor("flags", TensorProto.BOOL, [2000], rng.random(2000) > 0.5)
+    packed = helper.make_tensor("int4", TensorProto.INT4, [4000], rng.integers(-8, 8, 4000), raw=False)
+    words = helper.make_tensor("words", TensorProto.STRING, [2], [b"a" * 600, b"b" * 600])
+    small = numpy_helper.from_array(np.arange(4, dtype=np.float32), "small")
+    inits = [big, typed_f16, flags, packed, words, small]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    before = model.SerializeToString()
+    save_model(model, tmp_path / "m.onnx", external=True)
+    assert model.SerializeToString() == before
+    back = onnx.load(tmp_path / "m.onnx")
+    stored = {t.name: t.data_location for t in onnx.load(tmp_path / "m.onnx", load_external_data=False).graph.initializer}
+    assert stored["big"] == stored["f16"] == stored["flags"] == TensorProto.EXTERNAL
+    assert stored["small"] == stored["words"] == TensorProto.DEFAULT
+    for t, u in zip(inits, back.graph.initializer):
+        assert t.name == u.name
+        np.testing.assert_array_equal(numpy_helper.to_array(t), numpy_helper.to_array(u))
