@@ -73,9 +73,8 @@ def _profile_candidates():
 
 def _pick_for_profile(model, site, namer, prof, shapes, opset, budget, refusals):
     """``(form, builder, description, why)``: fastest.KEEP when the target runs the site as it is,
-    else the exact form with the fewest MACs (then nodes, then the source's own form) whose every node
-    the target runs; None
-    (a refusal with each form's reason) when there is none."""
+    else the exact form with the fewest MACs (then nodes, then the source's own form) whose every
+    node the target runs; None (a refusal with each form's reason) when there is none."""
     original = original_emission(model, site)
     names = {i for n in original.nodes for i in n.input}
     constants = model_constants(model, names)

@@ -297,6 +297,7 @@ def main() -> None:
 
 def _main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
+    isolate.warm_up()  # the shape-inference server imports onnx while the model loads
     try:
         cli(standalone_mode=False)
     except _Terminated:

@@ -98,6 +98,12 @@ class _InferenceServer:
                                      stdout=subprocess.PIPE, stderr=self.stderr)
         return self.proc
 
+    def warm_up(self) -> None:
+        """Start the server now (it imports onnx while the caller loads its model)."""
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+
     def request(self, data: bytes) -> bytes:
         with self.lock:
             proc = self.proc if self.proc is not None and self.proc.poll() is None else self._start()
@@ -140,6 +146,11 @@ class _InferenceServer:
 _SERVER = _InferenceServer()
 os.register_at_fork(after_in_child=_SERVER.reset)
 atexit.register(_SERVER.close)
+
+
+def warm_up() -> None:
+    if os.environ.get(NO_FORK_ENV) != "1":
+        _SERVER.warm_up()
 
 
 def infer_shapes(data: bytes) -> bytes:
