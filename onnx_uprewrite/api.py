@@ -333,7 +333,12 @@ def convert(
                                                   budget=budget)
             measured = {k: tuple(v.shape) for k, v in captured.items()}
             second = _second_size(model, feeds, seed, budget) if verify else None
-    except (UsageError, VerificationImpossible, ResourceLimit) as exc:
+    except VerificationImpossible as exc:
+        if fastest and not verify:  # --no-verify does not help: the forms are timed in onnxruntime
+            raise VerificationImpossible(f"{label}: --to fastest times the forms in onnxruntime, which cannot run "
+                                         f"this model: {str(exc).split(' (use --no-verify')[0]}") from None
+        raise VerificationImpossible(f"{label}: {exc}") from None
+    except (UsageError, ResourceLimit) as exc:
         raise type(exc)(f"{label}: {exc}") from None
     timings["reference_run_s"] = time.perf_counter() - t
 

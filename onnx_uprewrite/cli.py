@@ -74,9 +74,9 @@ def cli() -> None:
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file [default: <stem>.<form>.onnx beside MODEL].")
-@click.option("--to", "to", default="subpixel", show_default=True, type=click.Choice(api.TARGETS),
-              help="Target form; 'fastest': per site, the exact form (or the original) that runs fastest in "
-                   "onnxruntime on the site's real input.")
+@click.option("--to", "to", default=None, type=click.Choice(api.TARGETS),
+              help="Target form [default: subpixel]; 'fastest': per site, the exact form (or the original) that "
+                   "runs fastest in onnxruntime on the site's real input.")
 @click.option("--profile", "profile", metavar="NAME|FILE",
               help="Target accelerator: rewrite only the sites it cannot run, each into the cheapest exact form "
                    "it runs, and check the result (built-in: tidl, ethos-u, rknn, kl520, kl720, ax650, vitis-dpu, "
@@ -102,6 +102,9 @@ def convert(model, output, to, profile, provider, only, sources, inputs_file, sh
     """Rewrite every upsampling site of MODEL into the form --to, verify, save."""
     progress = None if quiet else ProgressLine.for_stderr()
     try:
+        if to is not None and profile is not None:
+            raise UsageError("--to and --profile exclude each other: a profile picks each site's form")
+        to = to or "subpixel"
         if output is None:
             suffix = Path(profile).stem if profile else to
             output = model.with_name(f"{model.name[:-5] if model.name.endswith('.onnx') else model.name}.{suffix}.onnx")

@@ -48,6 +48,7 @@ from hypothesis import strategies as st
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from onnx_uprewrite import api
+from onnx_uprewrite import profile as pf
 from onnx_uprewrite.cli import cli
 from onnx_uprewrite.errors import UprewriteError
 
@@ -954,7 +955,8 @@ def mutate(d: Draw) -> tuple[onnx.ModelProto, list[str]]:
 
 
 def convert_options(model, d: Draw) -> dict:
-    """Keyword arguments of api.convert: mostly defaults; at times --shape, --no-verify, --only, --from."""
+    """Keyword arguments of api.convert: mostly defaults; at times --shape, --no-verify, --only, --from,
+    --to fastest or a built-in --profile."""
     opts = {"to": d.choice(FORMS), "verify": not d.chance(25), "memory_budget": FUZZ_MEMORY_BUDGET}
     if d.chance(20):
         feeds = _feeds(model)
@@ -966,6 +968,10 @@ def convert_options(model, d: Draw) -> dict:
         opts["only"] = [d.choice(names + ["nope"])]
     if d.chance(5):
         opts["sources"] = [d.choice(api.SOURCES)]
+    if d.chance(5):
+        opts["to"] = "fastest"
+    elif d.chance(8):
+        opts["profile"] = d.choice(pf.builtin_names())
     return opts
 
 

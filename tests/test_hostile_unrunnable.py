@@ -69,3 +69,15 @@ def test_model_local_function_is_run_by_onnxruntime(tmp_path, model_file, ct_mod
     result = invoke("convert", src, "-o", tmp_path / "out.onnx")
     assert_clean_exit(result, 0)
     assert "verified   output 'y'" in result.stdout
+
+
+def test_fastest_on_an_unrunnable_model_says_why_no_verify_does_not_help(tmp_path, model_file, ct_model):
+    src = model_file(_with_custom_op(ct_model))
+    _, line = assert_refused(tmp_path, ["convert", src, "--to", "fastest", "--no-verify"], 2, str(src),
+                             "--to fastest times the forms in onnxruntime, which cannot run this model")
+    assert "use --no-verify" not in line
+
+
+def test_to_and_profile_exclude_each_other(tmp_path, model_file, ct_model):
+    src = model_file(ct_model())
+    assert_refused(tmp_path, ["convert", src, "--to", "resize", "--profile", "tidl"], 2, "exclude each other")
