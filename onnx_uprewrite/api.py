@@ -50,7 +50,7 @@ class ConvertResult:
     output: Path | None = None
 
 
-def _open(model, label: str | None = None) -> tuple[onnx.ModelProto, str, tuple[Path, bool] | None]:
+def _open(model, label: str | None = None, lazy: bool = False) -> tuple[onnx.ModelProto, str, tuple[Path, bool] | None]:
     """(model, label, (path, external data files) or None for an in-memory model)."""
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
@@ -62,7 +62,7 @@ def _open(model, label: str | None = None) -> tuple[onnx.ModelProto, str, tuple[
         return copy, name, None
     path = Path(model)
     isolate.announce("model", path)  # for the message if onnx/onnxruntime crash the process
-    loaded, external = load_model(path)
+    loaded, external = load_model(path, lazy=lazy)
     return loaded, one_line(str(path)), (path, external)
 
 
@@ -283,6 +283,7 @@ def convert(
     progress=None,
     provider: str = "CPUExecutionProvider",
     profile=None,
+    lazy_weights: bool = False,
 ) -> ConvertResult:
     """Rewrite every upsampling site of ``model`` (path or ModelProto) into form ``to``.
 
@@ -296,7 +297,10 @@ def convert(
     line).  ``to="fastest"`` times, per site, the original and every exact form alone on the site's
     captured input with onnxruntime ``provider`` and keeps the fastest (fastest.py).  ``profile`` (a
     name, a file or a ``profile.Profile``; ``to`` is then ignored) rewrites only the sites the target
-    cannot run, each into the cheapest exact form it can run, and checks the result (profile.py).  Raises
+    cannot run, each into the cheapest exact form it can run, and checks the result (profile.py).
+    ``lazy_weights`` (for a path with external data) reads only the weights of the sites; the others
+    stay in the input's data file and are copied to the output's (the CLI's choice): then
+    ``result.model`` refers to that file by absolute path (model_io.is_lazy).  Raises
     UsageError, InvalidModelError, VerificationImpossible, ResourceLimit or VerificationFailed
     (with ``.report``).
     """
@@ -311,7 +315,7 @@ def convert(
     unknown = sorted(set(sources or ()) - set(SOURCES))
     if unknown:
         raise UsageError(f"--from {', '.join(unknown)}: expected among {', '.join(SOURCES)}")
-    model, label, src = _open(model)
+    model, label, src = _open(model, lazy=lazy_weights)
     out_path = Path(output) if output is not None else None
     external = src is not None and bool(src[1])
     inputs_files = [src[0], *src[1]] if src else []

@@ -113,7 +113,7 @@ def convert(model, output, to, profile, provider, only, sources, inputs_file, sh
             shapes=parse_shape_option(shape), atol=atol, rtol=rtol, verify=not no_verify, seed=seed,
             also_writes=[report_file] if report_file is not None else [],
             memory_budget=_size(memory_budget), time_budget=time_budget,
-            progress=progress, provider=provider, profile=profile,
+            progress=progress, provider=provider, profile=profile, lazy_weights=True,
         )
     except UprewriteError as exc:
         if progress is not None:

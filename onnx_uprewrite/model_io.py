@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper, numpy_helper
+from onnx import external_data_helper, helper, numpy_helper
 
 from .errors import InvalidModelError, UsageError
 from .isolate import announce_temp
@@ -19,10 +21,13 @@ MIN_OPSET = 7
 INLINE_LIMIT = 1_800_000_000
 
 
-def load_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[Path]]:
+def load_model(path: str | os.PathLike, lazy: bool = False) -> tuple[onnx.ModelProto, list[Path]]:
     """Read and validate a model file; external data is read only from inside its folder.
 
-    Returns the model with all weights loaded and the external data files it read.
+    Returns the model with all weights loaded and the external data files it read.  With ``lazy``,
+    main-graph initializers in external data stay there: their locations become the absolute,
+    validated paths of their files (``is_lazy``), read only when a value is needed
+    (``tensor_array``, ``tensor_memmap``) and copied file to file when saved (``write_external``).
     """
     path = Path(path)
     if not path.exists():
@@ -47,10 +52,63 @@ def load_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[Path]]:
         base = path.resolve().parent
         external = check_external_data(model, base, str(path))
         try:
-            external_data_helper.load_external_data_for_model(model, str(base))
+            if lazy:
+                lazy_names = set()
+                for t in model.graph.initializer:
+                    if external_data_helper.uses_external_data(t) and t.data_type in _NUMPY_RAW:
+                        for e in t.external_data:
+                            if e.key == "location":
+                                e.value = str((base / e.value).resolve())
+                        lazy_names.add(t.name)
+                for tensor in external_data_helper._get_all_tensors(model):
+                    if external_data_helper.uses_external_data(tensor) and not (
+                            tensor.name in lazy_names and is_lazy(tensor)):
+                        external_data_helper.load_external_data_for_tensor(tensor, str(base))
+            else:
+                external_data_helper.load_external_data_for_model(model, str(base))
         except Exception as exc:  # onnx raises assorted errors for bad external data
             raise InvalidModelError(f"{path}: cannot read external data: {exc}") from None
     return model, external
+
+
+def is_lazy(t: onnx.TensorProto) -> bool:
+    """An initializer left in its external data file by ``load_model(lazy=True)``."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return False
+    location = next((e.value for e in t.external_data if e.key == "location"), "")
+    return os.path.isabs(location)
+
+
+def _external_span(t: onnx.TensorProto) -> tuple[str, int, int]:
+    info = {e.key: e.value for e in t.external_data}
+    size = math.prod(t.dims) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    return info["location"], int(info.get("offset", 0) or 0), int(info["length"]) if "length" in info else size
+
+
+def tensor_memmap(t: onnx.TensorProto) -> np.ndarray:
+    """A read-only memory map of a lazy initializer's values (nothing is read until used)."""
+    location, offset, length = _external_span(t)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
+    shape = tuple(t.dims)
+    if math.prod(shape) == 0:
+        return np.zeros(shape, dtype)
+    return np.memmap(location, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def tensor_raw(t: onnx.TensorProto) -> bytes:
+    """A lazy initializer's bytes, read from its file."""
+    location, offset, length = _external_span(t)
+    with open(location, "rb") as fh:
+        fh.seek(offset)
+        return fh.read(length)
+
+
+def tensor_array(t: onnx.TensorProto) -> np.ndarray:
+    """The value of an initializer, lazy or not."""
+    if not is_lazy(t):
+        return numpy_helper.to_array(t)
+    loaded = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, raw_data=tensor_raw(t))
+    return numpy_helper.to_array(loaded)
 
 
 def has_external_data(model: onnx.ModelProto) -> bool:
@@ -281,13 +339,19 @@ def write_external(model: onnx.ModelProto, model_path: Path, data_path: Path, lo
     with open(data_path, "wb") as fh:
         for t in model.graph.initializer:
             raw = None
-            if t.data_location != onnx.TensorProto.EXTERNAL:
+            if is_lazy(t):
+                raw = tensor_raw(t)
+            elif t.data_location != onnx.TensorProto.EXTERNAL:
                 if t.HasField("raw_data"):
                     raw = t.raw_data
                 elif t.data_type in _NUMPY_RAW:
                     raw = numpy_helper.to_array(t).tobytes()
             if raw is None or len(raw) < EXTERNAL_THRESHOLD:
-                out.graph.initializer.append(t)
+                if is_lazy(t):  # small: inline, never a reference to the input's file
+                    out.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims,
+                                              doc_string=t.doc_string, raw_data=raw)
+                else:
+                    out.graph.initializer.append(t)
                 continue
             if len(raw) >= ALIGN_THRESHOLD and offset % ALIGNMENT:
                 pad = ALIGNMENT - offset % ALIGNMENT
@@ -319,7 +383,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool =
         raise UsageError(f"{path}: output folder {parent} does not exist")
     if path.is_dir():
         raise UsageError(f"{path}: output is a directory; give a file name")
-    external = external or _likely_over_inline_limit(model)
+    external = external or any(is_lazy(t) for t in model.graph.initializer) or _likely_over_inline_limit(model)
     if external:
         check_data_file(path)
     tmp = Path(tempfile.mkdtemp(prefix=".uprewrite-", dir=parent))

@@ -32,6 +32,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import UsageError
+from .model_io import tensor_array
 
 BUILTIN_DIR = Path(__file__).with_name("profiles")
 CHECKED_OPS = ("ConvTranspose", "Resize", "Upsample", "DepthToSpace")
@@ -271,7 +272,7 @@ def _d2s_problems(node, a, limits, constants, shapes):
 
 def model_constants(model: onnx.ModelProto, names: set[str]) -> dict[str, np.ndarray]:
     """The values of initializers and Constant outputs among ``names`` (external data loaded)."""
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in names}
+    values = {t.name: tensor_array(t) for t in model.graph.initializer if t.name in names}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.output and node.output[0] in names and node.attribute \
                 and node.attribute[0].name == "value":

@@ -17,6 +17,7 @@ from onnx import numpy_helper
 
 from . import isolate
 from .isolate import NativeCrash
+from .model_io import tensor_array
 from .weights import Axis, QuantizedWeight
 
 
@@ -154,7 +155,7 @@ class GraphIndex:
                         f"tensor '{name}' is a graph input with a default initializer: "
                         "callers may override it"
                     )
-                return numpy_helper.to_array(self.initializers[name]), tuple(chain)
+                return tensor_array(self.initializers[name]), tuple(chain)
             node = self.producer.get(name)
             if node is None:
                 what = "a graph input" if name in self.graph_inputs else "produced by no node"

@@ -22,6 +22,7 @@ from onnx import helper, numpy_helper
 
 from .budget import run_session, tensor_bytes
 from .errors import UprewriteError, UsageError, VerificationImpossible
+from .model_io import is_lazy, tensor_memmap, tensor_raw
 
 ort.set_default_logger_severity(4)  # onnxruntime's own error lines would bypass our one-line messages
 
@@ -109,19 +110,52 @@ def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], l
     g.value_info.extend(src.value_info)
     g.sparse_initializer.extend(src.sparse_initializer)
     names, values = [], []
+    read = _read_names(src) | {o.name for o in src.output}
+    inputs = {i.name for i in src.input}
     for t in src.initializer:
         size = tensor_bytes(t.data_type, list(t.dims))
+        lazy = is_lazy(t)
+        if t.name not in read:  # onnxruntime drops unread initializers: one it cannot find fails the session
+            if t.name in inputs and lazy:  # IR < 4: also a graph input, which must keep its default value
+                g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims, raw_data=tensor_raw(t))
+            elif t.name in inputs:
+                g.initializer.append(t)
+            continue
+        if lazy and t.data_type in _ORTVALUE_TYPES and size:  # straight from its file, never read here
+            names.append(t.name)
+            values.append(tensor_memmap(t))
+            _external_ref(g, t, size)
+            continue
+        if lazy:
+            g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims, raw_data=tensor_raw(t))
+            continue
         if (t.data_type not in _ORTVALUE_TYPES or size is None or size < EXTERNAL_MIN_BYTES
                 or t.data_location == onnx.TensorProto.EXTERNAL):
             g.initializer.append(t)
             continue
-        ref = g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims,
-                                data_location=onnx.TensorProto.EXTERNAL)
-        for key, value in (("location", "uprewrite-never-read.bin"), ("offset", "0"), ("length", str(size))):
-            ref.external_data.add(key=key, value=value)
+        _external_ref(g, t, size)
         names.append(t.name)
         values.append(np.ascontiguousarray(numpy_helper.to_array(t)))
     return skeleton, names, values
+
+
+def _read_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a node of ``graph`` or of its subgraphs reads."""
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                names |= _read_names(sub)
+    return names
+
+
+def _external_ref(graph: onnx.GraphProto, t: onnx.TensorProto, size: int) -> None:
+    """An initializer entry whose data comes from add_external_initializers (its location is never read)."""
+    ref = graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims,
+                                data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", "uprewrite-never-read.bin"), ("offset", "0"), ("length", str(size))):
+        ref.external_data.add(key=key, value=value)
 
 
 def session(model: onnx.ModelProto | bytes) -> ort.InferenceSession:

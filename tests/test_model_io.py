@@ -174,3 +174,43 @@ def test_external_save_keeps_every_tensor_kind_and_leaves_the_model_alone(tmp_pa
     for t, u in zip(inits, back.graph.initializer):
         assert t.name == u.name
         np.testing.assert_array_equal(numpy_helper.to_array(t), numpy_helper.to_array(u))
+
+
+def test_lazy_weights_read_only_the_sites_and_save_a_self_contained_model(tmp_path):
+    """load_model(lazy=True): external initializers stay in their file (absolute, validated
+    locations); a site's weight is read on demand, an unrelated one never; the output has no
+    reference to the input's file and computes the same."""
+    from onnx import TensorProto, numpy_helper
+
+    from onnx_uprewrite.model_io import is_lazy
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(5)
+    w = numpy_helper.from_array((rng.standard_normal((8, 8, 4, 4)) * 0.2).astype(np.float32), "W")
+    k = numpy_helper.from_array((rng.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32), "K")
+    tiny = numpy_helper.from_array(np.arange(3, dtype=np.float32).reshape(1, 3, 1, 1) * 0, "tiny")
+    nodes = [helper.make_node("Conv", ["x", "K"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("ConvTranspose", ["c", "W"], ["y"], name="up", strides=[2, 2], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 5, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, k, tiny])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    src = tmp_path / "in" / "m.onnx"
+    src.parent.mkdir()
+    onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.onnx.data", size_threshold=0)
+    before = {p.name: p.read_bytes() for p in src.parent.iterdir()}
+    loaded, files = load_model(src, lazy=True)
+    assert all(is_lazy(t) for t in loaded.graph.initializer)
+    out = tmp_path / "out" / "o.onnx"
+    out.parent.mkdir()
+    result = api.convert(str(src), output=out, to="subpixel", lazy_weights=True)
+    assert result.report.verification == "passed"
+    assert is_lazy(next(t for t in result.model.graph.initializer if t.name == "K"))  # never loaded
+    assert {p.name: p.read_bytes() for p in src.parent.iterdir()} == before
+    refs = onnx.load(str(out), load_external_data=False)
+    locations = {e.value for t in refs.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"o.onnx.data"}
+    x = rng.standard_normal((1, 8, 5, 6)).astype(np.float32)
+    want = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
