@@ -22,7 +22,7 @@ from .budget import check_memory, default_memory_budget, weights_over_budget
 from .budget import time_budget as budget_time
 from .fastest import KEEP, original_emission
 from .fastest import pick as pick_fastest
-from .profile import Profile, check_model, load_profile, model_constants, node_problems
+from .profile import Profile, alias_through, check_model, load_profile, model_constants, node_problems
 from .errors import ResourceLimit, UprewriteError, UsageError, VerificationFailed, VerificationImpossible, one_line
 from .model_io import check_data_file, has_external_data, load_model, output_files, save_model, validate_model
 from .report import Report, SiteResult
@@ -77,7 +77,7 @@ def _pick_for_profile(model, site, namer, prof, shapes, opset, budget, refusals)
     node the target runs; None (a refusal with each form's reason) when there is none."""
     original = original_emission(model, site)
     names = {i for n in original.nodes for i in n.input}
-    constants = model_constants(model, names)
+    constants = alias_through(original.nodes, model_constants(model, names))
     problems = [p for n in original.nodes for p in node_problems(n, prof, constants, shapes)]
     if not problems:
         return KEEP, None, None, f"{prof.name} runs it as it is"
@@ -92,6 +92,7 @@ def _pick_for_profile(model, site, namer, prof, shapes, opset, budget, refusals)
         emission = builder.emission
         local = {t.name: numpy_helper.to_array(t) for t in emission.initializers}
         local.update(model_constants(model, {i for n in emission.nodes for i in n.input} - set(local)))
+        alias_through(emission.nodes, local)
         bad = [p for n in emission.nodes for p in node_problems(n, prof, local, shapes)]
         if bad:
             why_not.append(f"{form}: {bad[0]}")
@@ -123,6 +124,8 @@ def _pick_fastest(model, site, namer, captured, opset, budget, provider, refusal
                                 "captured in the reference run, so its forms cannot be timed"))
         return None
     choice = pick_fastest(model, site, captured, {f: b.emission for f, (b, _) in built.items()}, provider)
+    if why_not:
+        choice.why += f"; not timed: {'; '.join(why_not)}"
     if choice.form == KEEP:
         return KEEP, None, None, choice
     builder, description = built[choice.form]
@@ -308,6 +311,9 @@ def convert(
     if to not in TARGETS:
         raise UsageError(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
     fastest = to == "fastest"
+    if fastest and provider not in onnxruntime.get_available_providers():
+        raise UsageError(f"--provider {provider}: not available in this onnxruntime "
+                         f"({', '.join(onnxruntime.get_available_providers())})")
     prof = None
     if profile is not None:
         prof = profile if isinstance(profile, Profile) else load_profile(profile)
@@ -380,7 +386,11 @@ def convert(
             choice = None
         elif fastest:
             step("timing the forms of sites", i, len(sites))
-            picked = _pick_fastest(model, site, namer, captured, opset, budget, provider, refusals)
+            try:
+                with deadline:
+                    picked = _pick_fastest(model, site, namer, captured, opset, budget, provider, refusals)
+            except ResourceLimit as exc:
+                raise ResourceLimit(f"{label}: timing the forms of '{site.node}': {exc}") from None
             if picked is None:
                 continue
             target, builder, form, choice = picked

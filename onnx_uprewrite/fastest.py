@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .budget import run_session
 from .site_check import outer_inputs, site_model
 from .sites import Site
 from .surgery import Emission
@@ -67,13 +68,13 @@ def time_interleaved(sessions: dict[str, ort.InferenceSession], feeds: dict[str,
                      runs: int, seconds: float = SITE_SECONDS) -> dict[str, float]:
     """Median seconds per candidate, runs interleaved; stops early after ``seconds`` (>= 3 runs)."""
     for name, s in sessions.items():  # warm-up: allocations, kernel selection
-        s.run(None, feeds[name])
+        run_session(s, None, feeds[name])
     times: dict[str, list[float]] = {name: [] for name in sessions}
     start = time.perf_counter()
     for i in range(runs):
         for name, s in sessions.items():
             t = time.perf_counter()
-            s.run(None, feeds[name])
+            run_session(s, None, feeds[name])  # honours --time-budget
             times[name].append(time.perf_counter() - t)
         if i >= 2 and time.perf_counter() - start > seconds:
             break

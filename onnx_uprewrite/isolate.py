@@ -13,6 +13,7 @@ child, so a crash becomes an :class:`NativeCrash` (exit 2, one line) instead of 
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import signal
@@ -111,12 +112,16 @@ class _InferenceServer:
                 proc.stdin.write(struct.pack("<Q", len(data)) + data)
                 proc.stdin.flush()
                 head = proc.stdout.read(8)
+                if len(head) == 8:
+                    body = proc.stdout.read(struct.unpack("<Q", head)[0])
             except (BrokenPipeError, OSError):
                 head = b""
+            except BaseException:  # interrupted mid-request: its answer must never reach the next one
+                proc.kill()
+                self.reset()
+                raise
             if len(head) < 8:
                 raise self._died(proc)
-            (size,) = struct.unpack("<Q", head)
-            body = proc.stdout.read(size)
         if body[:1] == b"\x01":
             raise ValueError(body[1:].decode("utf-8", "replace"))
         return body[1:]
@@ -166,13 +171,12 @@ def infer_shapes(data: bytes) -> bytes:
 def announce(kind: str, value: os.PathLike | str) -> None:
     """Tell a supervising parent (if any) something for its crash message and cleanup: ``temp`` (a
     temporary folder to remove if this process dies), ``model`` (the file being processed) or
-    ``stage`` (what is running now)."""
+    ``stage`` (what is running now).  One JSON line each (ASCII: no path can split it)."""
     fd = os.environ.get(_TEMP_FD_ENV)
     if fd is None:
         return
-    text = one_line(os.fspath(value)) if kind != "temp" else os.fspath(value)
     try:
-        os.write(int(fd), f"{kind}\t{text}\n".encode("utf-8", "surrogateescape"))
+        os.write(int(fd), (json.dumps([kind, os.fspath(value)]) + "\n").encode("ascii"))
     except (OSError, ValueError):
         pass
 
@@ -181,76 +185,146 @@ def announce_temp(path: os.PathLike | str) -> None:
     announce("temp", path)
 
 
+def _told(data: bytes) -> dict[str, list[str]]:
+    told: dict[str, list[str]] = {}
+    for line in data.split(b"\n"):
+        try:
+            kind, value = json.loads(line)
+        except (ValueError, TypeError):
+            continue
+        told.setdefault(kind, []).append(value)
+    return told
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
 def supervise(run: Callable[[], int], what: str = "onnx/onnxruntime") -> int:
     """Run ``run()`` (returning an exit status) in a forked child and return the child's status.
 
     The parent forwards SIGTERM and SIGINT to the child (which then cleans up and exits 143/130),
     collects the child's native stderr (passed through when it exits normally) and, when the
     child is killed by any other signal, prints one ``uprewrite: error:`` line, removes the
-    temporary folders it announced and returns 2."""
+    temporary folders it announced and returns 2.  The child dies with the parent (PDEATHSIG).
+    Off the main thread, or with stderr closed, ``run`` runs in this process."""
+    if threading.current_thread() is not threading.main_thread() or not _fd_open(2) or sys.stderr is None:
+        try:
+            result = run()
+            return result if isinstance(result, int) else 0
+        except SystemExit as exc:
+            return _exit_status(exc)
+    watched = (signal.SIGTERM, signal.SIGINT)
+    saved = {s: signal.getsignal(s) for s in (*watched, signal.SIGCHLD)}
+    child: list[int] = []
+    forwarded: set[int] = set()
+
+    def forward(signum, frame):
+        if child:
+            forwarded.add(signum)
+            _forward(child[0], signum)
+
     err_r, err_w = os.pipe()
     temp_r, temp_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
+    parent_pid = os.getpid()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # an inherited SIG_IGN would make waitpid fail
+    signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    try:
+        for signum in watched:
+            signal.signal(signum, forward)
+        pid = os.fork()
+        if pid == 0:
+            _child(run, parent_pid, err_r, err_w, temp_r, temp_w)  # never returns
+        child.append(pid)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
+    try:
+        os.close(err_w)
+        os.close(temp_w)
+        drain_err, drain_temp = _Drain(err_r, 1 << 20), _Drain(temp_r)
+        drain_err.start()
+        drain_temp.start()
+        _, status = os.waitpid(pid, 0)
+        drain_err.join()
+        drain_temp.join()
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        told = _told(drain_temp.data)
+        for folder in told.get("temp", []):
+            shutil.rmtree(folder, ignore_errors=True)
+        if signum in forwarded:  # killed by the signal we passed on, before it could clean up
+            _say("uprewrite: interrupted; no partial output left\n")
+            return 128 + signum
+        model = one_line(told["model"][-1]) + ": " if "model" in told else ""
+        if "stage" in told:
+            what += f" ({one_line(told['stage'][-1])})"
+        _say(f"uprewrite: error: {model}{crash_message(what, signum, drain_err.data)}; nothing was written\n")
+        return 2
+    if drain_err.data:
+        _say(drain_err.data.decode("utf-8", "replace"))
+    return os.waitstatus_to_exitcode(status)
+
+
+def _say(text: str) -> None:
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+def _child(run, parent_pid: int, err_r: int, err_w: int, temp_r: int, temp_w: int) -> None:
+    """The supervised child: set up, run, and leave through os._exit whatever happens (a normal
+    interpreter exit would run onnxruntime's exit handlers, copied from a multi-threaded parent)."""
+    status = 1
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _once_per_sigint()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))
+        _die_with_parent(parent_pid)
         os.close(err_r)
         os.close(temp_r)
         os.environ[_TEMP_FD_ENV] = str(temp_w)
         python_err = os.dup(2)
         os.dup2(err_w, 2)
         os.close(err_w)
-        sys.stderr = os.fdopen(python_err, "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",
-                               errors="backslashreplace")
-        _once_per_sigint()
-        status = 1
+        encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+        sys.stderr = os.fdopen(python_err, "w", buffering=1, encoding=encoding, errors="backslashreplace")
+        result = run()
+        status = result if isinstance(result, int) else 0
+    except SystemExit as exc:
+        status = _exit_status(exc)
+    except BaseException:  # noqa: BLE001 - --debug re-raises: show it as the parent would
         try:
-            result = run()
-            status = result if isinstance(result, int) else 0
-        except SystemExit as exc:
-            status = _exit_status(exc)
-        except BaseException:  # noqa: BLE001 - --debug re-raises: show it as the parent would
             traceback.print_exc()
-        finally:
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except Exception:  # noqa: BLE001 - a closed pipe
-                    pass
-            os._exit(status)
-    os.close(err_w)
-    os.close(temp_w)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda s, f: _forward(pid, s))
-    drain_err, drain_temp = _Drain(err_r, 1 << 20), _Drain(temp_r)
-    drain_err.start()
-    drain_temp.start()
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except ChildProcessError:  # reaped elsewhere: treat as a crash we cannot name
-            status = signal.SIGKILL
-            break
-    drain_err.join()
-    drain_temp.join()
-    if os.WIFSIGNALED(status):
-        told: dict[str, list[str]] = {}
-        for line in drain_temp.data.decode("utf-8", "surrogateescape").splitlines():
-            kind, _, value = line.partition("\t")
-            told.setdefault(kind, []).append(value)
-        for folder in told.get("temp", []):
-            shutil.rmtree(folder, ignore_errors=True)
-        signum = os.WTERMSIG(status)
-        model = told["model"][-1] + ": " if "model" in told else ""
-        if "stage" in told:
-            what += f" ({told['stage'][-1]})"
-        sys.stderr.write(f"uprewrite: error: {model}{crash_message(what, signum, drain_err.data)}; "
-                         "nothing was written\n")
-        sys.stderr.flush()
-        return 2
-    if drain_err.data:
-        sys.stderr.buffer.write(drain_err.data)
-        sys.stderr.flush()
-    return os.waitstatus_to_exitcode(status)
+        except BaseException:  # noqa: BLE001 - nowhere to print
+            pass
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:  # noqa: BLE001 - a closed pipe
+                pass
+        os._exit(status)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGTERM this process when its parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _forward(pid: int, signum: int) -> None:

@@ -143,6 +143,11 @@ def check_external_data(model: onnx.ModelProto, base: Path, label: str) -> list[
         size = target.stat().st_size
         if offset < 0 or offset > size or (length is not None and (length < 0 or offset + length > size)):
             raise InvalidModelError(f"{where}: file has {size} bytes, fewer than offset+length requires")
+        if tensor.data_type in _NUMPY_RAW:
+            need = math.prod(tensor.dims) * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+            if (length if length is not None else size - offset) < need or (length is not None and length != need):
+                raise InvalidModelError(f"{where}: holds {length if length is not None else size - offset} bytes "
+                                        f"for a tensor of {need} bytes (shape {list(tensor.dims)})")
         if target not in files:
             files.append(target)
     return files
@@ -316,18 +321,26 @@ ALIGN_THRESHOLD, ALIGNMENT = 1 << 20, 4096  # big tensors start at page offsets 
 
 
 def shell(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` without its main-graph initializers (cheap: no weight is copied)."""
+    """A copy of ``model`` without its main-graph initializers (cheap: no weight is copied); every
+    other field, known to this onnx or not, is kept."""
     out = onnx.ModelProto()
-    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(out, name, getattr(model, name))
-    out.opset_import.extend(model.opset_import)
-    out.metadata_props.extend(model.metadata_props)
-    out.functions.extend(model.functions)
-    src, g = model.graph, out.graph
-    g.name, g.doc_string = src.name, src.doc_string
-    for name in ("node", "input", "output", "value_info", "sparse_initializer", "quantization_annotation"):
-        getattr(g, name).extend(getattr(src, name))
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            _copy_field(out, fd, value)
+    for fd, value in model.graph.ListFields():
+        if fd.name != "initializer":
+            _copy_field(out.graph, fd, value)
+    out.graph.SetInParent()
     return out
+
+
+def _copy_field(dst, fd, value) -> None:
+    if hasattr(value, "ListFields"):  # a singular message
+        getattr(dst, fd.name).CopyFrom(value)
+    elif hasattr(value, "extend"):  # a repeated field
+        getattr(dst, fd.name).extend(value)
+    else:
+        setattr(dst, fd.name, value)
 
 
 def write_external(model: onnx.ModelProto, model_path: Path, data_path: Path, location: str) -> None:

@@ -23,6 +23,7 @@ covers Upsample too; ``scales`` are the spatial factors (integers).
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .errors import UsageError
+from .errors import UsageError, one_line
 from .model_io import tensor_array
 
 BUILTIN_DIR = Path(__file__).with_name("profiles")
@@ -116,7 +117,7 @@ def parse_profile(data, where: str = "profile") -> Profile:
             raise UsageError(f"--profile {where}: ops.{op}: unknown key(s) {', '.join(sorted(bad))}")
         for key, value in limits.items():
             _check_value(where, op, key, value)
-    return Profile(name=data["name"], title=str(data.get("title", "")), ops=ops, path=where)
+    return Profile(name=one_line(data["name"]), title=one_line(str(data.get("title", ""))), ops=ops, path=where)
 
 
 def _check_value(where, op, key, value):
@@ -137,7 +138,7 @@ def _check_value(where, op, key, value):
             fail("a non-negative integer or null")
     elif key == "modes":
         allowed = {"Resize": {"nearest", "linear", "cubic"}, "DepthToSpace": {"DCR", "CRD"}}[op]
-        if not (isinstance(value, list) and set(value) <= allowed):
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value) and set(value) <= allowed):
             fail(f"a list among {sorted(allowed)}")
     elif key == "groups" and value not in _GROUPS:
         fail(" / ".join(_GROUPS))
@@ -164,10 +165,14 @@ def node_problems(node: onnx.NodeProto, profile: Profile, constants: dict[str, n
         return []
     if limits.get("supported") is False:
         return [f"{profile.name} does not run {node.op_type}"]
-    a = _attrs(node)
     check = {"ConvTranspose": _conv_problems, "Conv": _conv_problems, "Resize": _resize_problems,
              "Upsample": _resize_problems, "DepthToSpace": _d2s_problems}.get(node.op_type)
-    return check(node, a, limits, constants, shapes or {}) if check else []
+    if check is None:
+        return []
+    try:
+        return check(node, _attrs(node), limits, constants, shapes or {})
+    except Exception as exc:  # noqa: BLE001 - attributes of unexpected types, missing inputs: not checkable
+        return [f"cannot be checked ({type(exc).__name__}: {one_line(str(exc))[:120]})"]
 
 
 def _allowed(what, values, allowed):
@@ -227,6 +232,9 @@ def _resize_problems(node, a, limits, constants, shapes):
             out.append("its scales are not constant, so they cannot be checked")
         return out
     spatial = scales[2:]
+    if not all(math.isfinite(s) for s in spatial):
+        out.append(f"scales {spatial} are not finite")
+        return out
     if limits.get("scales") is not None and any(s != int(s) or int(s) not in limits["scales"] for s in spatial):
         out.append(f"scales {[float(s) for s in spatial]} not among {limits['scales']}")
     if limits.get("max_scale") is not None and any(s > limits["max_scale"] for s in spatial):
@@ -235,26 +243,33 @@ def _resize_problems(node, a, limits, constants, shapes):
 
 
 def _resize_scales(node, a, constants, shapes):
+    """The scales of a Resize/Upsample, one per input axis, when constant (None otherwise)."""
     if node.op_type == "Upsample" and "scales" in a:
         return [float(s) for s in a["scales"]]
     names = list(node.input)
-    scales_name = names[1] if node.op_type == "Upsample" else (names[2] if len(names) > 2 else "")
-    sizes_name = names[3] if node.op_type == "Resize" and len(names) > 3 else ""
+    # Upsample-9 and Resize-10: (X, scales); Resize-11+: (X, roi, scales, sizes)
+    two = node.op_type == "Upsample" or len(names) == 2
+    scales_name = names[1] if two and len(names) > 1 else (names[2] if len(names) > 2 else "")
+    sizes_name = names[3] if not two and len(names) > 3 else ""
+    axes = [int(x) for x in a["axes"]] if "axes" in a else None
+    rank = len(shapes[names[0]]) if names and names[0] in shapes else None
     if scales_name and scales_name in constants and constants[scales_name].size:
         values = [float(s) for s in constants[scales_name].reshape(-1)]
-    elif sizes_name and sizes_name in constants and node.input[0] in shapes:
-        in_shape = shapes[node.input[0]]
-        sizes = constants[sizes_name].reshape(-1)
-        if any(d is None or d == 0 for d in in_shape) or len(sizes) != len(in_shape):
+    elif sizes_name and sizes_name in constants and names[0] in shapes:
+        in_shape = shapes[names[0]]
+        sizes = [int(v) for v in constants[sizes_name].reshape(-1)]
+        picked = axes if axes is not None else list(range(len(in_shape)))
+        if len(sizes) != len(picked) or any(in_shape[ax % len(in_shape)] in (None, 0) for ax in picked):
             return None
-        values = [float(o) / float(i) for o, i in zip(sizes, in_shape)]
+        values = [float(o) / float(in_shape[ax % len(in_shape)]) for o, ax in zip(sizes, picked)]
     else:
         return None
-    if "axes" in a:  # opset 18: scales for these axes only
-        rank = len(shapes.get(node.input[0], ())) or max(a["axes"]) + 1
+    if axes is not None:  # opset 18: values for these axes only
+        if rank is None:
+            return None
         full = [1.0] * rank
-        for ax, s in zip(a["axes"], values):
-            full[ax % rank] = s
+        for ax, v in zip(axes, values):
+            full[ax % rank] = v
         values = full
     return values
 
@@ -297,11 +312,24 @@ def upsampling_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return found
 
 
+def alias_through(nodes, constants: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``constants`` plus the outputs of DequantizeLinear / Identity / Cast nodes reading one: a QDQ
+    weight's shape (all the checks need) is that of its integers."""
+    for node in nodes:
+        if node.op_type in ("DequantizeLinear", "Identity", "Cast") and node.input and node.output \
+                and node.input[0] in constants and node.output[0] not in constants:
+            constants[node.output[0]] = constants[node.input[0]]
+    return constants
+
+
 def check_model(model: onnx.ModelProto, profile: Profile, shapes: dict | None = None) -> list[Violation]:
     """Every upsampling node of ``model``'s main graph (upsampling_nodes) that ``profile``'s target
     cannot run, with why."""
     nodes = upsampling_nodes(model)
-    constants = model_constants(model, {i for n in nodes for i in n.input})
+    wanted = {i for n in nodes for i in n.input}
+    chain = [n for n in model.graph.node if n.op_type in ("DequantizeLinear", "Identity", "Cast")]
+    wanted |= {n.input[0] for n in chain if n.input and n.output and n.output[0] in wanted}
+    constants = alias_through(chain, model_constants(model, wanted))
     found = []
     for node in nodes:
         for why in node_problems(node, profile, constants, shapes):

@@ -87,3 +87,8 @@ def test_choose_never_picks_a_slower_form(others, original):
 def test_unknown_target_is_a_usage_error():
     with pytest.raises(up.UsageError, match="fastest"):
         up.convert(str(MODELS / "fsrcnn_k9s3.onnx"), to="quickest")
+
+
+def test_unavailable_provider_is_a_usage_error():
+    with pytest.raises(up.UsageError, match="--provider NoSuchExecutionProvider: not available"):
+        up.convert(str(MODELS / "fsrcnn_k9s3.onnx"), to="fastest", provider="NoSuchExecutionProvider")

@@ -9,6 +9,7 @@ Everything here is real: the crashes are onnx's and onnxruntime's own.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
@@ -153,3 +154,36 @@ def test_an_opset_imported_twice_is_invalid(tmp_path):
     src = tmp_path / "m.onnx"
     src.write_bytes(model.SerializeToString())
     assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "o.onnx"], 2, str(src), "imported more than once")
+
+
+def test_cli_with_stderr_closed_or_sigchld_ignored_still_works(tmp_path):
+    """The supervised CLI runs in-process when fd 2 is closed; an inherited SIG_IGN for SIGCHLD does
+    not turn a success into a 'crash'."""
+    import os
+
+    src = tmp_path / "m.onnx"
+    onnx.save(_ct_model(), src)
+    cmd = [sys.executable, "-m", "onnx_uprewrite", "convert", str(src), "-o", str(tmp_path / "a.onnx"), "-q"]
+    closed = subprocess.run(cmd, stdout=subprocess.DEVNULL, preexec_fn=lambda: os.close(2), timeout=120, check=False)
+    assert closed.returncode == 0 and (tmp_path / "a.onnx").exists()
+    cmd[-2] = str(tmp_path / "b.onnx")
+    ignored = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False,
+                             preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN))
+    assert ignored.returncode == 0, ignored.stderr
+    assert (tmp_path / "b.onnx").exists()
+
+
+def test_announced_paths_survive_any_characters():
+    data = b""
+    import json as _json
+
+    for kind, value in (("temp", "/tmp/victim\u2028x"), ("model", "a\rb\x85c.onnx"), ("stage", "saving")):
+        data += (_json.dumps([kind, value]) + "\n").encode("ascii")
+    told = isolate._told(data)
+    assert told == {"temp": ["/tmp/victim\u2028x"], "model": ["a\rb\x85c.onnx"], "stage": ["saving"]}
+
+
+def _ct_model():
+    rng = np.random.default_rng(3)
+    node = helper.make_node("ConvTranspose", ["x", "W"], ["y"], name="up", strides=[2, 2], pads=[1, 1, 1, 1])
+    return graph_model([node], inits=[numpy_helper.from_array(rng.standard_normal((3, 2, 4, 4)).astype(np.float32), "W")])

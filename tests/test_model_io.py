@@ -214,3 +214,26 @@ def test_lazy_weights_read_only_the_sites_and_save_a_self_contained_model(tmp_pa
     want = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_external_length_must_match_the_tensor(tmp_path, ct_model):
+    """A declared length shorter than the tensor: refused at load (a lazy tensor is never read there)."""
+    src = tmp_path / "m.onnx"
+    onnx.save_model(ct_model(cin=8, cout=8), str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.data", size_threshold=0)
+    m = onnx.load(str(src), load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "length":
+                e.value = str(int(e.value) // 2)
+    onnx.save_model(m, str(src))
+    for lazy in (False, True):
+        with pytest.raises(InvalidModelError, match="for a tensor of"):
+            load_model(src, lazy=lazy)
+
+
+def test_external_save_keeps_graph_metadata(tmp_path, ct_model):
+    m = ct_model()
+    m.graph.metadata_props.add(key="k", value="v")
+    save_model(m, tmp_path / "o.onnx", external=True)
+    assert [(p.key, p.value) for p in onnx.load(str(tmp_path / "o.onnx")).graph.metadata_props] == [("k", "v")]

@@ -250,3 +250,41 @@ def test_built_in_profiles_cite_their_sources():
     for name in pf.builtin_names():
         data = json.loads((pf.BUILTIN_DIR / f"{name}.json").read_text())
         assert data["sources"] and all(s.get("quote") for s in data["sources"]), name
+
+
+# ---------------------------------------------------------------------------------------------
+# regressions from review: odd profiles and odd nodes never escape as internal errors
+
+
+def test_profile_modes_must_be_strings_and_names_one_line(tmp_path):
+    with pytest.raises(UsageError, match="a list among"):
+        pf.parse_profile({"name": "x", "ops": {"Resize": {"modes": [["nearest"]]}}})
+    assert pf.parse_profile({"name": "acc\nuprewrite: ok"}).name == "acc\\nuprewrite: ok"
+
+
+def test_unexpected_attribute_types_are_reported_not_raised():
+    model = _ct()
+    node = model.graph.node[0]
+    for a in list(node.attribute):
+        if a.name == "dilations":
+            node.attribute.remove(a)
+    node.attribute.append(helper.make_attribute("dilations", 2))
+    (v,) = pf.check_model(model, _profile(ConvTranspose={"dilation": False}))
+    assert "cannot be checked" in v.reason
+
+
+def test_opset10_resize_reads_its_scales_from_input_1():
+    model = _resize_conv(3)
+    rs = model.graph.node[0]
+    rs.input[:] = ["x", "sc"]
+    for a in list(rs.attribute):
+        if a.name != "mode":
+            rs.attribute.remove(a)
+    model.opset_import[0].version = 10
+    assert "scales [3.0, 3.0] not among [2]" in str(pf.check_model(model, _profile(Resize={"scales": [2]}))[0])
+
+
+def test_qdq_weights_are_seen_through_dequantize_linear():
+    model = onnx.load(EXPORTED / "torch_unet_decoder_op17_qdq_pt.onnx")
+    found = pf.check_model(model, _profile(ConvTranspose={"kernels": [3]}))
+    assert found and all("kernel" in v.reason for v in found)
