@@ -6,6 +6,7 @@ The library never prints, exits or imports click; failures are typed errors (err
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -97,14 +98,17 @@ def _pick_for_profile(model, site, namer, prof, shapes, opset, budget, refusals)
         if bad:
             why_not.append(f"{form}: {bad[0]}")
             continue
-        ok.append((emitter.macs(site) or 0, len(emission.nodes), form != site.source, form, builder, description))
+        macs = emitter.macs(site)
+        ok.append((math.inf if macs is None else macs, len(emission.nodes), form != site.source, form, builder,
+                   description))
     if not ok:
         refusals.append(Refusal(site.node, site.source, f"{site.source} '{site.node}': no exact form that "
                                 f"{prof.name} runs ({'; '.join(why_not)})"))
         return None
     macs, _, _, form, builder, description = min(ok, key=lambda c: c[:3])  # ties: the source's own form
+    cost = f"{macs:,} MACs" if macs != math.inf else "MACs unknown: symbolic lengths; fewest nodes"
     return form, builder, description, f"{prof.name} cannot run the original ({problems[0]}); {form} is the " \
-        f"cheapest form it runs ({macs:,} MACs)"
+        f"cheapest form it runs ({cost})"
 
 
 def _pick_fastest(model, site, namer, captured, opset, budget, provider, refusals):

@@ -287,6 +287,7 @@ class _Terminated(BaseException):
 
 
 def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one-shot: a second SIGTERM must not cut the cleanup short
     raise _Terminated()
 
 

@@ -60,6 +60,8 @@ def last_line(text: bytes) -> str:
 
 def crash_message(what: str, signum: int, native: bytes) -> str:
     said = last_line(native)
+    if signum == signal.SIGKILL:  # not a crash of its own: the kernel (out of memory?) or someone killed it
+        return f"{what} was killed (SIGKILL: out of memory, or killed by another process)"
     return (f"{what} crashed ({signal_name(signum)}{': ' + said if said else ''}); the model is malformed "
             "in a way onnx/onnxruntime do not check")
 
