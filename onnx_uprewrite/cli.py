@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -318,6 +319,10 @@ def _main() -> None:
     except KeyboardInterrupt:
         click.echo("uprewrite: interrupted; no partial output left", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except UprewriteError as exc:  # re-raised by --debug: its traceback, then its documented exit code
+        traceback.print_exc()
+        click.echo(f"uprewrite: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
     except Exception as exc:  # a bug: still one line, never a half-written output
         click.echo(f"uprewrite: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", err=True)
         if "--debug" in sys.argv:
