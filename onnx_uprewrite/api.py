@@ -698,9 +698,10 @@ def _check(rewritten, feeds, reference, tol, report, steps=None):
     return checks
 
 
-def inspect(model, shapes: dict | None = None, memory_budget: int | None = None) -> dict:
-    """Every site with its canonical parameters and MACs, and every refusal with its reason."""
-    model, label, _ = _open(model)
+def inspect(model, shapes: dict | None = None, memory_budget: int | None = None, lazy_weights: bool = False) -> dict:
+    """Every site with its canonical parameters and MACs, and every refusal with its reason
+    (``lazy_weights``: read only the sites' weights from external data, as convert can)."""
+    model, label, _ = _open(model, lazy=lazy_weights)
     budget = default_memory_budget() if memory_budget is None else int(memory_budget)
     sites, refusals = find_sites(model, shapes)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)

@@ -174,7 +174,8 @@ def _write_report(path: Path, text: str) -> None:
 def inspect(model, shape, as_json, memory_budget, debug):
     """List the upsampling sites of MODEL, their parameters, and the reasons for refusals."""
     try:
-        info = api.inspect(model, shapes=parse_shape_option(shape), memory_budget=_size(memory_budget))
+        info = api.inspect(model, shapes=parse_shape_option(shape), memory_budget=_size(memory_budget),
+                           lazy_weights=True)
     except UprewriteError as exc:
         _fail(exc, debug)
         return
