@@ -291,6 +291,7 @@ def convert(
     provider: str = "CPUExecutionProvider",
     profile=None,
     lazy_weights: bool = False,
+    d2s_mode: str = "CRD",
 ) -> ConvertResult:
     """Rewrite every upsampling site of ``model`` (path or ModelProto) into form ``to``.
 
@@ -307,7 +308,8 @@ def convert(
     cannot run, each into the cheapest exact form it can run, and checks the result (profile.py).
     ``lazy_weights`` (for a path with external data) reads only the weights of the sites; the others
     stay in the input's data file and are copied to the output's (the CLI's choice): then
-    ``result.model`` refers to that file by absolute path (model_io.is_lazy).  Raises
+    ``result.model`` refers to that file by absolute path (model_io.is_lazy).  ``d2s_mode`` is the
+    DepthToSpace mode of the sub-pixel form (``DCR`` permutes the Conv's output channels).  Raises
     UsageError, InvalidModelError, VerificationImpossible, ResourceLimit or VerificationFailed
     (with ``.report``).
     """
@@ -315,6 +317,8 @@ def convert(
     if to not in TARGETS:
         raise UsageError(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
     fastest = to == "fastest"
+    if d2s_mode not in ("CRD", "DCR"):
+        raise UsageError(f"--d2s-mode {d2s_mode!r}: expected CRD or DCR")
     if fastest and provider not in onnxruntime.get_available_providers():
         raise UsageError(f"--provider {provider}: not available in this onnxruntime "
                          f"({', '.join(onnxruntime.get_available_providers())})")
@@ -410,7 +414,8 @@ def convert(
         else:
             target, choice, builder = to, None, Builder(namer, site.node)
             try:
-                form = emit_site(site, EMITTERS[to], builder, opset, budget)
+                emitter = EMITTERS[to].DCR if to == "subpixel" and d2s_mode == "DCR" else EMITTERS[to]
+                form = emit_site(site, emitter, builder, opset, budget)
             except (ValueError, OverflowError) as exc:  # OverflowError: sizes beyond int64
                 refusals.append(Refusal(site.node, site.source, f"{site.source} '{site.node}': {exc}"))
                 continue

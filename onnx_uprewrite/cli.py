@@ -82,6 +82,8 @@ def cli() -> None:
               help="Target accelerator: rewrite only the sites it cannot run, each into the cheapest exact form "
                    "it runs, and check the result (built-in: tidl, ethos-u, rknn, kl520, kl720, ax650, vitis-dpu, "
                    "dla, cv18xx; or a JSON/TOML file).")
+@click.option("--d2s-mode", "d2s_mode", type=click.Choice(["CRD", "DCR"]), default="CRD", show_default=True,
+              help="DepthToSpace mode of the sub-pixel form (DCR: TensorFlow's order; the Conv's channels are permuted).")
 @click.option("--provider", default="CPUExecutionProvider", show_default=True,
               help="onnxruntime execution provider that --to fastest times the forms with.")
 @click.option("--only", multiple=True, metavar="NODE", help="Rewrite only these site nodes (repeatable).")
@@ -98,7 +100,7 @@ def cli() -> None:
 @TIME_BUDGET
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def convert(model, output, to, profile, provider, only, sources, inputs_file, shape, atol, rtol, no_verify, report_file, seed,
+def convert(model, output, to, profile, d2s_mode, provider, only, sources, inputs_file, shape, atol, rtol, no_verify, report_file, seed,
             memory_budget, time_budget, quiet, debug):
     """Rewrite every upsampling site of MODEL into the form --to, verify, save."""
     progress = None if quiet else ProgressLine.for_stderr()
@@ -114,7 +116,7 @@ def convert(model, output, to, profile, provider, only, sources, inputs_file, sh
             shapes=parse_shape_option(shape), atol=atol, rtol=rtol, verify=not no_verify, seed=seed,
             also_writes=[report_file] if report_file is not None else [],
             memory_budget=_size(memory_budget), time_budget=time_budget,
-            progress=progress, provider=provider, profile=profile, lazy_weights=True,
+            progress=progress, provider=provider, profile=profile, lazy_weights=True, d2s_mode=d2s_mode,
         )
     except UprewriteError as exc:
         if progress is not None:

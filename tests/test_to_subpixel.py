@@ -165,3 +165,31 @@ def test_caller_model_is_not_mutated():
     before = model.SerializeToString()
     up.convert(model)
     assert model.SerializeToString() == before
+
+
+@pytest.mark.parametrize("name", ["torch_dcgan_op13", "torch_dcgan_op13_qdq_pc", "torch_fsrcnn_op13",
+                                  "torch_unet_decoder_op17_qdq_pt", "keras_conv2dtranspose_same"])
+def test_dcr_layout_verifies(name):
+    """--d2s-mode DCR: the Conv's output channels are permuted so that DepthToSpace DCR is exact
+    (float, per-tensor and per-channel QDQ weights)."""
+    from pathlib import Path
+
+    exported = Path(__file__).resolve().parent.parent / "models" / "exported"
+    data = np.load(exported / f"{name}.npz")
+    inputs = {k: data[k] for k in data.files if not k.startswith("out:")}
+    result = up.convert(str(exported / f"{name}.onnx"), to="subpixel", d2s_mode="DCR", inputs=inputs)
+    assert result.report.verification == "passed"
+    modes = {a.s for n in result.model.graph.node if n.op_type == "DepthToSpace" for a in n.attribute
+             if a.name == "mode"}
+    assert modes == {b"DCR"}
+
+
+def test_dcr_refuses_grouped_sites_with_the_reason():
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 2, 4, 4)).astype(np.float32), "W")
+    node = helper.make_node("ConvTranspose", ["x", "W"], ["y"], name="up", strides=[2, 2], pads=[1, 1, 1, 1], group=2)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [1, 4, 5, 5])],
+                              [helper.make_tensor_value_info("y", 1, None)], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    (site,) = up.convert(model, to="subpixel", d2s_mode="DCR").report.sites
+    assert site.status == "refused" and "cannot follow a grouped Conv" in site.reason
