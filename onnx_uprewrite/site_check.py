@@ -70,7 +70,8 @@ def magnitude_model(site: Site, x: np.ndarray, model: onnx.ModelProto, opset: in
     b = Builder(Namer(onnx.ModelProto()), "magnitude")
     abs_x = b.node("Abs", [site.input], "abs")
     target = dataclasses.replace(
-        site, input=abs_x, output="magnitude", weight=np.abs(site.weight), bias=None, phase_bias=None,
+        site, input=abs_x, output="magnitude", magnitude_weight=None, bias=None, phase_bias=None,
+        weight=np.abs(site.weight if site.magnitude_weight is None else site.magnitude_weight).astype(site.weight.dtype),
         weight_quant=None, bias_quant=None, output_quant=None, requantize=None,
     )
     from .api import emit_site

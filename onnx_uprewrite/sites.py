@@ -40,6 +40,9 @@ class Site:
     # bias that repeats with period s: [Cout, s0, s1, ...], indexed by the phase (o + pb) mod s of
     # the uncropped result (a sub-pixel Conv whose bias differs across phases); None: ``bias`` only
     phase_bias: np.ndarray | None = None
+    # ``|W|`` for the per-site tolerance where ``weight`` sums several source weights (an upsampling
+    # composed into a Conv): the source form rounds sums of |V| * |x| terms, which |sum V| underrates
+    magnitude_weight: np.ndarray | None = None
     source_macs: int | None = None  # MACs of the source form where the canonical site can't tell
     # edge padding (begins..., ends...) of the input before the transposed convolution (Resize
     # coordinate clamping); ``input_lengths`` and ``axes`` then describe the padded input

@@ -137,8 +137,10 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
             return refuse(f"attribute output_shape={output_shape} has non-positive values")
 
     lengths = index.spatial_lengths(node.input[0], rank)
-    if output_shape is not None:
-        lengths = index.spatial_lengths(node.input[0], rank, assumed=True)
+    if output_shape is not None and None in lengths:
+        return refuse("attribute output_shape fixes the output length whatever the input length, and the input "
+                      "length is not static: the crop would depend on it, so no fixed rewrite is exact (declare a "
+                      "static input shape in the model to rewrite at that size)")
     axes = []
     for i in range(rank):
         try:

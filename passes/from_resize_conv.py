@@ -213,6 +213,8 @@ def conv_site(node: NodeProto, index: GraphIndex, source: str, interp, x: str, l
         input=x,
         output=node.output[0],
         weight=upsample_conv_weight(weight, group, [a.taps for a in interp], dilations),
+        magnitude_weight=upsample_conv_weight(np.abs(np.asarray(weight, np.float64)), group,
+                                              [np.abs(np.asarray(a.taps)) for a in interp], dilations),
         bias=bias,
         group=group,
         axes=axes,

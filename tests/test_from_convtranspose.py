@@ -141,10 +141,14 @@ def test_invalid_attributes_are_refused_naming_the_attribute(attrs, w_shape, nee
     assert reason.startswith("ConvTranspose 'up': ") and needle in reason
 
 
-def test_output_shape_needs_static_length_then_uses_shape_option():
+def test_output_shape_needs_a_static_input_length():
+    """output_shape fixes the output whatever the input length: with a symbolic length (even at a
+    --shape) the crop would only hold at that size, so the site is refused; a static one converts."""
     model = _model(dict(strides=[2], output_shape=[8]), [1, 1, "L"])
-    assert "--shape" in _refusal(model)
-    sites, _ = find_sites(model, {"x": (1, 1, 4)})
+    assert "input length is not static" in _refusal(model)
+    sites, refusals = find_sites(model, {"x": (1, 1, 4)})
+    assert not sites and "input length is not static" in refusals[0].reason
+    sites, _ = find_sites(_model(dict(strides=[2], output_shape=[8]), [1, 1, 4]))
     assert sites[0].axes[0].crop_begin == 1 and sites[0].axes[0].output_length(4) == 8
 
 
