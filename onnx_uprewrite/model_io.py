@@ -250,7 +250,9 @@ def check_resize_ranks(model: onnx.ModelProto, typed: dict) -> None:
         if any(a.name == "axes" for a in node.attribute) or node.input[0] not in typed:
             continue
         rank = len(typed[node.input[0]][1])
-        for name in node.input[1:]:
+        # Upsample and Resize-10: (X, scales); Resize-11+: (X, roi, scales, sizes), roi has 2*rank values
+        counted = node.input[1:2] if node.op_type == "Upsample" or len(node.input) == 2 else node.input[2:4]
+        for name in counted:
             t = constants.get(name)
             if t is None or len(t.dims) != 1 or t.dims[0] in (0, rank):
                 continue

@@ -187,3 +187,18 @@ def _ct_model():
     rng = np.random.default_rng(3)
     node = helper.make_node("ConvTranspose", ["x", "W"], ["y"], name="up", strides=[2, 2], pads=[1, 1, 1, 1])
     return graph_model([node], inits=[numpy_helper.from_array(rng.standard_normal((3, 2, 4, 4)).astype(np.float32), "W")])
+
+
+def test_a_resize_roi_of_2_rank_values_is_not_taken_for_scales():
+    """Resize-11+ reads (X, roi, scales, sizes); roi has 2*rank values and must not trip the
+    scales-count check that guards onnxruntime's abort."""
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(np.zeros(8, np.float32), "roi"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "sc"),
+             numpy_helper.from_array(rng.standard_normal((3, 3, 3, 3)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Resize", ["x", "roi", "sc"], ["u"], name="rs", mode="nearest",
+                              coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+             helper.make_node("Conv", ["u", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    result = api.convert(graph_model(nodes, inits=inits), to="convtranspose")
+    assert result.report.verification == "passed"
+    assert [s.status for s in result.report.sites] == ["rewritten"]
