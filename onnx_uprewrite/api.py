@@ -72,6 +72,19 @@ def _profile_candidates():
     return [(form, e) for form, e in sorted(EMITTERS.items())] + [("subpixel", EMITTERS["subpixel"].DCR)]
 
 
+def _emit_each(site, namer, candidates, opset, budget):
+    """``([(form, emitter, builder, description)], [why each other form is not possible])`` for every
+    ``(form, emitter)`` candidate of ``site``."""
+    built, why_not = [], []
+    for form, emitter in candidates:
+        builder = Builder(namer, site.node)
+        try:
+            built.append((form, emitter, builder, emit_site(site, emitter, builder, opset, budget)))
+        except (ValueError, OverflowError) as exc:
+            why_not.append(f"{form}: {exc}")
+    return built, why_not
+
+
 def _pick_for_profile(model, site, namer, prof, shapes, opset, budget, refusals):
     """``(form, builder, description, why)``: fastest.KEEP when the target runs the site as it is,
     else the exact form with the fewest MACs (then nodes, then the source's own form) whose every
@@ -82,14 +95,10 @@ def _pick_for_profile(model, site, namer, prof, shapes, opset, budget, refusals)
     problems = [p for n in original.nodes for p in node_problems(n, prof, constants, shapes)]
     if not problems:
         return KEEP, None, None, f"{prof.name} runs it as it is"
-    ok, why_not = [], [f"original: {problems[0]}"]
-    for form, emitter in _profile_candidates():
-        builder = Builder(namer, site.node)
-        try:
-            description = emit_site(site, emitter, builder, opset, budget)
-        except (ValueError, OverflowError) as exc:
-            why_not.append(f"{form}: {exc}")
-            continue
+    built, why_not = _emit_each(site, namer, _profile_candidates(), opset, budget)
+    why_not.insert(0, f"original: {problems[0]}")
+    ok = []
+    for form, emitter, builder, description in built:
         emission = builder.emission
         local = {t.name: numpy_helper.to_array(t) for t in emission.initializers}
         local.update(model_constants(model, {i for n in emission.nodes for i in n.input} - set(local)))
@@ -114,15 +123,9 @@ def _pick_for_profile(model, site, namer, prof, shapes, opset, budget, refusals)
 def _pick_fastest(model, site, namer, captured, opset, budget, provider, refusals):
     """``(form, builder, description, Choice)`` of the fastest exact form of ``site`` (fastest.KEEP:
     leave it), or None when no form is possible (the reasons go to ``refusals``)."""
-    built, why_not = {}, []
-    for form, emitter in sorted(EMITTERS.items()):
-        if form == site.source:
-            continue
-        builder = Builder(namer, site.node)
-        try:
-            built[form] = (builder, emit_site(site, emitter, builder, opset, budget))
-        except (ValueError, OverflowError) as exc:
-            why_not.append(f"{form}: {exc}")
+    emitted, why_not = _emit_each(site, namer, [(f, e) for f, e in sorted(EMITTERS.items()) if f != site.source],
+                                  opset, budget)
+    built = {form: (builder, description) for form, _, builder, description in emitted}
     if site.input not in captured:
         refusals.append(Refusal(site.node, site.source, f"{site.source} '{site.node}': its input was not "
                                 "captured in the reference run, so its forms cannot be timed"))

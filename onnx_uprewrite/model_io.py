@@ -55,7 +55,7 @@ def load_model(path: str | os.PathLike, lazy: bool = False) -> tuple[onnx.ModelP
             if lazy:
                 lazy_names = set()
                 for t in model.graph.initializer:
-                    if external_data_helper.uses_external_data(t) and t.data_type in _NUMPY_RAW:
+                    if external_data_helper.uses_external_data(t) and t.data_type in NUMPY_RAW:
                         for e in t.external_data:
                             if e.key == "location":
                                 e.value = str((base / e.value).resolve())
@@ -143,7 +143,7 @@ def check_external_data(model: onnx.ModelProto, base: Path, label: str) -> list[
         size = target.stat().st_size
         if offset < 0 or offset > size or (length is not None and (length < 0 or offset + length > size)):
             raise InvalidModelError(f"{where}: file has {size} bytes, fewer than offset+length requires")
-        if tensor.data_type in _NUMPY_RAW:
+        if tensor.data_type in NUMPY_RAW:
             need = math.prod(tensor.dims) * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
             if (length if length is not None else size - offset) < need or (length is not None and length != need):
                 raise InvalidModelError(f"{where}: holds {length if length is not None else size - offset} bytes "
@@ -315,7 +315,7 @@ def default_opset(model: onnx.ModelProto) -> int | None:
 
 
 #: numpy's bytes of these types are their ONNX raw_data (not so for 4-bit or 8-bit float types)
-_NUMPY_RAW = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+NUMPY_RAW = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
               onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
               onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
 EXTERNAL_THRESHOLD = 1024  # bytes: smaller initializers stay in the model file
@@ -345,6 +345,16 @@ def _copy_field(dst, fd, value) -> None:
         setattr(dst, fd.name, value)
 
 
+def external_ref(graph: onnx.GraphProto, t: onnx.TensorProto, location: str, offset: int,
+                 length: int) -> onnx.TensorProto:
+    """Append to ``graph`` an initializer like ``t`` whose data is ``length`` bytes at ``offset`` of ``location``."""
+    ref = graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims,
+                                data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        ref.external_data.add(key=key, value=value)
+    return ref
+
+
 def write_external(model: onnx.ModelProto, model_path: Path, data_path: Path, location: str) -> None:
     """Save ``model`` with its initializers of EXTERNAL_THRESHOLD bytes or more in ``data_path``
     (referenced as ``location``), one tensor at a time: the model is neither copied nor changed,
@@ -359,7 +369,7 @@ def write_external(model: onnx.ModelProto, model_path: Path, data_path: Path, lo
             elif t.data_location != onnx.TensorProto.EXTERNAL:
                 if t.HasField("raw_data"):
                     raw = t.raw_data
-                elif t.data_type in _NUMPY_RAW:
+                elif t.data_type in NUMPY_RAW:
                     raw = numpy_helper.to_array(t).tobytes()
             if raw is None or len(raw) < EXTERNAL_THRESHOLD:
                 if is_lazy(t):  # small: inline, never a reference to the input's file
@@ -373,11 +383,9 @@ def write_external(model: onnx.ModelProto, model_path: Path, data_path: Path, lo
                 fh.write(b"\0" * pad)
                 offset += pad
             fh.write(raw)
-            ref = out.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims, doc_string=t.doc_string)
+            ref = external_ref(out.graph, t, location, offset, len(raw))
+            ref.doc_string = t.doc_string
             ref.metadata_props.extend(t.metadata_props)
-            ref.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
-                ref.external_data.add(key=key, value=value)
             offset += len(raw)
             del raw
     if offset == 0:

@@ -221,11 +221,14 @@ def _conv_problems(node, a, limits, constants, shapes):
     return out
 
 
+def _mode_problems(a, limits, default: str) -> list[str]:
+    mode = _text(a.get("mode", default))
+    return [f"mode {mode} not among {limits['modes']}"] if limits.get("modes") is not None and \
+        mode not in limits["modes"] else []
+
+
 def _resize_problems(node, a, limits, constants, shapes):
-    out = []
-    mode = _text(a.get("mode", "nearest"))
-    if limits.get("modes") is not None and mode not in limits["modes"]:
-        out.append(f"mode {mode} not among {limits['modes']}")
+    out = _mode_problems(a, limits, "nearest")
     scales = _resize_scales(node, a, constants, shapes)
     if scales is None:
         if limits.get("scales") is not None or limits.get("max_scale") is not None:
@@ -275,10 +278,7 @@ def _resize_scales(node, a, constants, shapes):
 
 
 def _d2s_problems(node, a, limits, constants, shapes):
-    out = []
-    mode = _text(a.get("mode", "DCR"))
-    if limits.get("modes") is not None and mode not in limits["modes"]:
-        out.append(f"mode {mode} not among {limits['modes']}")
+    out = _mode_problems(a, limits, "DCR")
     block = a.get("blocksize")
     if limits.get("blocksizes") is not None and block not in limits["blocksizes"]:
         out.append(f"blocksize {block} not among {limits['blocksizes']}")

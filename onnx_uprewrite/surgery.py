@@ -167,7 +167,7 @@ def drop_unused(model: onnx.ModelProto, candidates: set[str]) -> None:
     """
     graph = model.graph
     while True:
-        used = _used_names(graph)
+        used = used_names(graph)
         dead_nodes = [
             n for n in graph.node
             if n.output and all(o in candidates and o not in used for o in n.output if o)
@@ -176,7 +176,7 @@ def drop_unused(model: onnx.ModelProto, candidates: set[str]) -> None:
             break
         for n in dead_nodes:
             graph.node.remove(n)
-    used = _used_names(graph)
+    used = used_names(graph)
     inputs = {i.name for i in graph.input}
     drop = [i for i, t in enumerate(graph.initializer) if t.name in candidates and t.name not in used]
     if drop:
@@ -189,7 +189,8 @@ def drop_unused(model: onnx.ModelProto, candidates: set[str]) -> None:
             graph.input.remove(i)
 
 
-def _used_names(graph: onnx.GraphProto) -> set[str]:
+def used_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor a node of ``graph`` or of its subgraphs reads, and the graph's outputs."""
     used = {o.name for o in graph.output}
     stack = [graph]
     while stack:

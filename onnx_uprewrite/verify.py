@@ -22,7 +22,8 @@ from onnx import helper, numpy_helper
 
 from .budget import run_session, tensor_bytes
 from .errors import UprewriteError, UsageError, VerificationImpossible
-from .model_io import is_lazy, tensor_memmap, tensor_raw
+from .model_io import NUMPY_RAW, external_ref, is_lazy, shell, tensor_memmap, tensor_raw
+from .surgery import used_names
 
 ort.set_default_logger_severity(4)  # onnxruntime's own error lines would bypass our one-line messages
 
@@ -89,28 +90,15 @@ def derive_tolerance(dtype: np.dtype, terms: int, atol: float | None, rtol: floa
 #: initializers at least this big reach onnxruntime as OrtValues (add_external_initializers), not
 #: serialized into the model bytes: no 2 GiB protobuf limit, no copy of every weight into bytes
 EXTERNAL_MIN_BYTES = 1 << 16
-_ORTVALUE_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
-                   onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
-                   onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
 
 
 def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[np.ndarray]]:
     """``model`` without the data of its big initializers (declared external, at a location that is
     never read) + their names and values, for ``add_external_initializers``."""
-    skeleton = onnx.ModelProto()
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(skeleton, field, getattr(model, field))
-    skeleton.opset_import.extend(model.opset_import)
-    skeleton.functions.extend(model.functions)
+    skeleton = shell(model)
     src, g = model.graph, skeleton.graph
-    g.name = src.name
-    g.node.extend(src.node)
-    g.input.extend(src.input)
-    g.output.extend(src.output)
-    g.value_info.extend(src.value_info)
-    g.sparse_initializer.extend(src.sparse_initializer)
     names, values = [], []
-    read = _read_names(src) | {o.name for o in src.output}
+    read = used_names(src)
     inputs = {i.name for i in src.input}
     for t in src.initializer:
         size = tensor_bytes(t.data_type, list(t.dims))
@@ -121,41 +109,26 @@ def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], l
             elif t.name in inputs:
                 g.initializer.append(t)
             continue
-        if lazy and t.data_type in _ORTVALUE_TYPES and size:  # straight from its file, never read here
+        if lazy and t.data_type in NUMPY_RAW and size:  # straight from its file, never read here
             names.append(t.name)
             values.append(tensor_memmap(t))
-            _external_ref(g, t, size)
+            external_ref(g, t, _NEVER_READ, 0, size)
             continue
         if lazy:
             g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims, raw_data=tensor_raw(t))
             continue
-        if (t.data_type not in _ORTVALUE_TYPES or size is None or size < EXTERNAL_MIN_BYTES
+        if (t.data_type not in NUMPY_RAW or size is None or size < EXTERNAL_MIN_BYTES
                 or t.data_location == onnx.TensorProto.EXTERNAL):
             g.initializer.append(t)
             continue
-        _external_ref(g, t, size)
+        external_ref(g, t, _NEVER_READ, 0, size)
         names.append(t.name)
         values.append(np.ascontiguousarray(numpy_helper.to_array(t)))
     return skeleton, names, values
 
 
-def _read_names(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor name a node of ``graph`` or of its subgraphs reads."""
-    names = set()
-    for node in graph.node:
-        names.update(node.input)
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                names |= _read_names(sub)
-    return names
-
-
-def _external_ref(graph: onnx.GraphProto, t: onnx.TensorProto, size: int) -> None:
-    """An initializer entry whose data comes from add_external_initializers (its location is never read)."""
-    ref = graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims,
-                                data_location=onnx.TensorProto.EXTERNAL)
-    for key, value in (("location", "uprewrite-never-read.bin"), ("offset", "0"), ("length", str(size))):
-        ref.external_data.add(key=key, value=value)
+#: the location of initializers whose data reaches onnxruntime through add_external_initializers
+_NEVER_READ = "uprewrite-never-read.bin"
 
 
 def session(model: onnx.ModelProto | bytes) -> ort.InferenceSession:
