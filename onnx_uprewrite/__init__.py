@@ -3,55 +3,62 @@
 __version__ = "0.1.0"
 
 
-def _attach_source_passes() -> None:
+class _SourcePassesFinder:
     """Make ``onnx_uprewrite.passes`` importable from a source checkout.
 
     Installed (``pip install .`` or ``-e .``), setuptools maps the top-level ``passes/`` folder to
     ``onnx_uprewrite.passes``.  When Python finds this package in the current directory instead
     (``python -m onnx_uprewrite`` or ``python -c 'import onnx_uprewrite'`` at the repository
-    root), that mapping is absent, so load ``passes/`` under the same name here.
+    root), that mapping is absent: this finder, consulted after the regular ones, serves
+    ``passes/`` under that name (on first import, so importing this package stays light).
     """
-    import importlib
-    import importlib.util
-    import sys
-    from pathlib import Path
 
-    try:
-        importlib.import_module(f"{__name__}.passes")
-        return
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__name__}.passes":
-            raise
-    folder = Path(__file__).resolve().parent.parent / "passes"
-    spec = importlib.util.spec_from_file_location(
-        f"{__name__}.passes", folder / "__init__.py", submodule_search_locations=[str(folder)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    name = f"{__name__}.passes"
+
+    @classmethod
+    def find_spec(cls, fullname, path=None, target=None):
+        if fullname != cls.name:
+            return None
+        import importlib.util
+        from pathlib import Path
+
+        folder = Path(__file__).resolve().parent.parent / "passes"
+        if not (folder / "__init__.py").is_file():
+            return None
+        return importlib.util.spec_from_file_location(fullname, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+
+
+def _attach_source_passes() -> None:
+    import sys
+
+    if not any(isinstance(f, type) and f.__name__ == "_SourcePassesFinder" for f in sys.meta_path):
+        sys.meta_path.append(_SourcePassesFinder)
 
 
 _attach_source_passes()
 
-from .api import ConvertResult, convert, inspect, verify  # noqa: E402
-from .errors import (  # noqa: E402
-    InvalidModelError,
-    ResourceLimit,
-    UprewriteError,
-    UsageError,
-    VerificationFailed,
-    VerificationImpossible,
-)
+# The API loads on first use (PEP 562), so that ``onnx_uprewrite._entry`` can handle signals before
+# onnx and onnxruntime are imported.
+_LAZY = {
+    "convert": "api", "inspect": "api", "verify": "api", "ConvertResult": "api",
+    "UprewriteError": "errors", "UsageError": "errors", "InvalidModelError": "errors",
+    "VerificationFailed": "errors", "VerificationImpossible": "errors", "ResourceLimit": "errors",
+}
 
-__all__ = [
-    "convert",
-    "inspect",
-    "verify",
-    "ConvertResult",
-    "UprewriteError",
-    "UsageError",
-    "InvalidModelError",
-    "VerificationFailed",
-    "VerificationImpossible",
-    "ResourceLimit",
-]
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = list(_LAZY)
