@@ -113,10 +113,15 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--provider", default="CPUExecutionProvider")
+    parser.add_argument("--only", default="", help="run the decoders whose name contains this")
+    parser.add_argument("--to", nargs="*", help="only these targets")
     args = parser.parse_args()
     print(f"onnxruntime {ort.__version__}, {args.provider}, 1 thread, median of {args.runs} interleaved runs")
     print(f"{'decoder':44s} {'--to':14s} {'original ms':>12s} {'rewritten ms':>13s} {'ratio':>6s}  forms chosen")
     for name, model, targets in DECODERS:
+        if args.only not in name:
+            continue
+        targets = [t for t in targets if not args.to or t in args.to]
         shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
         x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
         for to in targets:

@@ -67,9 +67,15 @@ def _open(model, label: str | None = None, lazy: bool = False) -> tuple[onnx.Mod
     return loaded, one_line(str(path)), (path, external)
 
 
-#: candidate emitters under a profile: each form, and the sub-pixel one also with DepthToSpace DCR
+#: ``d2s_mode`` -> the sub-pixel emitter
+SUBPIXEL_LAYOUTS = EMITTERS["subpixel"].LAYOUTS
+
+
+#: candidate emitters under a profile: each form, the sub-pixel one in each DepthToSpace order
 def _profile_candidates():
-    return [(form, e) for form, e in sorted(EMITTERS.items())] + [("subpixel", EMITTERS["subpixel"].DCR)]
+    sub = EMITTERS["subpixel"]
+    return [(form, e) for form, e in sorted(EMITTERS.items()) if form != "subpixel"] + \
+        [("subpixel", layout) for layout in (sub.AUTO, sub.CRD, sub.DCR)]
 
 
 def _emit_each(site, namer, candidates, opset, budget):
@@ -294,7 +300,7 @@ def convert(
     provider: str = "CPUExecutionProvider",
     profile=None,
     lazy_weights: bool = False,
-    d2s_mode: str = "CRD",
+    d2s_mode: str = "auto",
 ) -> ConvertResult:
     """Rewrite every upsampling site of ``model`` (path or ModelProto) into form ``to``.
 
@@ -312,7 +318,9 @@ def convert(
     ``lazy_weights`` (for a path with external data) reads only the weights of the sites; the others
     stay in the input's data file and are copied to the output's (the CLI's choice): then
     ``result.model`` refers to that file by absolute path (model_io.is_lazy).  ``d2s_mode`` is the
-    DepthToSpace mode of the sub-pixel form (``DCR`` permutes the Conv's output channels).  Raises
+    layout of the sub-pixel form: ``CRD`` (one Conv + DepthToSpace CRD, PyTorch's PixelShuffle order),
+    ``DCR`` (DepthToSpace DCR: the Conv's output channels are permuted, or one Conv per phase) or
+    ``auto`` (one Conv per phase where that is predicted faster, else CRD; to_subpixel.prefer_phases).  Raises
     UsageError, InvalidModelError, VerificationImpossible, ResourceLimit or VerificationFailed
     (with ``.report``).
     """
@@ -320,8 +328,8 @@ def convert(
     if to not in TARGETS:
         raise UsageError(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
     fastest = to == "fastest"
-    if d2s_mode not in ("CRD", "DCR"):
-        raise UsageError(f"--d2s-mode {d2s_mode!r}: expected CRD or DCR")
+    if d2s_mode not in SUBPIXEL_LAYOUTS:
+        raise UsageError(f"--d2s-mode {d2s_mode!r}: expected one of {', '.join(SUBPIXEL_LAYOUTS)}")
     if fastest and provider not in onnxruntime.get_available_providers():
         raise UsageError(f"--provider {provider}: not available in this onnxruntime "
                          f"({', '.join(onnxruntime.get_available_providers())})")
@@ -385,6 +393,7 @@ def convert(
     replacements, candidates, terms, done = {}, set(), 0, []
     for i, site in enumerate(sites):
         step("rewriting sites", i, len(sites))
+        emitter = None  # the emitter chosen in the --to branch (its layout decides the MACs)
         if prof is not None:
             picked = _pick_for_profile(model, site, namer, prof, measured, opset, budget, refusals)
             if picked is None:
@@ -417,7 +426,7 @@ def convert(
         else:
             target, choice, builder = to, None, Builder(namer, site.node)
             try:
-                emitter = EMITTERS[to].DCR if to == "subpixel" and d2s_mode == "DCR" else EMITTERS[to]
+                emitter = SUBPIXEL_LAYOUTS[d2s_mode] if to == "subpixel" else EMITTERS[to]
                 form = emit_site(site, emitter, builder, opset, budget)
             except (ValueError, OverflowError) as exc:  # OverflowError: sizes beyond int64
                 refusals.append(Refusal(site.node, site.source, f"{site.source} '{site.node}': {exc}"))
@@ -429,7 +438,7 @@ def convert(
         terms += site.terms_per_output
         result = SiteResult(
             node=site.node, source=site.source, target=target, status="rewritten", form=form,
-            params=site.params(), macs_before=site.source_macs, macs_after=EMITTERS[target].macs(site),
+            params=site.params(), macs_before=site.source_macs, macs_after=(emitter or EMITTERS[target]).macs(site),
             notes=list(site.notes) + ([f"fastest: {choice.why}"] if choice else [])
             + ([why] if prof is not None else []),
             timings_ms=choice.medians_ms if choice else None,

@@ -82,8 +82,11 @@ def cli() -> None:
               help="Target accelerator: rewrite only the sites it cannot run, each into the cheapest exact form "
                    "it runs, and check the result (built-in: tidl, ethos-u, rknn, kl520, kl720, ax650, vitis-dpu, "
                    "dla, cv18xx; or a JSON/TOML file).")
-@click.option("--d2s-mode", "d2s_mode", type=click.Choice(["CRD", "DCR"]), default="CRD", show_default=True,
-              help="DepthToSpace mode of the sub-pixel form (DCR: TensorFlow's order; the Conv's channels are permuted).")
+@click.option("--d2s-mode", "d2s_mode", type=click.Choice(["auto", "transpose", "CRD", "DCR"]), default="auto", show_default=True,
+              help="Layout of the sub-pixel form. auto: one Conv per output phase where that saves MACs, then "
+              "DepthToSpace (2-D square strides) or single-axis Transposes; transpose: Transposes everywhere "
+              "(fastest in onnxruntime); CRD: one Conv + DepthToSpace CRD (PixelShuffle's order); DCR: "
+              "DepthToSpace DCR (TensorFlow's order).")
 @click.option("--provider", default="CPUExecutionProvider", show_default=True,
               help="onnxruntime execution provider that --to fastest times the forms with.")
 @click.option("--only", multiple=True, metavar="NODE", help="Rewrite only these site nodes (repeatable).")

@@ -150,6 +150,58 @@ def subpixel_bias(bias: np.ndarray, n_phase: int) -> np.ndarray:
     return np.repeat(bias, n_phase)
 
 
+@dataclass(frozen=True)
+class PhaseAxis:
+    """Output phase r of one axis (outputs ``s*m + r``) as its own stride-1 Conv with exact pads.
+
+    Conv kernel index j reads transposed-kernel tap ``taps[j]``, applied with ``dilation``; the
+    Conv has ``L + extension/s`` outputs, exactly the phase's share of the output.
+    """
+
+    taps: tuple[int, ...]
+    dilation: int
+    pad_begin: int
+    pad_end: int
+
+
+def plan_phase_axis(axis: Axis) -> tuple[PhaseAxis, ...] | str:
+    """One exact stride-1 Conv per output phase of ``axis``, or why there is none.
+
+    Output ``o = s*m + r`` is ``F[o + pb] = sum x[i]*W[k]`` over ``i*s + k*d = s*m + r + pb``, so
+    phase r reads the taps k with ``k*d = r + pb (mod s)`` at low-resolution offsets
+    ``delta_k = (r + pb - k*d)/s``.  Those are evenly spaced (by ``d/gcd(s, d)``, the Conv's
+    dilation), so the phase is a Conv with pads ``-min delta`` and ``max delta + e/s``.  Needs
+    ``s | e`` (every phase as long as the others, so that the phases concatenate), a tap in every
+    phase and non-negative pads (no crop beyond the kernel's reach).
+    """
+    s, d, k_len, pb, e = axis.stride, axis.dilation, axis.kernel, axis.crop_begin, axis.extension
+    if e % s:
+        return f"output length is stride*L{e:+d}: its phases differ in length"
+    out = []
+    for r in range(s):
+        found = sorted(((r + pb - k * d) // s, k) for k in range(k_len) if (r + pb - k * d) % s == 0)
+        if not found:
+            return f"output phase {r} reads no tap (effective kernel {axis.effective_kernel} < stride {s})"
+        deltas = [delta for delta, _ in found]
+        dilation = deltas[1] - deltas[0] if len(deltas) > 1 else 1
+        pad_begin, pad_end = -deltas[0], deltas[-1] + e // s
+        if pad_begin < 0 or pad_end < 0:
+            return f"output phase {r} needs pads {pad_begin}/{pad_end}: the crop reaches beyond the kernel"
+        out.append(PhaseAxis(tuple(k for _, k in found), dilation, pad_begin, pad_end))
+    return tuple(out)
+
+
+def phase_weight(weight: np.ndarray, group: int, phases: tuple[PhaseAxis, ...]) -> np.ndarray:
+    """ConvTranspose weight ``[Cin, Cout/g, K...]`` -> the Conv weight ``[Cout, Cin/g, len(taps)...]`` of
+    one output phase (one PhaseAxis per spatial axis): ``V[(g, c), ci, j...] = W[(g, ci), c, taps[j]...]``,
+    a pure rearrangement."""
+    c_in, c_out_g = weight.shape[:2]
+    cig = c_in // group
+    sub = weight[(slice(None), slice(None)) + np.ix_(*[np.asarray(p.taps) for p in phases])]
+    sub = sub.reshape((group, cig, c_out_g) + sub.shape[2:]).swapaxes(1, 2)
+    return sub.reshape((group * c_out_g, cig) + sub.shape[3:])
+
+
 def crd_to_dcr_permutation(channels: int, n_phase: int) -> np.ndarray:
     """Index array p with ``dcr[i] = crd[p[i]]``: DCR order is ``phase*C + c``, CRD ``c*S + phase``."""
     return np.arange(channels * n_phase).reshape(channels, n_phase).T.reshape(-1)
@@ -265,6 +317,24 @@ def subpixel_reference(x: np.ndarray, weight, bias, axes: tuple[Axis, ...], grou
 # Resize(nearest, integer s) + Conv  ->  transposed convolution (DESIGN.md R1)
 
 
+def phase_reference(x: np.ndarray, weight, bias, axes: tuple[Axis, ...], group: int = 1) -> np.ndarray:
+    """The per-phase layout in float64: one Conv per output phase (plan_phase_axis, phase_weight),
+    interleaved ``y[..., s*m + r, ...] = phase_r[..., m, ...]``.  Raises ValueError without a plan."""
+    plans = [plan_phase_axis(a) for a in axes]
+    bad = next((p for p in plans if isinstance(p, str)), None)
+    if bad is not None:
+        raise ValueError(bad)
+    lengths = x.shape[2:]
+    y = np.zeros(x.shape[:1] + (weight.shape[1] * group,) + tuple(a.output_length(n) for a, n in zip(axes, lengths)))
+    for r in np.ndindex(*[a.stride for a in axes]):
+        phases = tuple(p[i] for p, i in zip(plans, r))
+        out = conv_reference(x, phase_weight(np.asarray(weight, np.float64), group, phases), bias,
+                             tuple(p.pad_begin for p in phases), tuple(p.pad_end for p in phases),
+                             tuple(p.dilation for p in phases), group)
+        y[(slice(None), slice(None)) + tuple(slice(ri, None, a.stride) for ri, a in zip(r, axes))] = out
+    return y
+
+
 def nearest_conv_weight(conv_weight: np.ndarray, group: int, strides, dilations) -> np.ndarray:
     """Conv weight ``V [Cout, Cin/g, Kc...]`` after nearest x``s`` upsampling -> ConvTranspose weight.
 
@@ -371,6 +441,61 @@ def subpixel_conv_weight(
         return dense, 1
     blocks = [dense[g * cig:(g + 1) * cig, g * cog:(g + 1) * cog] for g in range(group)]
     return np.concatenate(blocks, axis=0), group
+
+
+def merge_phase_convs(parts) -> tuple[np.ndarray, np.ndarray | None, int, tuple, tuple, tuple]:
+    """Stride-1 Convs of one input whose outputs are concatenated -> one Conv with the union of
+    their taps: ``(weight, bias, group, kernel, pads_begin, pads_end)``, dilation 1.
+
+    ``parts``: ``(weight [Cp, Cin/g, K...], bias or None, group, dilations, pads_begin, pads_end)``.
+    Output m of part p reads ``x[m + j*d - pb]``; the union Conv spans the offsets
+    ``[min(-pb), max((K-1)*d - pb)]`` and puts each part's taps at their offsets, zeros elsewhere.
+    Exact when every part has as many outputs (``pb + pe - (K-1)*d`` equal), which a Concat needs
+    anyway; ValueError otherwise.  Grouped parts become dense (group 1) unless there is one part.
+    """
+    rank = parts[0][0].ndim - 2
+    groups = {g for _, _, g, _, _, _ in parts}
+    if len(groups) != 1 or any(w.ndim != rank + 2 for w, *_ in parts):
+        raise ValueError("the Convs differ in group or rank")
+    group = groups.pop()
+    c_in = parts[0][0].shape[1] * group
+    if any(w.shape[1] * group != c_in for w, *_ in parts):
+        raise ValueError("the Convs differ in input channels")
+    lo, hi, extra = [], [], set()
+    for i in range(rank):
+        lo.append(min(-pb[i] for _, _, _, _, pb, _ in parts))
+        hi.append(max((w.shape[2 + i] - 1) * d[i] - pb[i] for w, _, _, d, pb, _ in parts))
+    for w, _, _, d, pb, pe in parts:
+        extra.add(tuple(pb[i] + pe[i] - (w.shape[2 + i] - 1) * d[i] for i in range(rank)))
+    if len(extra) != 1:
+        raise ValueError("the Convs produce different output lengths")
+    extra = extra.pop()
+    kernel = tuple(h - lw + 1 for h, lw in zip(hi, lo))
+    dense = group if len(parts) > 1 else 1  # a grouped part's block-diagonal weight, made dense
+    out_group = 1 if len(parts) > 1 else group
+    c_total = sum(w.shape[0] for w, *_ in parts)
+    dtype = np.result_type(*[w.dtype for w, *_ in parts])
+    merged = np.zeros((c_total, c_in // out_group) + kernel, dtype=dtype)
+    row = 0
+    for w, _, _, d, pb, _ in parts:
+        cp, cig = w.shape[:2]
+        cog = cp // group
+        for k in np.ndindex(*w.shape[2:]):
+            at = tuple(k[i] * d[i] - pb[i] - lo[i] for i in range(rank))
+            for g in range(dense):
+                rows = slice(row + g * cog, row + (g + 1) * cog) if dense > 1 else slice(row, row + cp)
+                cols = slice(g * cig, (g + 1) * cig) if dense > 1 else slice(None)
+                src = w[(slice(g * cog, (g + 1) * cog) if dense > 1 else slice(None), slice(None)) + k]
+                merged[(rows, cols) + at] = src
+        row += cp
+    biases = [b for _, b, *_ in parts]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = np.concatenate([np.zeros(w.shape[0], dtype) if b is None else np.asarray(b)
+                               for (w, *_), b in zip(parts, biases)])
+    pads_begin = tuple(-v for v in lo)
+    pads_end = tuple(e + h for e, h in zip(extra, hi))
+    return merged, bias, out_group, kernel, pads_begin, pads_end
 
 
 def depth_to_space_map(channels: int, strides, order: tuple[str, ...]) -> np.ndarray:

@@ -26,11 +26,11 @@ import numpy as np
 from onnx import NodeProto
 
 from onnx_uprewrite.sites import (
-    GraphIndex, NotConstant, Refusal, Site, attributes, conv_weights, text,
+    ConvGeometry, GraphIndex, NotConstant, Refusal, Site, attributes, conv_weights, text,
 )
 from onnx_uprewrite.surgery import INT64_MAX
 from onnx_uprewrite.weights import (
-    Axis, depth_to_space_map, rearrange_quantized, split_phase_bias, subpixel_conv_axis, subpixel_conv_weight,
+    Axis, depth_to_space_map, merge_phase_convs, rearrange_quantized, split_phase_bias, subpixel_conv_axis, subpixel_conv_weight,
 )
 
 SOURCE = "subpixel"
@@ -46,6 +46,34 @@ class _Shuffle:
     order: tuple | None  # split order of the channel axis, e.g. ("c", 0, 1)
     consts: tuple[str, ...]  # shape constants read by the nodes
     problem: str | None = None
+    channel_map: np.ndarray | None = None  # [C, S] Conv channel of (c, phase), when not given by ``order``
+
+    def channels(self, c_conv: int) -> np.ndarray:
+        """``channel_map[c, phase]``: the Conv channel that depth-to-space sends to channel c, phase."""
+        if self.channel_map is not None:
+            return self.channel_map
+        return depth_to_space_map(c_conv // math.prod(self.strides), self.strides, self.order)
+
+
+@dataclass(frozen=True)
+class _Start:
+    """What feeds the depth-to-space: one Conv, or the per-phase Convs of one input concatenated
+    along channels (our emitter's per-phase layout), read as one Conv with the union of their taps."""
+
+    convs: tuple[NodeProto, ...]
+    concat: NodeProto | None = None
+
+    @property
+    def input(self) -> str:
+        return self.convs[0].input[0]
+
+    @property
+    def output(self) -> str:
+        return (self.concat or self.convs[0]).output[0]
+
+    @property
+    def nodes(self) -> tuple[NodeProto, ...]:
+        return self.convs + ((self.concat,) if self.concat is not None else ())
 
 
 def _op(index: GraphIndex, name: str, op_type: str) -> NodeProto | None:
@@ -56,17 +84,35 @@ def _op(index: GraphIndex, name: str, op_type: str) -> NodeProto | None:
 
 
 def _conv_before(index: GraphIndex, tensor: str):
-    """``(Conv, (Q, DQ) or (), (scale, zero point) or None)`` when ``tensor`` is a Conv output, or
-    one read back through a per-tensor QuantizeLinear -> DequantizeLinear pair (QDQ models:
-    quantizing commutes with depth-to-space, which only moves values)."""
+    """``(_Start, (Q, DQ) or (), (scale, zero point) or None)`` when ``tensor`` is a Conv output (or
+    Convs concatenated, _phase_convs), or one read back through a per-tensor QuantizeLinear ->
+    DequantizeLinear pair (QDQ models: quantizing commutes with depth-to-space, which only moves values)."""
     conv = _op(index, tensor, "Conv")
     if conv is not None:
-        return conv, (), None
+        return _Start((conv,)), (), None
+    concat = _op(index, tensor, "Concat")
+    if concat is not None:
+        convs = _phase_convs(index, concat)
+        return (_Start(convs, concat), (), None) if convs else None
     pair = index.qdq_pair_before(tensor)
     conv = pair and _op(index, pair[0][0].input[0], "Conv")
-    return (conv, pair[0], pair[1]) if conv is not None else None
+    return (_Start((conv,)), pair[0], pair[1]) if conv is not None else None
 
 
+def _phase_convs(index: GraphIndex, concat: NodeProto) -> tuple[NodeProto, ...] | None:
+    """The Convs of a channel Concat (axis 1) when every input is a Conv of one same tensor."""
+    axis = attributes(concat).get("axis")
+    if axis is None or int(axis) != 1 or len(concat.input) < 2:
+        return None
+    convs = tuple(_op(index, t, "Conv") for t in concat.input)
+    if any(c is None for c in convs) or len({c.input[0] for c in convs}) != 1:
+        return None
+    return convs
+
+
+#: the longest Reshape (Transpose Reshape)* chain read as a depth-to-space: a 3-D one as
+#: single-axis moves (our emitter's Transposes) is 7 nodes
+MAX_CHAIN = 7
 def _chain(node: NodeProto, index: GraphIndex | None):
     """``(Conv, depth-to-space nodes, Q/DQ nodes, their (scale, zero point))`` when ``node`` ends a
     depth-to-space fed by a Conv."""
@@ -76,10 +122,16 @@ def _chain(node: NodeProto, index: GraphIndex | None):
         found = _conv_before(index, node.input[0])
         return (found[0], (node,), found[1], found[2]) if found is not None else None
     if node.op_type == "Reshape":
-        transpose = _op(index, node.input[0], "Transpose")
-        split = transpose and _op(index, transpose.input[0], "Reshape")
-        found = split and _conv_before(index, split.input[0])
-        return (found[0], (split, transpose, node), found[1], found[2]) if found else None
+        nodes, cur = (node,), node
+        while len(nodes) + 2 <= MAX_CHAIN:
+            transpose = _op(index, cur.input[0], "Transpose")
+            split = transpose and _op(index, transpose.input[0], "Reshape")
+            if split is None:
+                return None
+            nodes, cur = (split, transpose) + nodes, split
+            found = _conv_before(index, split.input[0])
+            if found is not None:
+                return (found[0], nodes, found[1], found[2])
     return None
 
 
@@ -88,8 +140,8 @@ def matches(node: NodeProto, index: GraphIndex | None) -> bool:
 
 
 def taps(node: NodeProto, index: GraphIndex) -> list[str]:
-    conv, nodes, qdq, _ = _chain(node, index)
-    return [conv.input[0]] + [n.output[0] for n in qdq + nodes] + [conv.output[0]]
+    start, nodes, qdq, _ = _chain(node, index)
+    return [start.input] + [n.output[0] for n in qdq + nodes] + [n.output[0] for n in start.nodes]
 
 
 def _shape(index: GraphIndex, name: str):
@@ -99,7 +151,71 @@ def _shape(index: GraphIndex, name: str):
     return shape
 
 
-def _shuffle(conv: NodeProto, nodes: tuple[NodeProto, ...], index: GraphIndex, rank: int) -> _Shuffle:
+#: the largest Conv output (elements) whose Reshape/Transpose chain is traced element by element
+MAX_TRACED = 1 << 24
+
+
+def _traced_shuffle(conv, nodes: tuple[NodeProto, ...], index: GraphIndex, rank: int) -> _Shuffle:
+    """A longer Reshape/Transpose chain (single-axis moves, our emitter's): run it on the indices of
+    the Conv output and read the channel map off the result, which must be a depth-to-space
+    ``y[n, c, ..., q*s + r, ...] = x[n, channel_map[c, r], ..., q, ...]``."""
+    consts = tuple(t for n in nodes if n.op_type == "Reshape" and len(n.input) > 1
+                   for t in index.shape_computation(n.input[1]))
+    shapes = [_shape(index, nodes[0].input[0])] + [_shape(index, n.output[0]) for n in nodes]
+    if any(s is None or None in s for s in shapes):
+        return _Shuffle(conv, nodes, None, None, consts,
+                        "a Reshape-Transpose chain needs known tensor shapes to be read as a pixel shuffle "
+                        "(pass --shape, or let verification run)")
+    conv_shape, out = tuple(int(v) for v in shapes[0]), tuple(int(v) for v in shapes[-1])
+    problem = f"Reshape-Transpose chain {list(conv_shape)} -> {list(out)} is not a pixel shuffle"
+    if len(conv_shape) != rank + 2 or len(out) != rank + 2 or out[0] != conv_shape[0] or \
+            math.prod(conv_shape) != math.prod(out) or math.prod(conv_shape) > MAX_TRACED:
+        return _Shuffle(conv, nodes, None, None, consts, problem)
+    q = conv_shape[2:]
+    if any(o % n for o, n in zip(out[2:], q)):
+        return _Shuffle(conv, nodes, None, None, consts, problem)
+    strides = tuple(o // n for o, n in zip(out[2:], q))
+    if out[1] * math.prod(strides) != conv_shape[1]:
+        return _Shuffle(conv, nodes, None, None, consts, problem)
+    t = np.arange(math.prod(conv_shape), dtype=np.int64).reshape(conv_shape)
+    for n, shape in zip(nodes, shapes[1:]):
+        if n.op_type == "Reshape":
+            if math.prod(shape) != t.size:
+                return _Shuffle(conv, nodes, None, None, consts, problem)
+            t = t.reshape([int(v) for v in shape])
+        else:
+            perm = [int(p) for p in attributes(n).get("perm", range(t.ndim - 1, -1, -1))]
+            if sorted(perm) != list(range(t.ndim)):
+                return _Shuffle(conv, nodes, None, None, consts, problem)
+            t = t.transpose(perm)
+    if t.shape != out:
+        return _Shuffle(conv, nodes, None, None, consts, problem)
+    n_idx, k, *pos = np.unravel_index(t, conv_shape)
+    split = (out[0], out[1]) + tuple(v for n, s in zip(q, strides) for v in (n, s))
+    expected_q = [np.arange(n).reshape((1,) * (2 + 2 * i) + (n, 1) + (1,) * (2 * (rank - i - 1)))
+                  for i, n in enumerate(q)]
+    batch = np.arange(out[0]).reshape((-1,) + (1,) * (1 + 2 * rank))
+    k = k.reshape(split)
+    if not (np.array_equal(n_idx.reshape(split), np.broadcast_to(batch, split))
+            and all(np.array_equal(p.reshape(split), np.broadcast_to(e, split)) for p, e in zip(pos, expected_q))):
+        return _Shuffle(conv, nodes, None, None, consts, problem)
+    first = k[(slice(0, 1), slice(None)) + (slice(0, 1), slice(None)) * rank]
+    if not np.array_equal(k, np.broadcast_to(first, split)):
+        return _Shuffle(conv, nodes, None, None, consts, problem)
+    channel_map = first.reshape(out[1], -1)
+    return _Shuffle(conv, nodes, strides, None, consts, channel_map=channel_map)
+
+
+def _shuffle(conv, nodes: tuple[NodeProto, ...], index: GraphIndex, rank: int) -> _Shuffle:
+    if len(nodes) == 1:
+        return _depth_to_space(conv, nodes, rank)
+    found = _pixel_shuffle(conv, nodes, index, rank) if len(nodes) == 3 else None
+    if found is None or (found.problem and found.strides is None and "needs known" not in found.problem):
+        found = _traced_shuffle(conv, nodes, index, rank)
+    return found
+
+
+def _depth_to_space(conv, nodes: tuple[NodeProto, ...], rank: int) -> _Shuffle:
     if len(nodes) == 1:
         attrs = attributes(nodes[0])
         block = int(attrs.get("blocksize", 0))
@@ -109,6 +225,10 @@ def _shuffle(conv: NodeProto, nodes: tuple[NodeProto, ...], index: GraphIndex, r
                             f"on a rank-{rank} Conv is not a depth-to-space this parser knows")
         order = ("c", 0, 1) if mode == "CRD" else (0, 1, "c")
         return _Shuffle(conv, nodes, (block, block), order, ())
+
+
+def _pixel_shuffle(conv, nodes: tuple[NodeProto, ...], index: GraphIndex, rank: int) -> _Shuffle:
+    """Reshape -> one Transpose -> Reshape splitting the channel axis as ``[N, factors..., Q...]``."""
     split, transpose, merge = nodes
     consts = tuple(t for n in (split, merge) if len(n.input) > 1 for t in index.shape_computation(n.input[1]))
     shapes = [_shape(index, t) for t in (split.input[0], split.output[0], merge.output[0])]
@@ -249,24 +369,80 @@ def _shape_readers(tensor: str, nodes: tuple[NodeProto, ...], index: GraphIndex)
                for r in index.consumers.get(tensor, []))
 
 
-def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
-    conv, nodes, qdq, requantize = _chain(node, index)
+def _longer_chain_ends(node: NodeProto, index: GraphIndex) -> list[NodeProto]:
+    """The Reshapes that would end a longer chain through ``node`` (its output read only by a
+    Transpose read only by a Reshape, repeated)."""
+    ends, cur = [], node
+    while len(ends) < MAX_CHAIN // 2:
+        readers = index.consumers.get(cur.output[0], [])
+        if len(readers) != 1 or cur.output[0] in index.graph_outputs or readers[0].op_type != "Transpose":
+            break
+        after = index.consumers.get(readers[0].output[0], [])
+        if len(after) != 1 or readers[0].output[0] in index.graph_outputs or after[0].op_type != "Reshape" \
+                or after[0].input[0] != readers[0].output[0]:
+            break
+        cur = after[0]
+        ends.append(cur)
+    return ends
+
+
+def _ends_a_longer_shuffle(node: NodeProto, index: GraphIndex) -> bool:
+    """Whether ``node`` is inside a longer depth-to-space chain (which the chain's last node parses)."""
+    for end in _longer_chain_ends(node, index):
+        chain = _chain(end, index)
+        if chain is not None:
+            start, nodes = chain[0], chain[1]
+            shape = _shape(index, start.output)
+            if shape is not None and _shuffle(start, nodes, index, len(shape) - 2).problem is None:
+                return True
+    return False
+
+
+def _start_weights(start: _Start, index: GraphIndex):
+    """``conv_weights`` of the Conv feeding the depth-to-space; for per-phase Convs, of the one Conv
+    with the union of their taps (weights.merge_phase_convs; group 1 where they are grouped).  Last:
+    the source's products per output position and input channel (its MACs)."""
+    if start.concat is None:
+        weight, w_chain, bias, b_chain, geo = conv_weights(start.convs[0], index)
+        return weight, w_chain, bias, b_chain, geo, weight[:, 0].size
+    parts, chains = [], ()
+    for conv in start.convs:
+        if index.quantized(conv.input[1]) is not None:
+            raise ValueError(f"per-phase Conv '{conv.name}' has quantized weights (they are not merged)")
+        weight, w_chain, bias, b_chain, geo = conv_weights(conv, index)
+        parts.append((weight, bias, geo))
+        chains += w_chain + b_chain
+    try:
+        weight, bias, group, kernel, pads_begin, pads_end = merge_phase_convs(
+            [(w, b, g.group, g.dilations, g.pads_begin, g.pads_end) for w, b, g in parts])
+    except ValueError as exc:
+        raise ValueError(f"Concat '{start.concat.name}' of Convs: {exc}") from None
+    geo = ConvGeometry(group, kernel, (1,) * len(kernel), pads_begin, pads_end)
+    return weight, chains, bias, (), geo, sum(w[:, 0].size for w, _, _ in parts)
+
+
+def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal | None:
+    head, nodes, qdq, requantize = _chain(node, index)
+    if node.op_type == "Reshape" and _ends_a_longer_shuffle(node, index):
+        return None
+    conv = head.convs[0]
     name = node.name or node.output[0]
     cname = conv.name or conv.output[0]
-    label = f"Conv '{cname}' + {'DepthToSpace' if len(nodes) == 1 else 'Reshape-Transpose-Reshape'} '{name}'"
+    what = f"{len(head.convs)} Convs + Concat '{head.concat.name}'" if head.concat is not None else f"Conv '{cname}'"
+    label = f"{what} + {'DepthToSpace' if len(nodes) == 1 else 'Reshape-Transpose-Reshape'} '{name}'"
 
     def refuse(reason: str) -> Refusal:
         return Refusal(name, SOURCE, f"{label}: {reason}")
 
-    for inner in (conv,) + qdq + nodes[:-1]:
+    for inner in head.nodes + qdq + nodes[:-1]:
         if index.uses(inner.output[0]) - _shape_readers(inner.output[0], nodes, index) != 1:
             return refuse(f"tensor '{inner.output[0]}' is also read elsewhere, so it cannot be removed")
     try:
-        weight, w_chain, bias, b_chain, geo = conv_weights(conv, index)
+        weight, w_chain, bias, b_chain, geo, source_taps = _start_weights(head, index)
     except ValueError as exc:
         return refuse(str(exc))
     rank = weight.ndim - 2
-    shuffle = _shuffle(conv, nodes, index, rank)
+    shuffle = _shuffle(head, nodes, index, rank)
     if shuffle.problem:
         return refuse(shuffle.problem)
     strides, n_phase = shuffle.strides, math.prod(shuffle.strides)
@@ -275,11 +451,12 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
         return refuse(f"Conv has {c_conv} output channels, not a multiple of {n_phase} phases")
     if bias is not None and bias.shape != (c_conv,):
         return refuse(f"Conv bias shape {list(bias.shape)} is not [{c_conv}]")
-    channel_map = depth_to_space_map(c_conv // n_phase, strides, shuffle.order)
+    channel_map = shuffle.channels(c_conv)
     w, group = subpixel_conv_weight(weight, geo.group, strides, geo.dilations, channel_map)
     plain_bias, phase_bias = (None, None) if bias is None else split_phase_bias(bias, channel_map, strides)
     try:
-        weight_quant, bias_quant = _quantized(conv, index, geo.group, strides, geo.dilations, channel_map)
+        weight_quant, bias_quant = (None, None) if head.concat is not None else \
+            _quantized(conv, index, geo.group, strides, geo.dilations, channel_map)
     except (NotConstant, ValueError) as exc:
         return refuse(f"quantized weights: {exc}")
     if bias_quant is not None and phase_bias is not None:
@@ -287,14 +464,14 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
                       "would need a float bias)")
     axes = [subpixel_conv_axis(s, k, d, b, e) for s, k, d, b, e in
             zip(strides, geo.kernel, geo.dilations, geo.pads_begin, geo.pads_end)]
-    lengths = index.spatial_lengths(conv.input[0], rank)
-    replaced = [conv.output[0]] + [n.output[0] for n in qdq + nodes]
+    lengths = index.spatial_lengths(head.input, rank)
+    replaced = [n.output[0] for n in head.nodes] + [n.output[0] for n in qdq + nodes]
     consts = list(shuffle.consts)
     crop = _trailing_slice(nodes[-1], index, rank)
     if crop is not None:
         cropped = list(axes)
-        for i, (start, end) in crop[1].items():
-            cropped[i] = _apply_crop(axes[i], start, end, lengths[i])
+        for i, (begin, end) in crop[1].items():
+            cropped[i] = _apply_crop(axes[i], begin, end, lengths[i])
             if cropped[i] is None:
                 break
         else:
@@ -303,7 +480,7 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
             consts += crop[2]
     q = [None if n is None else n + b + e - d * (k - 1) for n, b, e, d, k in
          zip(lengths, geo.pads_begin, geo.pads_end, geo.dilations, geo.kernel)]
-    source_macs = None if None in q else c_conv * (weight.shape[1]) * math.prod(geo.kernel) * math.prod(q)
+    source_macs = None if None in q else source_taps * weight.shape[1] * math.prod(q)
     if weight_quant is None:  # integer weights keep their layout: trimming is value-dependent
         w, axes = _trim_zero_borders(w, axes)
     notes = ()
@@ -313,7 +490,7 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
         node=name,
         source=SOURCE,
         replaced_outputs=tuple(replaced),
-        input=conv.input[0],
+        input=head.input,
         output=replaced[-1],
         weight=w,
         bias=plain_bias,

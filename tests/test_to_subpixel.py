@@ -184,12 +184,125 @@ def test_dcr_layout_verifies(name):
     assert modes == {b"DCR"}
 
 
-def test_dcr_refuses_grouped_sites_with_the_reason():
+def _grouped(attrs, x_shape=(1, 4, 5, 5)):
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((4, 2, 4, 4)).astype(np.float32), "W")
-    node = helper.make_node("ConvTranspose", ["x", "W"], ["y"], name="up", strides=[2, 2], pads=[1, 1, 1, 1], group=2)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [1, 4, 5, 5])],
+    node = helper.make_node("ConvTranspose", ["x", "W"], ["y"], name="up", group=2, **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, list(x_shape))],
                               [helper.make_tensor_value_info("y", 1, None)], [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_dcr_takes_grouped_sites_per_phase():
+    """One grouped Conv cannot feed DepthToSpace DCR (its phase-major order splits the groups), one
+    grouped Conv per phase can: concatenated, the phases are in DCR order."""
+    result = up.convert(_grouped(dict(strides=[2, 2], pads=[1, 1, 1, 1])), to="subpixel", d2s_mode="DCR")
+    assert result.report.verified and not result.report.refused
+    assert _ops(result.model) == ["Conv"] * 4 + ["Concat", "DepthToSpace"]
+    assert {helper.get_attribute_value(a) for n in result.model.graph.node if n.op_type == "Conv"
+            for a in n.attribute if a.name == "group"} == {2}
+
+
+def test_dcr_refuses_grouped_sites_without_a_per_phase_layout_with_the_reason():
+    """output_padding 1 with stride 2: the phases differ in length, so no per-phase layout either."""
+    model = _grouped(dict(strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 0]))
     (site,) = up.convert(model, to="subpixel", d2s_mode="DCR").report.sites
     assert site.status == "refused" and "cannot follow a grouped Conv" in site.reason
+
+
+def _layer(cin, cout, spatial, kernel, stride, pad, output_padding=0, seed=0):
+    rank = len(spatial)
+    attrs = dict(strides=[stride] * rank, pads=[pad] * 2 * rank)
+    if output_padding:
+        attrs["output_padding"] = [output_padding] * rank
+    return _single(attrs, [1, cin, *spatial], [cin, cout] + [kernel] * rank, bias=True, seed=seed)
+
+
+def test_wide_layer_on_a_small_map_gets_one_conv_per_phase():
+    """DCGAN's 256->128 k4 s2 p1 at 8x8: one Conv would compute 9x9 positions for 8x8 outputs per
+    phase (27% more MACs) and then crop; four exact Convs compute 8x8 each and need no Slice."""
+    result = up.convert(_layer(32, 32, (8, 8), 4, 2, 1))
+    assert _ops(result.model) == ["Conv"] * 4 + ["Concat", "DepthToSpace"]
+    (site,) = result.report.sites
+    assert site.form.startswith("4 Conv (2x2) -> 32 ch + Concat + DepthToSpace(2, DCR)")
+    assert site.macs_after == 32 * 32 * 16 * 64 and site.macs_before == site.macs_after
+    assert result.report.verified
+
+
+def test_phases_with_different_kernels_read_no_zero_taps():
+    """k3 s2 p1 op1: the phases have 1 or 2 taps per axis; one Conv would pad them all to 2x2."""
+    result = up.convert(_layer(16, 16, (10, 10), 3, 2, 1, output_padding=1))
+    (site,) = result.report.sites
+    assert site.form.startswith("4 Conv (1x1/1x2/2x1/2x2)")
+    assert site.macs_after == 16 * 16 * 9 * 100
+    assert result.report.verified
+
+
+def test_narrow_layer_keeps_one_conv():
+    """32->3: per-phase Convs of 3 channels run far below the Conv's speed (MIN_PHASE_CHANNELS)."""
+    result = up.convert(_layer(32, 3, (16, 16), 4, 2, 1))
+    assert _ops(result.model) == ["Conv", "DepthToSpace", "Slice"]
+
+
+def test_crd_mode_keeps_the_pixel_shuffle_layout():
+    result = up.convert(_layer(32, 32, (8, 8), 4, 2, 1), d2s_mode="CRD")
+    assert _ops(result.model) == ["Conv", "DepthToSpace", "Slice"]
+
+
+@pytest.mark.parametrize("spatial, stride", [((40,), 4), ((6, 5, 4), 2)])
+def test_other_ranks_interleave_with_single_axis_transposes(spatial, stride):
+    """1-D and 3-D sites: one Transpose per axis, each moving one phase axis (onnxruntime's fast path)."""
+    result = up.convert(_layer(8, 4, spatial, 2 * stride, stride, stride // 2))
+    ops = _ops(result.model)
+    assert "DepthToSpace" not in ops and ops.count("Transpose") == len(spatial)
+    for node in result.model.graph.node:
+        if node.op_type == "Transpose":
+            perm = list(helper.get_attribute_value(node.attribute[0]))
+            moved = [i for i, p in enumerate(perm) if p != i]
+            assert len(moved) == 2 and moved[1] == moved[0] + 1, perm  # two neighbours swap
+    assert result.report.verified
+
+
+def test_transpose_mode_replaces_depth_to_space_with_4d_transposes():
+    result = up.convert(_layer(32, 32, (8, 8), 4, 2, 1), d2s_mode="transpose")
+    ops = _ops(result.model)
+    assert "DepthToSpace" not in ops and ops.count("Transpose") == 2
+    shapes = [numpy_helper.to_array(t) for t in result.model.graph.initializer if t.name.endswith(("split_0", "split_1"))]
+    assert all(len(s) == 4 for s in shapes)
+    assert result.report.verified
+
+
+@pytest.fixture
+def phases_everywhere(monkeypatch):
+    """The per-phase layout wherever it exists (the speed rule would pick it for wide layers only)."""
+    from onnx_uprewrite.passes import to_subpixel
+
+    monkeypatch.setattr(to_subpixel, "MIN_PHASE_CHANNELS", 0)
+    monkeypatch.setattr(to_subpixel, "MIN_PHASE_SAVING", -1.0)
+
+
+@pytest.mark.parametrize("batch", range(6))
+@pytest.mark.parametrize("mode", ["auto", "transpose"])
+def test_per_phase_sweep_matches_onnxruntime_and_round_trips(batch, mode, phases_everywhere):
+    """Every layout choice on random attributes; and the result parses back to the same kernels."""
+    rng = random.Random(7000 + batch)
+    opset = (11, 13, 17)[batch % 3]
+    configs = [random_config(rng) for _ in range(60)]
+    model, feeds, terms = batch_model(configs, opset, seed=7000 + batch)
+    original = _run(model, feeds)
+    result = up.convert(model, d2s_mode=mode, verify=False)
+    assert not result.report.refused, [s.reason for s in result.report.refused][:3]
+    assert any(s.form and "Concat" in s.form for s in result.report.sites)
+    rewritten = _run(result.model, feeds)
+    shapes = {name: x.shape for name, x in feeds.items()}
+    back = up.convert(result.model, to="convtranspose", verify=False, shapes=shapes)
+    assert not back.report.refused, [s.reason for s in back.report.refused][:3]
+    assert {n.op_type for n in back.model.graph.node} <= {"ConvTranspose", "Conv", "Slice", "Pad", "Add"}
+    returned = _run(back.model, feeds)
+    for i, cfg in enumerate(configs):
+        ref = original[f"y{i}"]
+        for got in (rewritten[f"y{i}"], returned[f"y{i}"]):
+            assert got.shape == ref.shape, (cfg, got.shape, ref.shape)
+            dense = math.prod((k - 1) * d + 1 for k, d in zip(cfg.kernel, cfg.dilations))
+            tol = 8 * EPS32 * math.sqrt(terms[i] * dense) * max(float(np.abs(ref).max()), 1e-30)
+            assert float(np.abs(got.astype(np.float64) - ref).max()) <= tol, cfg

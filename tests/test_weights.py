@@ -12,6 +12,8 @@ from onnx_uprewrite.weights import (
     Axis,
     conv_transpose_reference,
     crd_to_dcr_permutation,
+    phase_reference,
+    plan_phase_axis,
     plan_subpixel_axis,
     subpixel_reference,
     subpixel_weight,
@@ -123,3 +125,50 @@ def test_plan_invariants(axis):
     pairs = set(zip(plan.phase, plan.tap))
     assert len(pairs) == axis.kernel
     assert all(0 <= t < plan.kernel for t in plan.tap)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    axes=st.lists(axis_strategy, min_size=1, max_size=3),
+    lengths=st.lists(st.integers(1, 5), min_size=3, max_size=3),
+    group=st.integers(1, 2),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_phase_layout_matches_reference(axes, lengths, group, bias, seed):
+    """Wherever plan_phase_axis gives a plan, one exact Conv per phase is the transposed convolution."""
+    axes = tuple(axes)
+    lengths = tuple(lengths[: len(axes)])
+    if any(a.output_length(n) < 1 for a, n in zip(axes, lengths)):
+        return
+    plans = [plan_phase_axis(a) for a in axes]
+    if any(isinstance(p, str) for p in plans):
+        return
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, group * 2) + lengths)
+    w = rng.standard_normal((group * 2, 3) + tuple(a.kernel for a in axes))
+    b = rng.standard_normal(group * 3) if bias else None
+    ref = conv_transpose_reference(x, w, b, axes, group)
+    got = phase_reference(x, w, b, axes, group)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12 * max(1.0, np.abs(ref).max()))
+
+
+@settings(max_examples=300, deadline=None)
+@given(axis=axis_strategy)
+def test_phase_plan_reads_every_tap_once_or_says_why(axis):
+    """Each tap goes to exactly one phase; no plan only for the three documented reasons."""
+    plan = plan_phase_axis(axis)
+    if isinstance(plan, str):
+        assert any(w in plan for w in ("phases differ in length", "reads no tap", "beyond the kernel")), plan
+        return
+    assert len(plan) == axis.stride
+    taps = [k for p in plan for k in p.taps]
+    assert sorted(taps) == list(range(axis.kernel))
+    assert all(p.pad_begin >= 0 and p.pad_end >= 0 and p.dilation >= 1 for p in plan)
+
+
+def test_phase_plan_of_k4_s2_p1():
+    """DCGAN's k4 s2 p1: phase 0 reads taps 3, 1 over [m-1, m]; phase 1 taps 2, 0 over [m, m+1]."""
+    even, odd = plan_phase_axis(Axis(stride=2, dilation=1, kernel=4, crop_begin=1, extension=0))
+    assert (even.taps, even.pad_begin, even.pad_end) == ((3, 1), 1, 0)
+    assert (odd.taps, odd.pad_begin, odd.pad_end) == ((2, 0), 0, 1)
