@@ -1,6 +1,6 @@
 """Rewritten / original onnxruntime latency of realistic decoders (issue 7's table).
 
-    python benchmarks/bench_latency.py [--runs 30] [--provider CPUExecutionProvider]
+    python benchmarks/bench_latency.py [--runs 30] [--provider CPUExecutionProvider] [--only NAME] [--to FORM[:D2S_MODE] ...]
 
 Decoders (random weights; the latency does not depend on their values):
   dcgan     ConvTranspose k4 s2 p1 stack 256->128->64->32->3, 8x8 -> 128x128, ReLU between
@@ -82,11 +82,12 @@ def nearest_decoder(blocks=2, channels=64, size=64):
 
 DECODERS = [
     ("dcgan 256-128-64-32-3 8x8", convtranspose_stack("dcgan", (1, 256, 8, 8), [256, 128, 64, 32, 3], 4, 2, 1),
-     ("subpixel", "resize", "fastest")),
-    ("fsrcnn k9s3p4op2 32->3 96x96", fsrcnn(), ("subpixel", "resize", "fastest")),
+     ("subpixel", "subpixel:transpose", "resize", "fastest")),
+    ("fsrcnn k9s3p4op2 32->3 96x96", fsrcnn(), ("subpixel", "subpixel:transpose", "resize", "fastest")),
     ("1-D k16s8p4 128-64-32 L512", convtranspose_stack("1d", (1, 128, 512), [128, 64, 32], 16, 8, 4),
      ("subpixel", "fastest")),
-    ("nearest x2+Conv3x3 64->64 64x64 (2 blocks)", nearest_decoder(), ("convtranspose", "subpixel", "fastest")),
+    ("nearest x2+Conv3x3 64->64 64x64 (2 blocks)", nearest_decoder(),
+     ("convtranspose", "subpixel", "subpixel:transpose", "fastest")),
 ]
 
 
@@ -117,7 +118,7 @@ def main():
     parser.add_argument("--to", nargs="*", help="only these targets")
     args = parser.parse_args()
     print(f"onnxruntime {ort.__version__}, {args.provider}, 1 thread, median of {args.runs} interleaved runs")
-    print(f"{'decoder':44s} {'--to':14s} {'original ms':>12s} {'rewritten ms':>13s} {'ratio':>6s}  forms chosen")
+    print(f"{'decoder':44s} {'--to[:d2s-mode]':18s} {'original ms':>12s} {'rewritten ms':>13s} {'ratio':>6s}  forms chosen")
     for name, model, targets in DECODERS:
         if args.only not in name:
             continue
@@ -125,11 +126,13 @@ def main():
         shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
         x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
         for to in targets:
-            result = up.convert(model, to=to, inputs={"x": x}, provider=args.provider)
+            form, _, mode = to.partition(":")  # "subpixel:transpose": --to subpixel --d2s-mode transpose
+            result = up.convert(model, to=form, inputs={"x": x}, provider=args.provider, d2s_mode=mode or "auto")
             t0, t1 = interleaved([session(model, args.provider), session(result.model, args.provider)],
                                  {"x": x}, args.runs)
-            chosen = ", ".join(s.target if s.status == "rewritten" else "original" for s in result.report.sites)
-            print(f"{name:44s} {to:14s} {t0 * 1e3:12.3f} {t1 * 1e3:13.3f} {t1 / t0:6.2f}  {chosen}")
+            chosen = ", ".join(s.chosen or s.target if s.status == "rewritten" else "original"
+                               for s in result.report.sites)
+            print(f"{name:44s} {to:18s} {t0 * 1e3:12.3f} {t1 * 1e3:13.3f} {t1 / t0:6.2f}  {chosen}")
 
 
 if __name__ == "__main__":

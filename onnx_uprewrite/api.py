@@ -126,23 +126,35 @@ def _pick_for_profile(model, site, namer, prof, shapes, opset, budget, refusals)
         f"cheapest form it runs ({cost})"
 
 
+def _fastest_candidates(site):
+    """``(label, emitter)`` timed by --to fastest: each other form, and the sub-pixel form in the
+    layouts whose speed differs in onnxruntime (also for sub-pixel sources: a re-layout)."""
+    sub = EMITTERS["subpixel"]
+    out = [(f, e) for f, e in sorted(EMITTERS.items()) if f not in (site.source, "subpixel")]
+    return out + [("subpixel", sub.AUTO), ("subpixel/transpose", sub.TRANSPOSE), ("subpixel/CRD", sub.CRD),
+                  ("subpixel/one Conv, transpose", sub.ONE_CONV_TRANSPOSE)]
+
+
 def _pick_fastest(model, site, namer, captured, opset, budget, provider, refusals):
-    """``(form, builder, description, Choice)`` of the fastest exact form of ``site`` (fastest.KEEP:
-    leave it), or None when no form is possible (the reasons go to ``refusals``)."""
-    emitted, why_not = _emit_each(site, namer, [(f, e) for f, e in sorted(EMITTERS.items()) if f != site.source],
-                                  opset, budget)
-    built = {form: (builder, description) for form, _, builder, description in emitted}
+    """``(form, builder, description, Choice, emitter)`` of the fastest exact form of ``site``
+    (fastest.KEEP: leave it), or None when no form is possible (the reasons go to ``refusals``)."""
+    emitted, why_not = _emit_each(site, namer, _fastest_candidates(site), opset, budget)
+    built, seen = {}, set()
+    for label, emitter, builder, description in emitted:
+        if description not in seen:  # layouts that come out alike for this site are timed once
+            seen.add(description)
+            built[label] = (builder, description, emitter)
     if site.input not in captured:
         refusals.append(Refusal(site.node, site.source, f"{site.source} '{site.node}': its input was not "
                                 "captured in the reference run, so its forms cannot be timed"))
         return None
-    choice = pick_fastest(model, site, captured, {f: b.emission for f, (b, _) in built.items()}, provider)
+    choice = pick_fastest(model, site, captured, {f: b.emission for f, (b, _, _) in built.items()}, provider)
     if why_not:
         choice.why += f"; not timed: {'; '.join(why_not)}"
     if choice.form == KEEP:
-        return KEEP, None, None, choice
-    builder, description = built[choice.form]
-    return choice.form, builder, description, choice
+        return KEEP, None, None, choice, None
+    builder, description, emitter = built[choice.form]
+    return choice.form.split("/")[0], builder, description, choice, emitter
 
 
 def _announcing(progress):
@@ -413,11 +425,12 @@ def convert(
                 raise ResourceLimit(f"{label}: timing the forms of '{site.node}': {exc}") from None
             if picked is None:
                 continue
-            target, builder, form, choice = picked
+            target, builder, form, choice, emitter = picked
             if target == KEEP:
                 report.sites.append(SiteResult(node=site.node, source=site.source, target=site.source,
                                                status="skipped", reason=f"fastest: {choice.why}",
-                                               params=site.params(), timings_ms=choice.medians_ms))
+                                               params=site.params(), timings_ms=choice.medians_ms,
+                                               chosen=choice.form))
                 continue
         elif site.source == to:
             report.sites.append(SiteResult(node=site.node, source=site.source, target=to, status="skipped",
@@ -442,6 +455,7 @@ def convert(
             notes=list(site.notes) + ([f"fastest: {choice.why}"] if choice else [])
             + ([why] if prof is not None else []),
             timings_ms=choice.medians_ms if choice else None,
+            chosen=choice.form if choice else None,
         )
         report.sites.append(result)
         done.append((site, builder.emission, result))

@@ -27,6 +27,7 @@ class SiteResult:
     ratio: float | None = None  # max over elements of error / tolerance
     tolerance: str | None = None
     timings_ms: dict | None = None  # --to fastest: median ms of each candidate form alone ("original" included)
+    chosen: str | None = None  # --to fastest: the key of timings_ms that was kept (a form, or form/layout)
 
 
 @dataclass

@@ -64,7 +64,8 @@ AUTO = Layout()
 TRANSPOSE = Layout("auto", "transpose", "any")
 CRD = Layout("one", "op", "CRD")
 DCR = Layout("auto", "op", "DCR")
-PHASES = Layout("phases", "op", "any")  # for benchmarks and tests
+ONE_CONV_TRANSPOSE = Layout("one", "transpose", "any")  # --to fastest also times these two
+PHASES = Layout("phases", "op", "any")
 LAYOUTS = {"auto": AUTO, "transpose": TRANSPOSE, "CRD": CRD, "DCR": DCR}
 
 
