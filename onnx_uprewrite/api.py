@@ -170,15 +170,16 @@ def _announcing(progress):
 
 
 def find_sites(
-    model: onnx.ModelProto, shapes: dict | None = None, measured: dict | None = None
+    model: onnx.ModelProto, shapes: dict | None = None, measured: dict | None = None, inferred: dict | None = None
 ) -> tuple[list[Site], list[Refusal]]:
     """Every upsampling site of the main graph, parsed, plus refusals (subgraph sites included).
 
     ``measured`` holds tensor shapes observed in onnxruntime with the graph inputs at the
     ``shapes`` given (or as declared).  They override inferred shapes where the model declares
-    static input shapes; otherwise they only serve sites that need a concrete length.
+    static input shapes; otherwise they only serve sites that need a concrete length.  ``inferred``:
+    the model's shapes from onnx shape inference, when the caller has them already.
     """
-    index = GraphIndex(model, infer_static_shapes(model))
+    index = GraphIndex(model, infer_static_shapes(model) if inferred is None else inferred)
     measured = measured or {}
     declared_static = all(
         d.HasField("dim_value") and d.dim_value > 0
@@ -368,10 +369,16 @@ def convert(
     budget = default_memory_budget() if memory_budget is None else int(memory_budget)
     step("running the original model", 0, 1)
     deadline = budget_time(time_budget)
+    inferred = None if verify or fastest or prof is not None else _inferred_shapes_suffice(model, shapes)
     try:
         with deadline:
-            feeds, reference, captured = _measure(model, inputs, shapes, seed, required=verify or fastest,
-                                                  budget=budget)
+            if inferred is not None:  # --no-verify: onnx shape inference gives what the run would measure
+                feeds, reference, captured = None, None, {}
+                report.notes.append("no reference run (--no-verify): site shapes from onnx shape inference, "
+                                    "which agrees with onnxruntime for this model's ops")
+            else:
+                feeds, reference, captured = _measure(model, inputs, shapes, seed, required=verify or fastest,
+                                                      budget=budget)
             measured = {k: tuple(v.shape) for k, v in captured.items()}
             second = _second_size(model, feeds, seed, budget) if verify else None
     except VerificationImpossible as exc:
@@ -384,7 +391,7 @@ def convert(
     timings["reference_run_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    sites, refusals = find_sites(model, shapes, measured)
+    sites, refusals = find_sites(model, shapes, measured, inferred if not shapes else None)
     if only:
         wanted = set(only)
         known = {s.node for s in sites} | {r.node for r in refusals}
@@ -602,6 +609,44 @@ def prepared(site: Site, b: Builder, opset: int) -> Site:
     return dataclasses.replace(site, input=padded)
 
 
+def _inferred_shapes_suffice(model, shapes) -> dict | None:
+    """Whether onnx shape inference gives every length an onnxruntime run would measure for the
+    sites: each graph input has a static shape (declared or from ``shapes``), no ConvTranspose has
+    auto_pad SAME or output_shape (where the two disagree, DESIGN.md §3), and inference gives a
+    static shape to every tensor the parsers read.  Returns the inferred shapes then, else None."""
+    for vi in feed_inputs(model):
+        t = vi.type.tensor_type
+        if shapes and vi.name in shapes:
+            continue
+        if not (vi.type.HasField("tensor_type") and t.HasField("shape")) or \
+                not all(d.HasField("dim_value") and d.dim_value > 0 for d in t.shape.dim):
+            return None
+    for node in model.graph.node:
+        if node.op_type == "ConvTranspose":
+            attrs = {a.name: a for a in node.attribute}
+            if "output_shape" in attrs or ("auto_pad" in attrs and attrs["auto_pad"].s in (b"SAME_UPPER", b"SAME_LOWER")):
+                return None
+    static = infer_static_shapes(model, shapes)
+    ok = all(t in static and None not in static[t] for t in _site_taps(model, GraphIndex(model)))
+    return static if ok else None
+
+
+def _site_taps(model, index) -> list[str]:
+    """Tensors whose shapes the parsers read, and the matched nodes' outputs (what per-site
+    verification compares)."""
+    taps = set()
+    for node in model.graph.node:
+        if attribute_problem(node, index.opset):
+            continue
+        for parser in PARSERS:
+            try:
+                if parser.matches(node, index):
+                    taps.update(t for t in [*parser.taps(node, index), *node.output] if t)
+            except Exception:  # find_sites refuses such a node with the reason
+                pass
+    return sorted(taps)
+
+
 def _measure(model, inputs, shapes, seed, required: bool, budget: int | None = None):
     """One onnxruntime run of the original: reference outputs and the true shapes of site inputs.
 
@@ -609,18 +654,7 @@ def _measure(model, inputs, shapes, seed, required: bool, budget: int | None = N
     combinations (DESIGN.md §3), and a wrong length would give a later site wrong crops or
     reshapes, so site input shapes are measured.  Without verification the run is best effort.
     """
-    index = GraphIndex(model)
-    taps = set()
-    for node in model.graph.node:
-        if attribute_problem(node, index.opset):
-            continue
-        for parser in PARSERS:
-            try:  # the parsers' shape taps, and the matched nodes' outputs (what per-site verification compares)
-                if parser.matches(node, index):
-                    taps.update(t for t in [*parser.taps(node, index), *node.output] if t)
-            except Exception:  # find_sites refuses such a node with the reason
-                pass
-    taps = sorted(taps)
+    taps = _site_taps(model, GraphIndex(model))
     try:
         check_memory(model, input_shapes(model, shapes, inputs), set(taps), budget, "running the original model")
         feeds = make_inputs(model, shapes, inputs, seed)

@@ -309,7 +309,7 @@ def main() -> None:
 def _main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        isolate.warm_up()  # the shape-inference server imports onnx while the model loads
+        isolate.warm_up()  # unsupervised: the shape-inference server imports onnx while the model loads
         cli(standalone_mode=False)
     except _Terminated:
         click.echo("uprewrite: terminated (SIGTERM); no partial output left", err=True)
