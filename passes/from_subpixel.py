@@ -152,7 +152,8 @@ def _shape(index: GraphIndex, name: str):
 
 
 #: the largest Conv output (elements) whose Reshape/Transpose chain is traced element by element
-MAX_TRACED = 1 << 24
+#: (about 5 index arrays of this size are alive at once)
+MAX_TRACED = 1 << 22
 
 
 def _traced_shuffle(conv, nodes: tuple[NodeProto, ...], index: GraphIndex, rank: int) -> _Shuffle:
@@ -169,8 +170,11 @@ def _traced_shuffle(conv, nodes: tuple[NodeProto, ...], index: GraphIndex, rank:
     conv_shape, out = tuple(int(v) for v in shapes[0]), tuple(int(v) for v in shapes[-1])
     problem = f"Reshape-Transpose chain {list(conv_shape)} -> {list(out)} is not a pixel shuffle"
     if len(conv_shape) != rank + 2 or len(out) != rank + 2 or out[0] != conv_shape[0] or \
-            math.prod(conv_shape) != math.prod(out) or math.prod(conv_shape) > MAX_TRACED:
+            math.prod(conv_shape) != math.prod(out):
         return _Shuffle(conv, nodes, None, None, consts, problem)
+    if math.prod(conv_shape) > MAX_TRACED:
+        return _Shuffle(conv, nodes, None, None, consts, f"Reshape-Transpose chain on {math.prod(conv_shape):,} "
+                        f"elements: more than {MAX_TRACED:,} to trace as a pixel shuffle")
     q = conv_shape[2:]
     if any(o % n for o, n in zip(out[2:], q)):
         return _Shuffle(conv, nodes, None, None, consts, problem)
@@ -401,10 +405,10 @@ def _ends_a_longer_shuffle(node: NodeProto, index: GraphIndex) -> bool:
 def _start_weights(start: _Start, index: GraphIndex):
     """``conv_weights`` of the Conv feeding the depth-to-space; for per-phase Convs, of the one Conv
     with the union of their taps (weights.merge_phase_convs; group 1 where they are grouped).  Last:
-    the source's products per output position and input channel (its MACs)."""
+    the source's products per output position (its MACs per position)."""
     if start.concat is None:
         weight, w_chain, bias, b_chain, geo = conv_weights(start.convs[0], index)
-        return weight, w_chain, bias, b_chain, geo, weight[:, 0].size
+        return weight, w_chain, bias, b_chain, geo, weight.size
     parts, chains = [], ()
     for conv in start.convs:
         if index.quantized(conv.input[1]) is not None:
@@ -418,13 +422,21 @@ def _start_weights(start: _Start, index: GraphIndex):
     except ValueError as exc:
         raise ValueError(f"Concat '{start.concat.name}' of Convs: {exc}") from None
     geo = ConvGeometry(group, kernel, (1,) * len(kernel), pads_begin, pads_end)
-    return weight, chains, bias, (), geo, sum(w[:, 0].size for w, _, _ in parts)
+    return weight, chains, bias, (), geo, sum(w.size for w, _, _ in parts)
 
 
 def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal | None:
-    head, nodes, qdq, requantize = _chain(node, index)
-    if node.op_type == "Reshape" and _ends_a_longer_shuffle(node, index):
+    """The site ending at ``node``; None where ``node`` is inside a longer Reshape-Transpose chain that
+    is a depth-to-space, or that is not one (its last node then says why, once)."""
+    longer = node.op_type == "Reshape" and _longer_chain_ends(node, index)
+    if longer and _ends_a_longer_shuffle(node, index):
         return None
+    result = _parse(node, index)
+    return None if longer and isinstance(result, Refusal) else result
+
+
+def _parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
+    head, nodes, qdq, requantize = _chain(node, index)
     conv = head.convs[0]
     name = node.name or node.output[0]
     cname = conv.name or conv.output[0]
@@ -480,7 +492,7 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal | None:
             consts += crop[2]
     q = [None if n is None else n + b + e - d * (k - 1) for n, b, e, d, k in
          zip(lengths, geo.pads_begin, geo.pads_end, geo.dilations, geo.kernel)]
-    source_macs = None if None in q else source_taps * weight.shape[1] * math.prod(q)
+    source_macs = None if None in q else source_taps * math.prod(q)
     if weight_quant is None:  # integer weights keep their layout: trimming is value-dependent
         w, axes = _trim_zero_borders(w, axes)
     notes = ()

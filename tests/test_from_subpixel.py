@@ -704,3 +704,94 @@ def test_round_trip_gives_back_the_kernel(batch, round_trip_stats):
             a1 = [(a.stride, a.kernel, a.crop_begin, a.extension, a.dilation if a.kernel > 1 else 1)
                   for a in after[f"y{i}"].axes]
             assert a1 == a0, c
+
+
+def _graph(nodes, x_shape, inits, opset=17):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, list(x_shape))],
+                              [helper.make_tensor_value_info(nodes[-1].output[0], 1, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def _const(name, value):
+    return numpy_helper.from_array(np.asarray(value), name)
+
+
+def test_two_single_axis_transposes_in_crd_order_are_a_pixel_shuffle():
+    """[N, C*4, H, W] -> [N, C*2, 2, H*W] -T-> [N, C*2, H*W, 2] -> [N, C, 2, H, 2W] -T-> [N, C, H, 2, 2W]:
+    PixelShuffle(2) written as two single-axis moves, a chain the one-Transpose matcher does not know."""
+    rng = np.random.default_rng(0)
+    c, h, w = 3, 5, 4
+    nodes = [helper.make_node("Conv", ["x", "V", "B"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["c", "s1"], ["r1"]), helper.make_node("Transpose", ["r1"], ["t1"], perm=[0, 1, 3, 2]),
+             helper.make_node("Reshape", ["t1", "s2"], ["r2"]),
+             helper.make_node("Transpose", ["r2"], ["t2"], perm=[0, 1, 3, 2, 4]),
+             helper.make_node("Reshape", ["t2", "s3"], ["y"], name="merge")]
+    inits = [_const("V", rng.standard_normal((4 * c, 2, 3, 3)).astype(np.float32)),
+             _const("B", np.repeat(rng.standard_normal(c), 4).astype(np.float32)),  # CRD: one bias a channel
+             _const("s1", [1, 2 * c, 2, h * w]), _const("s2", [1, c, 2, h, 2 * w]), _const("s3", [1, c, 2 * h, 2 * w])]
+    model = _graph(nodes, (1, 2, h, w), inits)
+    result = up.convert(model, to="convtranspose")
+    assert result.report.verified and not result.report.refused, [s.reason for s in result.report.refused]
+    assert _ops(result.model) == ["ConvTranspose"]
+    (site,) = result.report.sites
+    assert site.node == "merge" and site.source == "subpixel"
+
+
+def test_a_transpose_chain_that_is_not_a_pixel_shuffle_is_refused_with_the_reason():
+    """Same shapes, but the second Transpose swaps the wrong neighbours: H and the phase stay apart."""
+    rng = np.random.default_rng(0)
+    c, h, w = 3, 4, 4
+    nodes = [helper.make_node("Conv", ["x", "V"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["c", "s1"], ["r1"]), helper.make_node("Transpose", ["r1"], ["t1"], perm=[0, 1, 3, 2]),
+             helper.make_node("Reshape", ["t1", "s2"], ["r2"]),
+             helper.make_node("Transpose", ["r2"], ["t2"], perm=[0, 2, 1, 3, 4]),
+             helper.make_node("Reshape", ["t2", "s3"], ["y"], name="merge")]
+    inits = [_const("V", rng.standard_normal((4 * c, 2, 3, 3)).astype(np.float32)),
+             _const("s1", [1, 2 * c, 2, h * w]), _const("s2", [1, c, 2, h, 2 * w]), _const("s3", [1, c, 2 * h, 2 * w])]
+    model = _graph(nodes, (1, 2, h, w), inits)
+    result = up.convert(model, to="convtranspose")
+    assert result.report.verified and _ops(result.model) == _ops(model)
+    reasons = [s.reason for s in result.report.refused]
+    assert len(reasons) == 1 and "'merge'" in reasons[0] and "is not a pixel shuffle" in reasons[0]
+
+
+def test_per_phase_convs_of_another_exporter_become_one_convtranspose():
+    """Four Convs of one input (each phase's taps, exact pads) -> Concat -> DepthToSpace DCR: the
+    union of their taps is the ConvTranspose k4 s2 p1 they were made from."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((6, 5, 4, 4)).astype(np.float32)
+    taps, pads = {0: [3, 1], 1: [2, 0]}, {0: (1, 0), 1: (0, 1)}
+    nodes, inits, outs = [], [_const("W", w)], []
+    for r0 in (0, 1):
+        for r1 in (0, 1):
+            v = w[:, :, taps[r0]][:, :, :, taps[r1]].transpose(1, 0, 2, 3)
+            inits.append(_const(f"v{r0}{r1}", np.ascontiguousarray(v)))
+            nodes.append(helper.make_node("Conv", ["x", f"v{r0}{r1}"], [f"p{r0}{r1}"], name=f"conv{r0}{r1}",
+                                          pads=[pads[r0][0], pads[r1][0], pads[r0][1], pads[r1][1]]))
+            outs.append(f"p{r0}{r1}")
+    nodes += [helper.make_node("Concat", outs, ["cat"], name="cat", axis=1),
+              helper.make_node("DepthToSpace", ["cat"], ["y"], name="d2s", blocksize=2, mode="DCR")]
+    model = _graph(nodes, (1, 6, 7, 5), inits[1:])
+    result = up.convert(model, to="convtranspose")
+    assert result.report.verified and _ops(result.model) == ["ConvTranspose"]
+    node = result.model.graph.node[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["strides"] == [2, 2] and list(attrs.get("pads", [])) == [1, 1, 1, 1]
+    got = numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == node.input[1]))
+    np.testing.assert_array_equal(got, w)
+
+
+def test_a_concat_of_convs_with_other_readers_is_refused():
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "a"], ["p0"], name="c0"), helper.make_node("Conv", ["x", "b"], ["p1"], name="c1"),
+             helper.make_node("Concat", ["p0", "p1"], ["cat"], name="cat", axis=1),
+             helper.make_node("DepthToSpace", ["cat"], ["d"], name="d2s", blocksize=2, mode="DCR"),
+             helper.make_node("Relu", ["p0"], ["r"], name="other")]
+    inits = [_const("a", rng.standard_normal((4, 2, 1, 1)).astype(np.float32)),
+             _const("b", rng.standard_normal((4, 2, 1, 1)).astype(np.float32))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 2, 3, 3])],
+                              [helper.make_tensor_value_info("d", 1, None), helper.make_tensor_value_info("r", 1, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    result = up.convert(model, to="convtranspose")
+    (refused,) = result.report.refused
+    assert "also read elsewhere" in refused.reason and "2 Convs + Concat 'cat'" in refused.reason

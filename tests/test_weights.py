@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from onnx_uprewrite.weights import (
     Axis,
     conv_transpose_reference,
+    conv_reference,
     crd_to_dcr_permutation,
+    merge_phase_convs,
     phase_reference,
     plan_phase_axis,
     plan_subpixel_axis,
@@ -172,3 +174,33 @@ def test_phase_plan_of_k4_s2_p1():
     even, odd = plan_phase_axis(Axis(stride=2, dilation=1, kernel=4, crop_begin=1, extension=0))
     assert (even.taps, even.pad_begin, even.pad_end) == ((3, 1), 1, 0)
     assert (odd.taps, odd.pad_begin, odd.pad_end) == ((2, 0), 0, 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n_parts=st.integers(1, 4),
+    kernels=st.lists(st.tuples(st.integers(1, 3), st.integers(1, 3)), min_size=4, max_size=4),
+    dilations=st.lists(st.tuples(st.integers(1, 2), st.integers(1, 2)), min_size=4, max_size=4),
+    begins=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=4, max_size=4),
+    extra=st.tuples(st.integers(-1, 2), st.integers(-1, 2)),
+    group=st.integers(1, 2),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_merged_convs_are_the_concatenation(n_parts, kernels, dilations, begins, extra, group, seed):
+    """Convs of one input, concatenated == one Conv with the union of their taps (same output lengths)."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for k, d, b in list(zip(kernels, dilations, begins))[:n_parts]:
+        end = tuple(extra[i] + (k[i] - 1) * d[i] - b[i] for i in range(2))
+        if any(e < 0 for e in end):
+            return
+        w = rng.standard_normal((2 * group, 2, *k))
+        parts.append((w, rng.standard_normal(2 * group) if seed % 2 else None, group, d, b, end))
+    x = rng.standard_normal((1, 2 * group, 5, 4))
+    if any(5 + extra[0] < 1 or 4 + extra[1] < 1 for _ in parts):
+        return
+    want = np.concatenate([conv_reference(x, w, b, pb, pe, d, g) for w, b, g, d, pb, pe in parts], axis=1)
+    weight, bias, g, kernel, pads_begin, pads_end = merge_phase_convs(parts)
+    assert weight.shape[2:] == kernel and (g == group if n_parts == 1 else g == 1)
+    got = conv_reference(x, weight, bias, pads_begin, pads_end, (1, 1), g)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * max(1.0, np.abs(want).max()))
