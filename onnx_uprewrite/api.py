@@ -467,6 +467,10 @@ def convert(
         report.sites.append(result)
         done.append((site, builder.emission, result))
     for r in refusals:
+        if prof is None and not fastest and r.source == to:  # left as it is, which is the form asked for
+            report.sites.append(SiteResult(node=r.node, source=r.source, target=to, status="skipped",
+                                           reason=f"already in form {to} (not parsed: {r.reason})"))
+            continue
         report.sites.append(SiteResult(node=r.node, source=r.source, target=None, status="refused", reason=r.reason))
     timings["rewrite_s"] = time.perf_counter() - t
 
