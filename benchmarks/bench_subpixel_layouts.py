@@ -1,6 +1,7 @@
-"""Sub-pixel layouts against the ConvTranspose, layer by layer: one Conv for every phase (+ DepthToSpace
-CRD + Slice) vs one Conv per phase with exact pads (+ Concat + DepthToSpace DCR), and what ``auto``
-(to_subpixel.prefer_phases) picks.  The data behind MIN_PHASE_CHANNELS and MIN_PHASE_SAVING.
+"""Sub-pixel layouts against the ConvTranspose, layer by layer: one Conv for every phase (+ depth-to-space
++ Slice) vs one Conv per phase with exact pads (+ Concat + depth-to-space DCR), each with DepthToSpace
+("op") or single-axis Transposes, and what ``auto`` (to_subpixel.prefer_phases) picks.  The data
+behind MIN_PHASE_CHANNELS and MIN_PHASE_SAVING, and behind ``--d2s-mode transpose``.
 
     python benchmarks/bench_subpixel_layouts.py [--runs 40]
 
@@ -53,18 +54,20 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=40)
     args = parser.parse_args()
-    api.SUBPIXEL_LAYOUTS.setdefault("phases", to_subpixel.Layout("phases"))
-    print(f"{'layer':42s} {'CT ms':>8s} {'one Conv':>9s} {'phases':>7s}  auto picks")
+    layouts = {"one/op": to_subpixel.Layout("one", "op", "CRD"), "phases/op": to_subpixel.Layout("phases", "op"),
+               "one/T": to_subpixel.Layout("one", "transpose"), "phases/T": to_subpixel.Layout("phases", "transpose")}
+    api.SUBPIXEL_LAYOUTS.update(layouts)
+    print(f"{'layer':42s} {'CT ms':>8s} " + " ".join(f"{k:>9s}" for k in layouts) + "  auto picks")
     for layer in LAYERS:
         model = layer_model(*layer)
         x = np.random.default_rng(1).standard_normal([1, layer[0], *layer[2]]).astype(np.float32)
         forms = [model]
-        for mode in ("CRD", "phases"):
+        for mode in layouts:
             try:
                 forms.append(api.convert(model, to="subpixel", d2s_mode=mode, inputs={"x": x}).model)
             except Exception as exc:  # no per-phase layout for this layer
                 forms.append(None)
-                print(f"  ({mode}: {exc})")
+                print(f"  ({mode}: {str(exc)[:150]})")
         live = [f for f in forms if f is not None]
         times = iter(interleaved([session(f, "CPUExecutionProvider") for f in live], {"x": x}, args.runs))
         t = [next(times) if f is not None else None for f in forms]
@@ -73,7 +76,8 @@ def main():
         name = f"{cin}->{cout} {'x'.join(map(str, spatial))} k{k}s{s}p{p}" + (f"op{op}" if op else "") + \
             (f"g{g}" if g > 1 else "")
         cells = ["-" if v is None else f"{v / t[0]:.2f}" for v in t[1:]]
-        print(f"{name:42s} {t[0] * 1e3:8.3f} {cells[0]:>9s} {cells[1]:>7s}  {pick.split(' ->')[0]}", flush=True)
+        print(f"{name:42s} {t[0] * 1e3:8.3f} " + " ".join(f"{c:>9s}" for c in cells) + f"  {pick.split(' ->')[0]}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -325,8 +325,8 @@ def phase_macs_and_weights(site: Site) -> tuple[int | None, int] | None:
     return per_tap * taps * positions, per_tap * taps
 
 
-#: per-phase Convs narrower than this (output channels per group) run at a poor fraction of the
-#: one-Conv speed in onnxruntime's CPU Conv (measured: 32->3 k4 s2 at 64x64, 3x slower)
+#: per-phase Convs with fewer output channels than this run at a poor fraction of the one-Conv speed
+#: in onnxruntime's CPU Conv (measured: 32->3 k4 s2 at 64x64, 3x slower; depthwise 64 channels: faster)
 MIN_PHASE_CHANNELS = 16
 #: the per-phase layout must save at least this fraction of the one-Conv MACs: it runs S Convs and a
 #: Concat, which costs about as much as the Slice it saves (benchmarks/bench_subpixel_layouts.py)
@@ -339,7 +339,7 @@ def prefer_phases(site: Site) -> bool:
     cost = phase_macs_and_weights(site)
     if cost is None or math.prod(a.stride for a in site.axes) == 1:
         return False
-    if site.out_channels // site.group < MIN_PHASE_CHANNELS:
+    if site.out_channels < MIN_PHASE_CHANNELS:
         return False
     phase_cost, phase_weights = cost
     one = _one_conv_macs(site)
