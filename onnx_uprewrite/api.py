@@ -465,7 +465,9 @@ def convert(
             chosen=choice.form if choice else None,
         )
         report.sites.append(result)
-        done.append((site, builder.emission, result))
+        done.append((site, builder.emission, result) if verify else None)
+        if not verify:  # nothing reads the parsed weights again: let them go (peak memory at scale)
+            sites[i] = site = None
     for r in refusals:
         if prof is None and not fastest and r.source == to:  # left as it is, which is the form asked for
             report.sites.append(SiteResult(node=r.node, source=r.source, target=to, status="skipped",

@@ -140,7 +140,7 @@ class Builder:
 
 
 def splice(model: onnx.ModelProto, replacements: dict[str, tuple[tuple[str, ...], Emission]]) -> None:
-    """Replace nodes in place.
+    """Replace nodes in place; the emissions' initializers move into the model (their lists are emptied).
 
     ``replacements`` maps the first output of a site's last node to (first outputs of every node
     the site removes, emission).  Emitted nodes go where the site's last node was.
@@ -155,8 +155,9 @@ def splice(model: onnx.ModelProto, replacements: dict[str, tuple[tuple[str, ...]
             new_nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
-    for _, emission in replacements.values():
+    for _, emission in replacements.values():  # copied into the model (protobuf copies): free each as it goes
         model.graph.initializer.extend(emission.initializers)
+        emission.initializers.clear()
 
 
 def drop_unused(model: onnx.ModelProto, candidates: set[str]) -> None:

@@ -306,3 +306,17 @@ def test_per_phase_sweep_matches_onnxruntime_and_round_trips(batch, mode, phases
             dense = math.prod((k - 1) * d + 1 for k, d in zip(cfg.kernel, cfg.dilations))
             tol = 8 * EPS32 * math.sqrt(terms[i] * dense) * max(float(np.abs(ref).max()), 1e-30)
             assert float(np.abs(got.astype(np.float64) - ref).max()) <= tol, cfg
+
+
+def test_float16_per_phase_verifies_and_stays_float16(phases_everywhere):
+    from test_site_check import to_float16
+
+    rng = random.Random(77)
+    configs = [random_config(rng, allow_symbolic=False) for _ in range(30)]
+    model = to_float16(batch_model(configs, 17, 77)[0])
+    for mode in ("auto", "transpose"):
+        result = up.convert(model, d2s_mode=mode)
+        assert result.report.verified and "float16" in result.report.tolerance
+        assert any("Concat" in (s.form or "") for s in result.report.sites)
+        dtypes = {t.data_type for t in result.model.graph.initializer if t.data_type in (1, 10)}
+        assert dtypes == {onnx.TensorProto.FLOAT16}, "a float32 weight was written into a float16 model"
