@@ -27,7 +27,7 @@ from .profile import Profile, alias_through, check_model, load_profile, model_co
 from .errors import ResourceLimit, UprewriteError, UsageError, VerificationFailed, VerificationImpossible, one_line
 from .model_io import check_data_file, has_external_data, load_model, output_files, save_model, validate_model
 from .report import Report, SiteResult
-from .site_check import compare_site, magnitude_model, outer_inputs, output_quantization, site_model
+from .site_check import compare_site, magnitude_emission, outer_inputs, output_quantization, sites_model
 from .sites import GraphIndex, Refusal, Site, infer_static_shapes
 from .weights import axis_limit_problem
 from .surgery import Builder, Namer, drop_unused, op_census, splice
@@ -535,11 +535,19 @@ def convert(
 EMISSION_HOOKS: list = []
 
 
+#: per-site verification runs up to this many sites (replacement and magnitude) in one onnxruntime
+#: session, with at most this many bytes of their weights: creating a session costs a few ms, which
+#: dominated with two sessions a site (488 MB, 240 sites: 480 sessions, 1.2 s)
+SITES_PER_SESSION = 16
+SESSION_WEIGHT_BYTES = 64 << 20
+
+
 def _verify_sites(model, done, feeds, captured, atol, rtol, opset, budget, report, step=None) -> None:
     """Run each replacement alone on the activation that entered the site in the original model
     and compare with the site's original output (site_check.py); VerificationFailed names the
     sites that differ.  ``model`` is still the original here: what is not captured yet is tapped
-    in one more run."""
+    in one more run.  Sites run side by side in a few sessions (SITES_PER_SESSION); a session that
+    fails is retried site by site, so that the failure names its site."""
     wanted = {t for site, emission, _ in done for t in [site.output, *outer_inputs(emission)]}
     initializers = {t.name for t in model.graph.initializer}
     missing = sorted(t for t in wanted if t not in captured and t not in initializers)
@@ -547,32 +555,85 @@ def _verify_sites(model, done, feeds, captured, atol, rtol, opset, budget, repor
         check_memory(model, {k: v.shape for k, v in feeds.items()}, set(missing), budget,
                      "capturing the activations of the sites")
         captured = {**captured, **run_with_taps(model, feeds, missing)}
-    failures = []
-    for i, (site, emission, result) in enumerate(done):
+    namer = Namer(model)  # the magnitude models' names: unique beside the replacements' too
+    for _, emission, _ in done:
+        namer.taken.update(o for n in emission.nodes for o in (*n.output, n.name))
+        namer.taken.update(t.name for t in emission.initializers)
+    checks = []  # (site, emission, result, magnitude (emission, output) or None)
+    for site, emission, result in done:
+        magnitude = magnitude_emission(site, namer, opset) if site.input in captured and rtol is None else None
+        checks.append((site, emission, result, magnitude))
+    failures, finished = [], 0
+    for batch in _site_batches(checks):
         if step is not None:
-            step("verifying sites", i, len(done))
-        values = {n: captured[n] for n in outer_inputs(emission) if n in captured}
+            step("verifying sites", finished, len(done))
+        finished += len(batch)
         try:
-            got = run_rewritten(site_model(model, emission, values, site.output), values)[site.output]
+            outputs = _run_sites(model, batch, captured)
         except UprewriteError:
             raise
         except Exception as exc:
-            failures.append(f"site '{site.node}': onnxruntime cannot run its replacement: {_first_line(exc)}")
-            continue
-        mag_model = magnitude_model(site, captured[site.input], model, opset) if site.input in captured else None
-        magnitude = None
-        if mag_model is not None and rtol is None:
-            magnitude = run_rewritten(mag_model, {site.input: captured[site.input]})["magnitude"]
-        check = compare_site(site, captured[site.output], got, magnitude, atol, rtol,
-                             output_quantization(site, emission))
-        result.max_abs_error, result.max_rel_error = check.max_abs_error, check.max_rel_error
-        result.ratio, result.tolerance = check.ratio, check.tolerance
-        if not check.ok:
-            failures.append(f"site '{site.node}' ({site.source} -> {result.target}): max abs error "
-                            f"{check.max_abs_error:.3g} is {check.ratio:.3g}x its tolerance ({check.tolerance})")
+            outputs = None
+            if len(batch) == 1:
+                failures.append(f"site '{batch[0][0].node}': onnxruntime cannot run its replacement: {_first_line(exc)}")
+                continue
+        for check in batch:
+            if outputs is None:  # the batch failed: each site alone, to name the one that fails
+                try:
+                    got = _run_sites(model, [check], captured)
+                except UprewriteError:
+                    raise
+                except Exception as exc:
+                    failures.append(f"site '{check[0].node}': onnxruntime cannot run its replacement: "
+                                    f"{_first_line(exc)}")
+                    continue
+            else:
+                got = outputs
+            site, emission, result, magnitude = check
+            mag = got[magnitude[1]] if magnitude is not None else None
+            verdict = compare_site(site, captured[site.output], got[site.output], mag, atol, rtol,
+                                   output_quantization(site, emission))
+            result.max_abs_error, result.max_rel_error = verdict.max_abs_error, verdict.max_rel_error
+            result.ratio, result.tolerance = verdict.ratio, verdict.tolerance
+            if not verdict.ok:
+                failures.append(f"site '{site.node}' ({site.source} -> {result.target}): max abs error "
+                                f"{verdict.max_abs_error:.3g} is {verdict.ratio:.3g}x its tolerance ({verdict.tolerance})")
     if failures:
         report.verification = "failed per site: " + "; ".join(failures)
         raise VerificationFailed(f"{report.model}: verification {report.verification}; nothing written", report)
+
+
+def _site_batches(checks):
+    """``checks`` in groups of at most SITES_PER_SESSION sites and SESSION_WEIGHT_BYTES of weights,
+    none reading a tensor that another of its group produces (each must read the captured original)."""
+    batches, current, size, produced, read = [], [], 0, set(), set()
+    for check in checks:
+        emissions = [check[1]] + ([check[3][0]] if check[3] is not None else [])
+        nbytes = sum(len(t.raw_data) for e in emissions for t in e.initializers)
+        reads = {n for e in emissions for n in outer_inputs(e)}
+        makes = {o for e in emissions for n in e.nodes for o in n.output}
+        if current and (len(current) >= SITES_PER_SESSION or size + nbytes > SESSION_WEIGHT_BYTES
+                        or reads & produced or makes & read):
+            batches.append(current)
+            current, size, produced, read = [], 0, set(), set()
+        current.append(check)
+        size += nbytes
+        produced |= makes
+        read |= reads
+    return batches + ([current] if current else [])
+
+
+def _run_sites(model, batch, captured) -> dict[str, np.ndarray]:
+    """The replacements (and magnitude models) of ``batch`` in one session, on the captured activations."""
+    emissions, outputs = [], []
+    for site, emission, _, magnitude in batch:
+        emissions.append(emission)
+        outputs.append(site.output)
+        if magnitude is not None:
+            emissions.append(magnitude[0])
+            outputs.append(magnitude[1])
+    values = {n: captured[n] for e in emissions for n in outer_inputs(e) if n in captured}
+    return run_rewritten(sites_model(model, emissions, values, outputs), values)
 
 
 def emit_site(site: Site, emitter, b: Builder, opset: int, budget: int | None = None) -> str:

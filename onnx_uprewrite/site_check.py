@@ -47,30 +47,44 @@ def site_model(model: onnx.ModelProto, emission: Emission, values: dict[str, np.
                output: str) -> onnx.ModelProto:
     """A model of the emission alone: ``values`` become graph inputs, other outer names come from
     the model's initializers."""
+    return sites_model(model, [emission], values, [output])
+
+
+def sites_model(model: onnx.ModelProto, emissions: list[Emission], values: dict[str, np.ndarray],
+                outputs: list[str]) -> onnx.ModelProto:
+    """One model of several emissions side by side (their names are unique in ``model``, Namer):
+    ``values`` they read become graph inputs, other outer names come from the model's initializers."""
     inits = {t.name: t for t in model.graph.initializer}
-    inputs, extra = [], []
-    for name in outer_inputs(emission):
-        if name in values:
-            v = values[name]
-            inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape))
-        elif name in inits:
-            extra.append(inits[name])
-        else:
-            raise KeyError(name)
-    graph = helper.make_graph(list(emission.nodes), "site", inputs, [onnx.ValueInfoProto(name=output)],
-                              initializer=list(emission.initializers) + extra)
+    inputs, extra, seen = [], [], set()
+    for emission in emissions:
+        for name in outer_inputs(emission):
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in values:
+                v = values[name]
+                inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape))
+            elif name in inits:
+                extra.append(inits[name])
+            else:
+                raise KeyError(name)
+    nodes = [n for e in emissions for n in e.nodes]
+    own = [t for e in emissions for t in e.initializers]
+    graph = helper.make_graph(nodes, "site", inputs, [onnx.ValueInfoProto(name=o) for o in outputs],
+                              initializer=own + extra)
     small = helper.make_model(graph, opset_imports=list(model.opset_import))
     small.ir_version = model.ir_version
     return small
 
 
-def magnitude_model(site: Site, x: np.ndarray, model: onnx.ModelProto, opset: int) -> onnx.ModelProto | None:
-    """``|W| * |x|`` of the site (without bias) as a ConvTranspose model, or None when the
-    ConvTranspose form cannot express it."""
-    b = Builder(Namer(onnx.ModelProto()), "magnitude")
+def magnitude_emission(site: Site, namer: Namer, opset: int) -> tuple[Emission, str] | None:
+    """``(emission, output)`` computing ``|W| * |x|`` of the site (without bias) as a ConvTranspose,
+    or None when the ConvTranspose form cannot express it."""
+    b = Builder(namer, f"{site.node}/magnitude")
     abs_x = b.node("Abs", [site.input], "abs")
+    output = namer(f"{site.node}/magnitude_out")
     target = dataclasses.replace(
-        site, input=abs_x, output="magnitude", magnitude_weight=None, bias=None, phase_bias=None,
+        site, input=abs_x, output=output, magnitude_weight=None, bias=None, phase_bias=None,
         weight=np.abs(site.weight if site.magnitude_weight is None else site.magnitude_weight).astype(site.weight.dtype),
         weight_quant=None, bias_quant=None, output_quant=None, requantize=None,
     )
@@ -80,7 +94,18 @@ def magnitude_model(site: Site, x: np.ndarray, model: onnx.ModelProto, opset: in
         emit_site(target, EMITTERS["convtranspose"], b, opset)
     except ValueError:
         return None
-    return site_model(model, b.emission, {site.input: x}, "magnitude")
+    return b.emission, output
+
+
+def magnitude_model(site: Site, x: np.ndarray, model: onnx.ModelProto, opset: int) -> onnx.ModelProto | None:
+    """``|W| * |x|`` of the site (without bias) as a ConvTranspose model with output "magnitude", or
+    None when the ConvTranspose form cannot express it."""
+    found = magnitude_emission(site, Namer(onnx.ModelProto()), opset)
+    if found is None:
+        return None
+    emission, output = found
+    emission.nodes.append(helper.make_node("Identity", [output], ["magnitude"]))
+    return site_model(model, emission, {site.input: x}, "magnitude")
 
 
 def bias_magnitude(site: Site) -> float:
