@@ -288,3 +288,11 @@ def test_qdq_weights_are_seen_through_dequantize_linear():
     model = onnx.load(EXPORTED / "torch_unet_decoder_op17_qdq_pt.onnx")
     found = pf.check_model(model, _profile(ConvTranspose={"kernels": [3]}))
     assert found and all("kernel" in v.reason for v in found)
+
+
+def test_checker_sees_the_per_phase_convs_behind_a_concat():
+    """The sub-pixel form's per-phase layout (Conv x4 -> Concat -> DepthToSpace): each Conv is checked."""
+    model = up.convert(_ct(x_shape=(1, 32, 8, 8), cout=32), to="subpixel").model
+    assert [n.op_type for n in model.graph.node].count("Conv") == 4
+    problems = _problems(model, _profile(Conv={"max_kernel": 1}))
+    assert len(problems) == 4 and all("kernel" in p for p in problems), problems
