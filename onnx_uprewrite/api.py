@@ -380,6 +380,8 @@ def convert(
                 feeds, reference, captured = _measure(model, inputs, shapes, seed, required=verify or fastest,
                                                       budget=budget)
             measured = {k: tuple(v.shape) for k, v in captured.items()}
+            if inferred is not None:  # stand in for the run's measurements (they override declared shapes)
+                measured = {k: v for k, v in inferred.items() if None not in v}
             second = _second_size(model, feeds, seed, budget) if verify else None
     except VerificationImpossible as exc:
         if fastest and not verify:  # --no-verify does not help: the forms are timed in onnxruntime
@@ -391,7 +393,7 @@ def convert(
     timings["reference_run_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    sites, refusals = find_sites(model, shapes, measured, inferred if not shapes else None)
+    sites, refusals = find_sites(model, shapes, measured)
     if only:
         wanted = set(only)
         known = {s.node for s in sites} | {r.node for r in refusals}
@@ -468,8 +470,10 @@ def convert(
         done.append((site, builder.emission, result) if verify else None)
         if not verify:  # nothing reads the parsed weights again: let them go (peak memory at scale)
             sites[i] = site = None
+    ops = {n.name or (n.output[0] if n.output else ""): n.op_type for n in model.graph.node}
     for r in refusals:
-        if prof is None and not fastest and r.source == to:  # left as it is, which is the form asked for
+        if prof is None and not fastest and ops.get(r.node) in FORM_OPS.get(to, ()):
+            # a DepthToSpace / Resize / ConvTranspose that could not be parsed stays as it is: the form asked for
             report.sites.append(SiteResult(node=r.node, source=r.source, target=to, status="skipped",
                                            reason=f"already in form {to} (not parsed: {r.reason})"))
             continue
@@ -676,11 +680,16 @@ def prepared(site: Site, b: Builder, opset: int) -> Site:
     return dataclasses.replace(site, input=padded)
 
 
+#: the op that a refused site ends with when it is in that form already
+FORM_OPS = {"subpixel": ("DepthToSpace",), "resize": ("Resize", "Upsample"), "convtranspose": ("ConvTranspose",)}
+
+
 def _inferred_shapes_suffice(model, shapes) -> dict | None:
     """Whether onnx shape inference gives every length an onnxruntime run would measure for the
-    sites: each graph input has a static shape (declared or from ``shapes``), no ConvTranspose has
-    auto_pad SAME or output_shape (where the two disagree, DESIGN.md §3), and inference gives a
-    static shape to every tensor the parsers read.  Returns the inferred shapes then, else None."""
+    sites: each graph input has a static shape (declared or from ``shapes``), every node is one of
+    TRUSTED_SHAPE_OPS (no ConvTranspose with auto_pad SAME or output_shape, where the two disagree,
+    DESIGN.md §3; no subgraphs), and inference, ignoring the shapes the graph outputs declare, gives
+    a static shape to every tensor the parsers read.  Returns the inferred shapes then, else None."""
     for vi in feed_inputs(model):
         t = vi.type.tensor_type
         if shapes and vi.name in shapes:
@@ -689,13 +698,32 @@ def _inferred_shapes_suffice(model, shapes) -> dict | None:
                 not all(d.HasField("dim_value") and d.dim_value > 0 for d in t.shape.dim):
             return None
     for node in model.graph.node:
-        if node.op_type == "ConvTranspose":
-            attrs = {a.name: a for a in node.attribute}
-            if "output_shape" in attrs or ("auto_pad" in attrs and attrs["auto_pad"].s in (b"SAME_UPPER", b"SAME_LOWER")):
-                return None
-    static = infer_static_shapes(model, shapes)
+        if node.domain not in ("", "ai.onnx") or node.op_type not in TRUSTED_SHAPE_OPS:
+            return None
+        attrs = {a.name: a for a in node.attribute}
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in attrs.values()):
+            return None
+        if node.op_type == "ConvTranspose" and (
+                "output_shape" in attrs or ("auto_pad" in attrs and attrs["auto_pad"].s in (b"SAME_UPPER", b"SAME_LOWER"))):
+            return None
+        if "ceil_mode" in attrs and attrs["ceil_mode"].i:
+            return None
+    static = infer_static_shapes(model, shapes, declared_outputs=False)
     ok = all(t in static and None not in static[t] for t in _site_taps(model, GraphIndex(model)))
     return static if ok else None
+
+
+#: ops whose onnx shape inference gives the lengths onnxruntime computes (ConvTranspose without
+#: auto_pad SAME or output_shape, pools without ceil_mode): --no-verify trusts inference for a model
+#: made of these only; any other op costs the reference run
+TRUSTED_SHAPE_OPS = frozenset("""
+    Abs Add And AveragePool BatchNormalization Cast Ceil Clip Concat Constant ConstantOfShape Conv ConvTranspose
+    DepthToSpace DequantizeLinear Div Dropout Elu Equal Erf Exp Expand Flatten Floor Gather Gelu Gemm
+    GlobalAveragePool GlobalMaxPool Greater GroupNormalization HardSigmoid HardSwish Identity
+    InstanceNormalization LayerNormalization LeakyRelu Less Log LogSoftmax MatMul Max MaxPool Min Mish Mul Neg
+    Not Or Pad Pow PRelu QuantizeLinear Reciprocal Relu Reshape Resize Selu Shape Sigmoid Sign Sin Slice Softmax
+    Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tanh Tile Transpose Unsqueeze Upsample Where
+""".split())
 
 
 def _site_taps(model, index) -> list[str]:

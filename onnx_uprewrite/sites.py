@@ -480,7 +480,7 @@ def conv_geometry(node: onnx.NodeProto, weight: np.ndarray) -> ConvGeometry:
 
 
 def infer_static_shapes(
-    model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None = None
+    model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None = None, declared_outputs: bool = True
 ) -> dict[str, tuple[int | None, ...]]:
     """Static tensor shapes from onnx shape inference, run on a weightless copy of the graph.
 
@@ -489,7 +489,7 @@ def infer_static_shapes(
     not fatal: a missing shape only means a site must use its symbolic form.  ``overrides``
     (from --shape) replace the declared shapes of graph inputs.
     """
-    return {name: dims for name, (_, dims) in infer_static_typed(model, overrides).items()}
+    return {name: dims for name, (_, dims) in infer_static_typed(model, overrides, declared_outputs).items()}
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -501,9 +501,11 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def infer_static_typed(
-    model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None = None
+    model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None = None, declared_outputs: bool = True
 ) -> dict[str, tuple[int, tuple[int | None, ...]]]:
-    """``infer_static_shapes`` with each tensor's element type: ``name -> (elem_type, dims)``."""
+    """``infer_static_shapes`` with each tensor's element type: ``name -> (elem_type, dims)``.
+    ``declared_outputs=False`` drops the shapes the graph outputs declare (non-strict inference
+    keeps a declared shape that is wrong, which onnxruntime only warns about)."""
     skeleton = onnx.ModelProto()
     skeleton.ir_version = model.ir_version
     skeleton.opset_import.extend(model.opset_import)
@@ -515,7 +517,12 @@ def infer_static_typed(
         if overrides and vi.name in overrides:
             vi = onnx.helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, list(overrides[vi.name]))
         g.input.append(vi)
-    g.output.extend(src.output)
+    if declared_outputs:
+        g.output.extend(src.output)
+    else:
+        for vi in src.output:
+            elem = vi.type.tensor_type.elem_type if vi.type.HasField("tensor_type") else 0
+            g.output.append(onnx.helper.make_tensor_value_info(vi.name, elem, None) if elem else onnx.ValueInfoProto(name=vi.name))
     input_names = {i.name for i in src.input}
     for t in src.initializer:
         if t.name in input_names:

@@ -181,6 +181,9 @@ def _traced_shuffle(conv, nodes: tuple[NodeProto, ...], index: GraphIndex, rank:
     strides = tuple(o // n for o, n in zip(out[2:], q))
     if out[1] * math.prod(strides) != conv_shape[1]:
         return _Shuffle(conv, nodes, None, None, consts, problem)
+    batch_problem = _batch_problem(nodes, shapes, index)
+    if batch_problem:
+        return _Shuffle(conv, nodes, None, None, consts, f"{problem} at every batch size ({batch_problem})")
     t = np.arange(math.prod(conv_shape), dtype=np.int64).reshape(conv_shape)
     for n, shape in zip(nodes, shapes[1:]):
         if n.op_type == "Reshape":
@@ -208,6 +211,36 @@ def _traced_shuffle(conv, nodes: tuple[NodeProto, ...], index: GraphIndex, rank:
         return _Shuffle(conv, nodes, None, None, consts, problem)
     channel_map = first.reshape(out[1], -1)
     return _Shuffle(conv, nodes, strides, None, consts, channel_map=channel_map)
+
+
+def _batch_problem(nodes: tuple[NodeProto, ...], shapes, index: GraphIndex) -> str | None:
+    """Why the traced chain may be another rearrangement at another input size, or None.  Every
+    tensor keeps the batch as axis 0 and no Transpose moves it; unless the Conv input's shape is
+    static, every Reshape takes a constant shape that copies the batch (first entry 0 or -1) and
+    fixes every other axis (positive entries), so that the chain is the one traced wherever the
+    original runs at all."""
+    batch = int(shapes[0][0])
+    static = index.static_shapes.get(nodes[0].input[0])
+    fixed = static is not None and len(static) > 0 and None not in static
+    for n, shape in zip(nodes, shapes[1:]):
+        name = n.name or n.output[0]
+        if int(shape[0]) != batch:
+            return f"'{n.output[0]}' has {shape[0]} on the batch axis"
+        if n.op_type == "Transpose":
+            perm = [int(p) for p in attributes(n).get("perm", range(len(shape) - 1, -1, -1))]
+            if not perm or perm[0] != 0:
+                return f"Transpose '{name}' moves the batch axis"
+        elif n.op_type == "Reshape" and not fixed:
+            try:
+                value, _ = index.constant(n.input[1])
+            except NotConstant:
+                return f"Reshape '{name}' takes a shape computed at run time"
+            entries = [int(v) for v in np.asarray(value).reshape(-1)]
+            if not entries or entries[0] not in (0, -1):
+                return f"Reshape '{name}' fixes the batch to {entries[0] if entries else '?'}"
+            if any(v <= 0 for v in entries[1:]):
+                return f"Reshape '{name}' shape {entries} leaves an axis to the input size"
+    return None
 
 
 def _shuffle(conv, nodes: tuple[NodeProto, ...], index: GraphIndex, rank: int) -> _Shuffle:
@@ -324,9 +357,11 @@ def _apply_crop(axis: Axis, start: int, end: int, length: int | None) -> Axis | 
     return Axis(axis.stride, axis.dilation, axis.kernel, axis.crop_begin + start, axis.extension + end - start)
 
 
-def _trim_zero_borders(weight: np.ndarray, axes: list[Axis]) -> tuple[np.ndarray, list[Axis]]:
-    """Drop all-zero kernel slabs at both ends of each axis (leading ones move the crop), and give a
-    kernel whose nonzero taps sit on a regular grid its dilation back (ConvTranspose round trips)."""
+def _trim_zero_borders(weight: np.ndarray, axes: list[Axis], phase_bias: np.ndarray | None = None):
+    """Drop all-zero kernel slabs at both ends of each axis (leading ones move the crop, and with it
+    the phase ``(o + pb) mod s`` that indexes ``phase_bias``, which is rolled to match), and give a
+    kernel whose nonzero taps sit on a regular grid its dilation back (ConvTranspose round trips).
+    Returns ``(weight, axes, phase_bias)``."""
     for i, a in enumerate(axes):
         w = np.moveaxis(weight, 2 + i, 0)
         nonzero = [t for t in range(w.shape[0]) if np.any(w[t] != 0)]
@@ -334,7 +369,10 @@ def _trim_zero_borders(weight: np.ndarray, axes: list[Axis]) -> tuple[np.ndarray
             continue
         lo, hi = nonzero[0], nonzero[-1] + 1
         w = w[lo:hi]
-        a = Axis(a.stride, a.dilation, hi - lo, a.crop_begin - lo, a.extension)
+        shift = lo * a.dilation
+        a = Axis(a.stride, a.dilation, hi - lo, a.crop_begin - shift, a.extension)
+        if phase_bias is not None and shift % a.stride:  # phase'[p] = phase[(p + shift) mod s]
+            phase_bias = np.roll(phase_bias, -shift, axis=1 + i)
         if a.dilation == 1 and hi - lo > 2:
             offsets = [t - lo for t in nonzero]
             for d in range(hi - lo - 1, 1, -1):
@@ -344,7 +382,7 @@ def _trim_zero_borders(weight: np.ndarray, axes: list[Axis]) -> tuple[np.ndarray
                     break
         weight = np.moveaxis(w, 0, 2 + i)
         axes[i] = a
-    return np.ascontiguousarray(weight), axes
+    return np.ascontiguousarray(weight), axes, phase_bias
 
 
 def _shape_readers(tensor: str, nodes: tuple[NodeProto, ...], index: GraphIndex) -> int:
@@ -494,7 +532,7 @@ def _parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
          zip(lengths, geo.pads_begin, geo.pads_end, geo.dilations, geo.kernel)]
     source_macs = None if None in q else source_taps * math.prod(q)
     if weight_quant is None:  # integer weights keep their layout: trimming is value-dependent
-        w, axes = _trim_zero_borders(w, axes)
+        w, axes, phase_bias = _trim_zero_borders(w, axes, phase_bias)
     notes = ()
     if group != geo.group:
         notes = (f"the depth-to-space order mixes Conv groups: dense ConvTranspose kernel (group 1, was {geo.group})",)

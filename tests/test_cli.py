@@ -522,3 +522,25 @@ def test_progress_line_only_on_a_terminal_and_cleared():
         stages[-1] == "verifying the whole model"
     assert "verifying sites 2/2" in stream.getvalue() and stream.getvalue().endswith("\r")
     assert ProgressLine.for_stderr() is None or sys.stderr.isatty()  # pytest's stderr is not a terminal
+
+
+def test_no_verify_ignores_a_wrong_declared_output_shape(tmp_path):
+    """Without a reference run the shapes come from onnx shape inference, which must not take the
+    shape a graph output declares (onnxruntime only warns when it is wrong)."""
+    import onnx_uprewrite as up
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Relu", ["x"], ["t"], name="relu"),
+             helper.make_node("ConvTranspose", ["t", "W"], ["y"], name="ct", strides=[2, 2], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 2, 5, 5])],  # wrong
+                              [numpy_helper.from_array(rng.standard_normal((2, 3, 4, 4)).astype(np.float32), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    for mode in ("transpose", "auto"):
+        result = up.convert(model, to="subpixel", d2s_mode=mode, verify=False)
+        x = rng.standard_normal((1, 2, 4, 4)).astype(np.float32)
+        sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                    for m in (model, result.model)]
+        want, got = (s.run(["y"], {"x": x})[0] for s in sessions)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)

@@ -795,3 +795,38 @@ def test_a_concat_of_convs_with_other_readers_is_refused():
     result = up.convert(model, to="convtranspose")
     (refused,) = result.report.refused
     assert "also read elsewhere" in refused.reason and "2 Convs + Concat 'cat'" in refused.reason
+
+
+def test_a_chain_that_is_a_pixel_shuffle_only_at_batch_1_is_refused():
+    """Reshape [4, -1, H, W] moves the batch into the channels: PixelShuffle(2) at N=1, not at N=2."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Reshape", ["c", "sA"], ["r1"], name="r1"),
+             helper.make_node("Transpose", ["r1"], ["t1"], perm=[1, 0, 2, 3], name="t1"),
+             helper.make_node("Reshape", ["t1", "sB"], ["r2"], name="r2"),
+             helper.make_node("Transpose", ["r2"], ["t2"], perm=[0, 1, 4, 2, 5, 3], name="t2"),
+             helper.make_node("Reshape", ["t2", "sC"], ["y"], name="r3")]
+    inits = [_const("w", rng.standard_normal((4, 2, 3, 3)).astype(np.float32)), _const("sA", [4, -1, 3, 3]),
+             _const("sB", [0, 1, 2, 2, 3, 3]), _const("sC", [0, 1, 6, 6])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, ["N", 2, 3, 3])],
+                              [helper.make_tensor_value_info("y", 1, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    report = up.convert(model, to="convtranspose", verify=False, shapes={"x": (1, 2, 3, 3)}).report
+    (site,) = report.sites
+    assert site.status == "refused" and "at every batch size" in site.reason and "'r1'" in site.reason
+
+
+def test_per_phase_bias_follows_a_trimmed_kernel_border():
+    """Conv whose first kernel row is zero for two phases, with a bias per phase: trimming the zero row
+    moves the crop by one, and the per-phase bias must move with it."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 1, 2, 2)).astype(np.float32)
+    w[0:2, :, 1, :] = 0
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 0, 0], name="conv"),
+             helper.make_node("DepthToSpace", ["c"], ["y"], blocksize=2, mode="CRD", name="d2s")]
+    model = _graph(nodes, (1, 1, 3, 3), [_const("w", w), _const("b", np.array([1, 2, 3, 4], np.float32))], opset=13)
+    for to in ("convtranspose", "resize"):
+        result = up.convert(model, to=to, verify=False)
+        x = rng.standard_normal((1, 1, 3, 3)).astype(np.float32)
+        want, got = _run(model, {"x": x})["y"], _run(result.model, {"x": x})["y"]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
