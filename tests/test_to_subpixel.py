@@ -320,3 +320,29 @@ def test_float16_per_phase_verifies_and_stays_float16(phases_everywhere):
         assert any("Concat" in (s.form or "") for s in result.report.sites)
         dtypes = {t.data_type for t in result.model.graph.initializer if t.data_type in (1, 10)}
         assert dtypes == {onnx.TensorProto.FLOAT16}, "a float32 weight was written into a float16 model"
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(strides=st.lists(st.integers(1, 4), min_size=1, max_size=3), q=st.lists(st.integers(1, 4), min_size=3, max_size=3),
+       channels=st.integers(1, 5), batch=st.integers(1, 2), dcr=st.booleans())
+def test_single_axis_moves_are_a_depth_to_space(strides, q, channels, batch, dcr):
+    """The Reshape/Transpose steps of the Transpose shuffle, run in numpy, equal depth-to-space, and
+    every step swaps two neighbouring axes only."""
+    from onnx_uprewrite.passes.to_subpixel import _single_axis_moves
+    from onnx_uprewrite.weights import crd_to_dcr_permutation, depth_to_space_crd
+
+    q = q[: len(strides)]
+    n_phase = math.prod(strides)
+    x = np.arange(batch * channels * n_phase * math.prod(q)).reshape([batch, channels * n_phase, *q])
+    want = depth_to_space_crd(x, tuple(strides))
+    y = x[:, crd_to_dcr_permutation(channels, n_phase)] if dcr else x  # the Conv writes DCR order then
+    for dims, perm in _single_axis_moves(channels, strides, q, dcr):
+        moved = [i for i, p in enumerate(perm) if p != i]
+        assert len(moved) == 2 and moved[1] == moved[0] + 1 and perm[0] == 0
+        y = y.reshape([batch, *dims]).transpose(perm)
+    got = y.reshape([batch, channels, *(n * s for n, s in zip(q, strides))])
+    np.testing.assert_array_equal(got, want)
