@@ -373,6 +373,7 @@ def convert(
     try:
         with deadline:
             if inferred is not None:  # --no-verify: onnx shape inference gives what the run would measure
+                input_shapes(model, shapes, inputs)  # a --shape that disagrees with the model is an error still
                 feeds, reference, captured = None, None, {}
                 report.notes.append("no reference run (--no-verify): site shapes from onnx shape inference, "
                                     "which agrees with onnxruntime for this model's ops")

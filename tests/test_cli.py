@@ -544,3 +544,10 @@ def test_no_verify_ignores_a_wrong_declared_output_shape(tmp_path):
                     for m in (model, result.model)]
         want, got = (s.run(["y"], {"x": x})[0] for s in sessions)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_no_verify_still_refuses_a_shape_that_disagrees_with_the_model(tmp_path):
+    result = invoke("convert", Path(__file__).resolve().parent.parent / "models" / "dcgan_stack.onnx",
+                    "-o", tmp_path / "o.onnx", "--no-verify", "--shape", "x=1x2x8x8")
+    assert result.exit_code == 2 and "dimension 1 is 2, the model declares 64" in result.output
+    assert not (tmp_path / "o.onnx").exists()
