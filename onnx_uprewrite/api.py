@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from . import __version__, isolate
 from .passes import EMITTERS, PARSERS
-from .budget import check_memory, default_memory_budget, weights_over_budget
+from .budget import check_memory, default_memory_budget, guard_memory, weights_over_budget
 from .budget import time_budget as budget_time
 from .fastest import KEEP, original_emission
 from .fastest import pick as pick_fastest
@@ -294,6 +294,7 @@ def _subgraph_refusals(graph: onnx.GraphProto, where: str) -> list[Refusal]:
     return found
 
 
+@guard_memory
 def convert(
     model,
     to: str = "subpixel",
@@ -752,7 +753,8 @@ def _measure(model, inputs, shapes, seed, required: bool, budget: int | None = N
     """
     taps = _site_taps(model, GraphIndex(model))
     try:
-        check_memory(model, input_shapes(model, shapes, inputs), set(taps), budget, "running the original model")
+        check_memory(model, input_shapes(model, shapes, inputs), set(taps), budget, "running the original model",
+                     compared=required)
         feeds = make_inputs(model, shapes, inputs, seed)
         outputs = run_with_taps(model, feeds, taps)
     except UprewriteError:
@@ -786,7 +788,7 @@ def _second_size(model, feeds, seed, budget: int | None = None):
     if sum(int(np.prod(s)) for s in shapes.values()) > SECOND_SIZE_MAX_ELEMENTS:
         return "second input size not checked: the doubled inputs exceed 2^24 elements"
     try:
-        check_memory(model, shapes, set(), budget, "the second input size")
+        check_memory(model, shapes, set(), budget, "the second input size", compared=True)
     except ResourceLimit as exc:
         return f"second input size not checked: {exc}"
     rng = np.random.default_rng(seed + 1)
@@ -859,6 +861,7 @@ def _check(rewritten, feeds, reference, tol, report, steps=None):
     return checks
 
 
+@guard_memory
 def inspect(model, shapes: dict | None = None, memory_budget: int | None = None, lazy_weights: bool = False) -> dict:
     """Every site with its canonical parameters and MACs, and every refusal with its reason
     (``lazy_weights``: read only the sites' weights from external data, as convert can)."""
@@ -918,6 +921,7 @@ def exact_forms(site: Site, opset: int, budget: int | None = None) -> dict[str, 
     return forms
 
 
+@guard_memory
 def verify(a, b, inputs=None, shapes=None, atol: float | None = None, rtol: float | None = None, seed: int = 0,
            memory_budget: int | None = None, time_budget: float | None = None):
     """Compare two models in onnxruntime on the same inputs; returns the per-output checks."""

@@ -83,10 +83,12 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 
 
 def check_memory(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], kept: set[str],
-                 budget: int | None, what: str) -> None:
+                 budget: int | None, what: str, compared: bool = False) -> None:
     """Raise ResourceLimit when one run of ``model`` on inputs of ``input_shapes`` (keeping the
     tensors ``kept`` as outputs) needs more than ``budget`` bytes by the estimate above, and
-    InvalidModelError for shapes that would crash onnxruntime (model_io.check_resize_ranks)."""
+    InvalidModelError for shapes that would crash onnxruntime (model_io.check_resize_ranks).
+    ``compared``: the outputs are then also compared with another run's, which holds that run's
+    outputs and three float64 working copies of each (verify.compare)."""
     from .model_io import check_resize_ranks
     from .sites import infer_static_typed
 
@@ -106,6 +108,10 @@ def check_memory(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
         if n > busiest_bytes:
             busiest, busiest_bytes = node, n
     total = 2 * weights + inputs + max(outputs, busiest_bytes)
+    if compared:
+        elements = sum(math.prod(d if d else 1 for d in typed[o][1]) for o in {o.name for o in model.graph.output}
+                       if o in typed and None not in typed[o][1])
+        total += outputs + 3 * 8 * elements
     if total <= budget:
         return
     where = ""
@@ -156,8 +162,48 @@ class time_budget(contextlib.AbstractContextManager):
         return None
 
 
+#: what onnxruntime says when an allocation fails
+_OUT_OF_MEMORY = ("bad_alloc", "Failed to allocate memory", "out of memory")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure (numpy's MemoryError, or onnxruntime's bad_alloc)."""
+    return isinstance(exc, MemoryError) or any(m in str(exc) for m in _OUT_OF_MEMORY)
+
+
+OUT_OF_MEMORY_HINT = ("out of memory: the tensors of this check do not fit; pass a smaller --shape or --inputs, "
+                      "or --no-verify")
+
+
+def guard_memory(function):
+    """``function`` with an allocation failure anywhere in it raised as ResourceLimit (exit 2)."""
+    import functools
+
+    @functools.wraps(function)
+    def guarded(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except MemoryError:
+            model = args[0] if args else kwargs.get("model", kwargs.get("a"))
+            label = f"{os.fspath(model)}: " if isinstance(model, (str, os.PathLike)) else ""
+            raise ResourceLimit(f"{label}{OUT_OF_MEMORY_HINT}") from None
+    return guarded
+
+
 def run_session(sess, names, feeds):
-    """``sess.run`` that is cancelled (onnxruntime's terminate flag) when the time budget runs out."""
+    """``sess.run`` that is cancelled (onnxruntime's terminate flag) when the time budget runs out;
+    an allocation failure inside onnxruntime is a ResourceLimit."""
+    try:
+        return _run_session(sess, names, feeds)
+    except ResourceLimit:
+        raise
+    except Exception as exc:
+        if out_of_memory(exc):
+            raise ResourceLimit(f"onnxruntime {OUT_OF_MEMORY_HINT}") from None
+        raise
+
+
+def _run_session(sess, names, feeds):
     deadline = _DEADLINE.get()
     if deadline is None:
         return sess.run(names, feeds)

@@ -181,9 +181,10 @@ def _traced_shuffle(conv, nodes: tuple[NodeProto, ...], index: GraphIndex, rank:
     strides = tuple(o // n for o, n in zip(out[2:], q))
     if out[1] * math.prod(strides) != conv_shape[1]:
         return _Shuffle(conv, nodes, None, None, consts, problem)
-    batch_problem = _batch_problem(nodes, shapes, index)
+    batch_problem = _batch_problem(nodes, shapes, index, traced=True)
     if batch_problem:
-        return _Shuffle(conv, nodes, None, None, consts, f"{problem} at every batch size ({batch_problem})")
+        return _Shuffle(conv, nodes, None, None, consts, f"{problem[:-len('is not a pixel shuffle')]}cannot be read "
+                        f"as a pixel shuffle at every input size ({batch_problem})")
     t = np.arange(math.prod(conv_shape), dtype=np.int64).reshape(conv_shape)
     for n, shape in zip(nodes, shapes[1:]):
         if n.op_type == "Reshape":
@@ -213,15 +214,19 @@ def _traced_shuffle(conv, nodes: tuple[NodeProto, ...], index: GraphIndex, rank:
     return _Shuffle(conv, nodes, strides, None, consts, channel_map=channel_map)
 
 
-def _batch_problem(nodes: tuple[NodeProto, ...], shapes, index: GraphIndex) -> str | None:
-    """Why the traced chain may be another rearrangement at another input size, or None.  Every
-    tensor keeps the batch as axis 0 and no Transpose moves it; unless the Conv input's shape is
-    static, every Reshape takes a constant shape that copies the batch (first entry 0 or -1) and
-    fixes every other axis (positive entries), so that the chain is the one traced wherever the
-    original runs at all."""
+def _batch_problem(nodes: tuple[NodeProto, ...], shapes, index: GraphIndex, traced: bool) -> str | None:
+    """Why the chain may be another rearrangement at another input size than the one read, or None.
+
+    Every tensor keeps the batch as axis 0 and no Transpose moves it.  Unless the Conv input's
+    shape is static (the original then runs at that shape only), a constant Reshape shape must copy
+    the batch (first entry 0: a -1 there would absorb a change of any other length).  A traced
+    chain (_traced_shuffle) is read at one size only, so it also needs static spatial lengths and
+    constant shapes with every other entry fixed."""
     batch = int(shapes[0][0])
     static = index.static_shapes.get(nodes[0].input[0])
     fixed = static is not None and len(static) > 0 and None not in static
+    if traced and not fixed and (static is None or None in static[1:]):
+        return "a Reshape-Transpose chain is traced at one size, and the Conv's spatial lengths are symbolic"
     for n, shape in zip(nodes, shapes[1:]):
         name = n.name or n.output[0]
         if int(shape[0]) != batch:
@@ -231,14 +236,19 @@ def _batch_problem(nodes: tuple[NodeProto, ...], shapes, index: GraphIndex) -> s
             if not perm or perm[0] != 0:
                 return f"Transpose '{name}' moves the batch axis"
         elif n.op_type == "Reshape" and not fixed:
-            try:
-                value, _ = index.constant(n.input[1])
-            except NotConstant:
-                return f"Reshape '{name}' takes a shape computed at run time"
-            entries = [int(v) for v in np.asarray(value).reshape(-1)]
-            if not entries or entries[0] not in (0, -1):
-                return f"Reshape '{name}' fixes the batch to {entries[0] if entries else '?'}"
-            if any(v <= 0 for v in entries[1:]):
+            if len(n.input) < 2:  # Reshape-1 (opset < 5): a shape attribute
+                entries = [int(v) for v in attributes(n).get("shape", [])]
+            else:
+                try:
+                    value, _ = index.constant(n.input[1])
+                except NotConstant:
+                    if traced:
+                        return f"Reshape '{name}' takes a shape computed at run time"
+                    continue  # computed from the tensors' own Shape (exporters, our emitter): as read
+                entries = [int(v) for v in np.asarray(value).reshape(-1)]
+            if not entries or entries[0] != 0:
+                return f"Reshape '{name}' shape {entries} does not copy the batch (first entry 0)"
+            if traced and any(v <= 0 for v in entries[1:]):
                 return f"Reshape '{name}' shape {entries} leaves an axis to the input size"
     return None
 
@@ -247,7 +257,7 @@ def _shuffle(conv, nodes: tuple[NodeProto, ...], index: GraphIndex, rank: int) -
     if len(nodes) == 1:
         return _depth_to_space(conv, nodes, rank)
     found = _pixel_shuffle(conv, nodes, index, rank) if len(nodes) == 3 else None
-    if found is None or (found.problem and found.strides is None and "needs known" not in found.problem):
+    if found is None or (found.problem or "").endswith("is not a pixel shuffle"):
         found = _traced_shuffle(conv, nodes, index, rank)
     return found
 
@@ -294,6 +304,10 @@ def _pixel_shuffle(conv, nodes: tuple[NodeProto, ...], index: GraphIndex, rank: 
     channels = int(a[perm[1]])
     if tuple(out) != (a[0], channels) + tuple(n * s for n, s in zip(q, strides)):
         return _Shuffle(conv, nodes, None, None, consts, problem)
+    batch_problem = _batch_problem(nodes, [conv_shape, a, [a[p] for p in perm], out], index, traced=False)
+    if batch_problem:
+        return _Shuffle(conv, nodes, None, None, consts, f"{problem[:-len('is not a pixel shuffle')]}is a pixel "
+                        f"shuffle at this size only ({batch_problem})")
     return _Shuffle(conv, nodes, strides, order, consts)
 
 

@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 import pytest
+from pathlib import Path
 
 from hostile import assert_clean_exit, assert_refused, invoke
 from onnx_uprewrite import api
@@ -105,3 +106,30 @@ def test_memory_estimate_is_a_floor_of_what_the_run_holds(ct_model):
                                          ("3GiB", 3 << 30), ("1t", 1 << 40)])
 def test_parse_size(text, value):
     assert parse_size(text) == value
+
+
+def test_running_out_of_memory_anywhere_is_a_resource_limit(tmp_path, monkeypatch):
+    """numpy's MemoryError (e.g. the float64 copies of a comparison) and onnxruntime's bad_alloc are
+    ResourceLimit (exit 2) naming the model, never an internal error."""
+    import onnx_uprewrite as up
+    from onnx_uprewrite import api, verify
+
+    src = tmp_path / "m.onnx"
+    src.write_bytes((Path(__file__).resolve().parent.parent / "models" / "dcgan_stack.onnx").read_bytes())
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 6.25 GiB")
+
+    with monkeypatch.context() as m:
+        m.setattr(api, "compare", no_memory)
+        with pytest.raises(up.ResourceLimit, match=r"m\.onnx: out of memory"):
+            up.convert(str(src))
+
+    def bad_alloc(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : std::bad_alloc")
+
+    with monkeypatch.context() as m:
+        m.setattr(verify, "_session", bad_alloc)
+        with pytest.raises(up.ResourceLimit, match="onnxruntime out of memory"):
+            up.convert(str(src))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
