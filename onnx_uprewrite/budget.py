@@ -190,17 +190,24 @@ def guard_memory(function):
     return guarded
 
 
-def run_session(sess, names, feeds):
-    """``sess.run`` that is cancelled (onnxruntime's terminate flag) when the time budget runs out;
-    an allocation failure inside onnxruntime is a ResourceLimit."""
+@contextlib.contextmanager
+def onnxruntime_allocations():
+    """Inside it, an allocation failure that onnxruntime raises is a ResourceLimit."""
     try:
-        return _run_session(sess, names, feeds)
+        yield
     except ResourceLimit:
         raise
     except Exception as exc:
         if out_of_memory(exc):
             raise ResourceLimit(f"onnxruntime {OUT_OF_MEMORY_HINT}") from None
         raise
+
+
+def run_session(sess, names, feeds):
+    """``sess.run`` that is cancelled (onnxruntime's terminate flag) when the time budget runs out;
+    an allocation failure inside onnxruntime is a ResourceLimit."""
+    with onnxruntime_allocations():
+        return _run_session(sess, names, feeds)
 
 
 def _run_session(sess, names, feeds):

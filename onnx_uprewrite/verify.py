@@ -20,8 +20,8 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from .budget import OUT_OF_MEMORY_HINT, out_of_memory, run_session, tensor_bytes
-from .errors import ResourceLimit, UprewriteError, UsageError, VerificationImpossible
+from .budget import onnxruntime_allocations, run_session, tensor_bytes
+from .errors import UprewriteError, UsageError, VerificationImpossible
 from .model_io import NUMPY_RAW, external_ref, is_lazy, shell, tensor_memmap, tensor_raw
 from .surgery import used_names
 
@@ -133,14 +133,8 @@ _NEVER_READ = "uprewrite-never-read.bin"
 
 def session(model: onnx.ModelProto | bytes) -> ort.InferenceSession:
     """An onnxruntime CPU session of ``model``; an allocation failure is a ResourceLimit."""
-    try:
+    with onnxruntime_allocations():
         return _session(model)
-    except UprewriteError:
-        raise
-    except Exception as exc:
-        if out_of_memory(exc):
-            raise ResourceLimit(f"onnxruntime {OUT_OF_MEMORY_HINT}") from None
-        raise
 
 
 def _session(model: onnx.ModelProto | bytes) -> ort.InferenceSession:
