@@ -170,16 +170,15 @@ def _announcing(progress):
 
 
 def find_sites(
-    model: onnx.ModelProto, shapes: dict | None = None, measured: dict | None = None, inferred: dict | None = None
+    model: onnx.ModelProto, shapes: dict | None = None, measured: dict | None = None
 ) -> tuple[list[Site], list[Refusal]]:
     """Every upsampling site of the main graph, parsed, plus refusals (subgraph sites included).
 
     ``measured`` holds tensor shapes observed in onnxruntime with the graph inputs at the
     ``shapes`` given (or as declared).  They override inferred shapes where the model declares
-    static input shapes; otherwise they only serve sites that need a concrete length.  ``inferred``:
-    the model's shapes from onnx shape inference, when the caller has them already.
+    static input shapes; otherwise they only serve sites that need a concrete length.
     """
-    index = GraphIndex(model, infer_static_shapes(model) if inferred is None else inferred)
+    index = GraphIndex(model, infer_static_shapes(model))
     measured = measured or {}
     declared_static = all(
         d.HasField("dim_value") and d.dim_value > 0
@@ -332,9 +331,11 @@ def convert(
     ``lazy_weights`` (for a path with external data) reads only the weights of the sites; the others
     stay in the input's data file and are copied to the output's (the CLI's choice): then
     ``result.model`` refers to that file by absolute path (model_io.is_lazy).  ``d2s_mode`` is the
-    layout of the sub-pixel form: ``CRD`` (one Conv + DepthToSpace CRD, PyTorch's PixelShuffle order),
-    ``DCR`` (DepthToSpace DCR: the Conv's output channels are permuted, or one Conv per phase) or
-    ``auto`` (one Conv per phase where that is predicted faster, else CRD; to_subpixel.prefer_phases).  Raises
+    layout of the sub-pixel form (to_subpixel.LAYOUTS): ``auto`` (one Conv per phase where
+    to_subpixel.prefer_phases predicts it faster, else one Conv; DepthToSpace where one op does it,
+    else single-axis Transposes), ``transpose`` (the same with Transposes everywhere: fastest in
+    onnxruntime), ``CRD`` (one Conv + DepthToSpace CRD, PyTorch's PixelShuffle order) or ``DCR``
+    (DepthToSpace DCR: the Conv's output channels are permuted, or one Conv per phase).  Raises
     UsageError, InvalidModelError, VerificationImpossible, ResourceLimit or VerificationFailed
     (with ``.report``).
     """
