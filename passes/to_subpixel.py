@@ -328,16 +328,22 @@ def phase_macs_and_weights(site: Site) -> tuple[int | None, int] | None:
 #: per-phase Convs with fewer output channels than this run at a poor fraction of the one-Conv speed
 #: in onnxruntime's CPU Conv (measured: 32->3 k4 s2 at 64x64, 3x slower; depthwise 64 channels: faster)
 MIN_PHASE_CHANNELS = 16
-#: the per-phase layout must save at least this fraction of the one-Conv MACs: it runs S Convs and a
-#: Concat, which costs about as much as the Slice it saves (benchmarks/bench_subpixel_layouts.py)
-MIN_PHASE_SAVING = 0.05
+#: 3-D sites keep one Conv: eight 3-D Convs and their Concat cost more than the border they save
+#: (measured: 32->32 k4 s2 p1 at 8^3, 0.70 vs 0.64 of the ConvTranspose's time; 16^3: 0.56 vs 0.42)
+MAX_PHASE_RANK = 2
+#: the per-phase layout must save at least MIN_PHASE_SAVING * S^2 of the one-Conv MACs (S phases):
+#: each extra Conv and the Concat cost more the more phases there are.  Fitted to
+#: benchmarks/bench_subpixel_layouts.py: S=2 wins from about 1 % (1-D k4 s2 p1, L 64: 1.6 % saved,
+#: 1.05 vs 1.15 of the ConvTranspose), S=4 from about 4 % (2-D k4 s2 p1 at 32x32: 6 %), S=9 loses
+#: at 8 % (k6 s3 at 24x24) and wins at 44 % (k4 s3 op1), S=8 loses at 0.2 % (1-D k16 s8 p4)
+MIN_PHASE_SAVING = 0.0025
 
 
 def prefer_phases(site: Site) -> bool:
     """Whether the per-phase layout is predicted faster than the one-Conv layout: wide enough Convs
     and a real MAC saving (border positions on small maps, zero taps when the phases' kernels differ)."""
     cost = phase_macs_and_weights(site)
-    if cost is None or math.prod(a.stride for a in site.axes) == 1:
+    if cost is None or math.prod(a.stride for a in site.axes) == 1 or site.rank > MAX_PHASE_RANK:
         return False
     if site.out_channels < MIN_PHASE_CHANNELS:
         return False
@@ -345,7 +351,8 @@ def prefer_phases(site: Site) -> bool:
     one = _one_conv_macs(site)
     if phase_cost is None or one is None:  # symbolic lengths: compare the kernels alone
         phase_cost, one = phase_weights, _one_conv_weights(site)
-    return phase_cost <= (1 - MIN_PHASE_SAVING) * one
+    n_phase = math.prod(a.stride for a in site.axes)
+    return phase_cost <= (1 - MIN_PHASE_SAVING * n_phase ** 2) * one
 
 
 def _crop(b: Builder, y: str, plans, output: str, opset: int) -> str:
@@ -370,14 +377,19 @@ def _one_conv_macs(site: Site) -> int | None:
 
 
 def weight_count(site: Site, layout: Layout = AUTO) -> int:
-    """Elements of the emitted Conv weights (every phase of every output channel)."""
+    """Elements of the emitted Conv weights (every phase of every output channel); ValueError where
+    ``layout`` asks for a per-phase layout that the site does not have."""
     if uses_phases(site, layout):
-        return phase_macs_and_weights(site)[1]
+        cost = phase_macs_and_weights(site)
+        if cost is None:
+            raise ValueError(f"no per-phase layout: {phase_plans(site)}")
+        return cost[1]
     return _one_conv_weights(site)
 
 
 def macs(site: Site, layout: Layout = AUTO) -> int | None:
     """Multiply-accumulates per sample of the emitted Convs (None when input lengths are symbolic)."""
     if uses_phases(site, layout):
-        return phase_macs_and_weights(site)[0]
+        cost = phase_macs_and_weights(site)
+        return None if cost is None else cost[0]
     return _one_conv_macs(site)

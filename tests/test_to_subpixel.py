@@ -11,6 +11,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnx_uprewrite as up
+from onnx_uprewrite import api
 from onnx_uprewrite.verify import session
 from sweep import batch_model, random_config
 
@@ -279,6 +280,7 @@ def phases_everywhere(monkeypatch):
 
     monkeypatch.setattr(to_subpixel, "MIN_PHASE_CHANNELS", 0)
     monkeypatch.setattr(to_subpixel, "MIN_PHASE_SAVING", -1.0)
+    monkeypatch.setattr(to_subpixel, "MAX_PHASE_RANK", 3)
 
 
 @pytest.mark.parametrize("batch", range(6))
@@ -346,3 +348,20 @@ def test_single_axis_moves_are_a_depth_to_space(strides, q, channels, batch, dcr
         y = y.reshape([batch, *dims]).transpose(perm)
     got = y.reshape([batch, channels, *(n * s for n, s in zip(q, strides))])
     np.testing.assert_array_equal(got, want)
+
+
+def test_three_d_sites_keep_one_conv():
+    """Eight per-phase 3-D Convs cost more than the border they save (MAX_PHASE_RANK)."""
+    result = up.convert(_layer(32, 32, (6, 6, 6), 4, 2, 1))
+    assert _ops(result.model).count("Conv") == 1 and result.report.verified
+
+
+def test_a_forced_per_phase_layout_without_one_is_refused_with_the_reason():
+    from onnx_uprewrite.passes import to_subpixel
+
+    api.SUBPIXEL_LAYOUTS["phases"] = to_subpixel.PHASES
+    try:
+        (site,) = up.convert(_layer(8, 4, (6, 6), 3, 2, 1), d2s_mode="phases").report.sites  # 2L-1: odd
+    finally:
+        del api.SUBPIXEL_LAYOUTS["phases"]
+    assert site.status == "refused" and "no per-phase layout" in site.reason and "phases differ in length" in site.reason
