@@ -35,7 +35,6 @@ from onnx_uprewrite.weights import (PhaseAxis, phase_weight, plan_phase_axis, pl
 FORM = "subpixel"
 
 
-
 @dataclass(frozen=True)
 class Layout:
     """How the sub-pixel form is laid out (an emitter like the modules in EMITTERS).
@@ -72,8 +71,8 @@ AUTO = Layout()
 TRANSPOSE = Layout("auto", "transpose", "any")
 CRD = Layout("one", "op", "CRD")
 DCR = Layout("auto", "op", "DCR")
-ONE_CONV_TRANSPOSE = Layout("one", "transpose", "any")  # --to fastest also times these two
-PHASES = Layout("phases", "op", "any")
+ONE_CONV_TRANSPOSE = Layout("one", "transpose", "any")  # also timed by --to fastest
+PHASES = Layout("phases", "op", "any")  # per phase even where not predicted faster (benchmarks, tests)
 LAYOUTS = {"auto": AUTO, "transpose": TRANSPOSE, "CRD": CRD, "DCR": DCR}
 
 
