@@ -75,7 +75,7 @@ SUBPIXEL_LAYOUTS = EMITTERS["subpixel"].LAYOUTS
 def _profile_candidates():
     sub = EMITTERS["subpixel"]
     return [(form, e) for form, e in sorted(EMITTERS.items()) if form != "subpixel"] + \
-        [("subpixel", layout) for layout in (sub.AUTO, sub.CRD, sub.DCR)]
+        [("subpixel", sub.AUTO), ("subpixel/CRD", sub.CRD), ("subpixel/DCR", sub.DCR)]
 
 
 def _emit_each(site, namer, candidates, opset, budget):
@@ -92,7 +92,7 @@ def _emit_each(site, namer, candidates, opset, budget):
 
 
 def _pick_for_profile(model, site, namer, prof, shapes, opset, budget, refusals):
-    """``(form, builder, description, why)``: fastest.KEEP when the target runs the site as it is,
+    """``(form, builder, description, why, emitter)``: fastest.KEEP when the target runs the site as it is,
     else the exact form with the fewest MACs (then nodes, then the source's own form) whose every
     node the target runs; None (a refusal with each form's reason) when there is none."""
     original = original_emission(model, site)
@@ -100,30 +100,34 @@ def _pick_for_profile(model, site, namer, prof, shapes, opset, budget, refusals)
     constants = alias_through(original.nodes, model_constants(model, names))
     problems = [p for n in original.nodes for p in node_problems(n, prof, constants, shapes)]
     if not problems:
-        return KEEP, None, None, f"{prof.name} runs it as it is"
+        return KEEP, None, None, f"{prof.name} runs it as it is", None
     built, why_not = _emit_each(site, namer, _profile_candidates(), opset, budget)
     why_not.insert(0, f"original: {problems[0]}")
-    ok = []
-    for form, emitter, builder, description in built:
+    ok, seen = [], set()
+    for label, emitter, builder, description in built:
+        if description in seen:  # layouts that come out alike for this site
+            continue
+        seen.add(description)
+        form = label.split("/")[0]
         emission = builder.emission
         local = {t.name: numpy_helper.to_array(t) for t in emission.initializers}
         local.update(model_constants(model, {i for n in emission.nodes for i in n.input} - set(local)))
         alias_through(emission.nodes, local)
         bad = [p for n in emission.nodes for p in node_problems(n, prof, local, shapes)]
         if bad:
-            why_not.append(f"{form}: {bad[0]}")
+            why_not.append(f"{label}: {bad[0]}")
             continue
         macs = emitter.macs(site)
         ok.append((math.inf if macs is None else macs, len(emission.nodes), form != site.source, form, builder,
-                   description))
+                   description, emitter))
     if not ok:
         refusals.append(Refusal(site.node, site.source, f"{site.source} '{site.node}': no exact form that "
                                 f"{prof.name} runs ({'; '.join(why_not)})"))
         return None
-    macs, _, _, form, builder, description = min(ok, key=lambda c: c[:3])  # ties: the source's own form
+    macs, _, _, form, builder, description, emitter = min(ok, key=lambda c: c[:3])  # ties: the source's own form
     cost = f"{macs:,} MACs" if macs != math.inf else "MACs unknown: symbolic lengths; fewest nodes"
     return form, builder, description, f"{prof.name} cannot run the original ({problems[0]}); {form} is the " \
-        f"cheapest form it runs ({cost})"
+        f"cheapest form it runs ({cost})", emitter
 
 
 def _fastest_candidates(site):
@@ -345,9 +349,10 @@ def convert(
     fastest = to == "fastest"
     if d2s_mode not in SUBPIXEL_LAYOUTS:
         raise UsageError(f"--d2s-mode {d2s_mode!r}: expected one of {', '.join(SUBPIXEL_LAYOUTS)}")
-    if fastest and provider not in onnxruntime.get_available_providers():
+    if provider not in onnxruntime.get_available_providers():
         raise UsageError(f"--provider {provider}: not available in this onnxruntime "
                          f"({', '.join(onnxruntime.get_available_providers())})")
+    _check_numbers(atol, rtol, seed)
     prof = None
     if profile is not None:
         prof = profile if isinstance(profile, Profile) else load_profile(profile)
@@ -422,7 +427,7 @@ def convert(
             picked = _pick_for_profile(model, site, namer, prof, measured, opset, budget, refusals)
             if picked is None:
                 continue
-            target, builder, form, why = picked
+            target, builder, form, why, emitter = picked
             if target == KEEP:
                 report.sites.append(SiteResult(node=site.node, source=site.source, target=site.source,
                                                status="skipped", reason=why, params=site.params()))
@@ -926,6 +931,7 @@ def exact_forms(site: Site, opset: int, budget: int | None = None) -> dict[str, 
 def verify(a, b, inputs=None, shapes=None, atol: float | None = None, rtol: float | None = None, seed: int = 0,
            memory_budget: int | None = None, time_budget: float | None = None):
     """Compare two models in onnxruntime on the same inputs; returns the per-output checks."""
+    _check_numbers(atol, rtol, seed)
     ma, la, _ = _open(a)
     mb, lb, _ = _open(b)
     budget = default_memory_budget() if memory_budget is None else int(memory_budget)
@@ -934,11 +940,27 @@ def verify(a, b, inputs=None, shapes=None, atol: float | None = None, rtol: floa
     check_memory(mb, resolved, set(), budget, f"{lb}: running the model")
     feeds = make_inputs(ma, shapes, inputs, seed)
     with budget_time(time_budget):
-        ref = run_original(ma, feeds)
-        res = run_original(mb, feeds)
+        try:
+            ref = run_original(ma, feeds)
+        except VerificationImpossible as exc:
+            raise VerificationImpossible(f"{la}: {str(exc).split(' (use --no-verify')[0]}") from None
+        try:
+            res = run_original(mb, feeds)
+        except VerificationImpossible as exc:
+            raise VerificationImpossible(f"{lb}: {str(exc).split(' (use --no-verify')[0]} (on the inputs of "
+                                         f"{la})") from None
     dtype = next((r.dtype for r in ref.values() if np.issubdtype(r.dtype, np.floating)), np.float32)
     tol = derive_tolerance(dtype, 1 << 12, atol, rtol)
     return compare(ref, res, tol), tol
+
+
+def _check_numbers(atol, rtol, seed) -> None:
+    """UsageError for a negative or non-finite tolerance, or a seed numpy cannot take."""
+    for flag, value in (("--atol", atol), ("--rtol", rtol)):
+        if value is not None and not (math.isfinite(float(value)) and float(value) >= 0):
+            raise UsageError(f"{flag} {value}: expected a finite number >= 0")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise UsageError(f"--seed {seed}: expected an integer >= 0")
 
 
 def check_output_path(out_path: Path | None, inputs: list[Path], external: bool, extra: list[Path] = ()) -> None:
@@ -972,3 +994,16 @@ def _versions() -> dict[str, str]:
 
 
 __all__ = ["convert", "inspect", "verify", "find_sites", "ConvertResult", "session"]
+
+
+def _publish() -> None:
+    """The package's API names point at these functions: importing the ``verify`` submodule (as this
+    module does) sets ``onnx_uprewrite.verify`` to that module, which must not shadow ``verify()``."""
+    import sys
+
+    package = sys.modules[__package__]
+    for name in ("convert", "inspect", "verify", "ConvertResult"):
+        setattr(package, name, globals()[name])
+
+
+_publish()

@@ -98,10 +98,11 @@ def cli() -> None:
 @click.option("--rtol", type=float, help="Tolerance relative to max|reference| [default: 8*eps*sqrt(terms)].")
 @click.option("--no-verify", is_flag=True, help="Skip onnxruntime verification (the report says so).")
 @click.option("--report", "report_file", type=click.Path(path_type=Path), help="Write the JSON report here.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the random verification inputs.")
 @MEMORY_BUDGET
 @TIME_BUDGET
-@click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
+@click.option("-q", "--quiet", is_flag=True, help="Print errors only (and the reason of each refused site).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def convert(model, output, to, profile, d2s_mode, provider, only, sources, inputs_file, shape, atol, rtol, no_verify, report_file, seed,
             memory_budget, time_budget, quiet, debug):
@@ -135,6 +136,11 @@ def convert(model, output, to, profile, d2s_mode, provider, only, sources, input
         _write_report(report_file, report.to_json())
     if not quiet:
         click.echo(report.summary())
+    else:  # -q prints errors only; a refused site (exit 3) is one, with its reason
+        for site in report.refused:
+            click.echo(f"uprewrite: refused: {site.reason}", err=True)
+        for violation in report.profile_violations:
+            click.echo(f"uprewrite: profile violation: {violation}", err=True)
     sys.exit(EXIT_PARTIAL if report.refused or report.profile_violations else EXIT_OK)
 
 
@@ -232,7 +238,7 @@ def _dims(values) -> str:
 @click.option("--shape", "shape", multiple=True, metavar="NAME=DIMS", help="Shape of a graph input.")
 @click.option("--atol", type=float)
 @click.option("--rtol", type=float)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @MEMORY_BUDGET
 @TIME_BUDGET

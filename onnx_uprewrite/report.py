@@ -121,7 +121,8 @@ class Report:
                 )
             for o in self.outputs_second_size:
                 lines.append(
-                    f"  verified   output '{o.name}' at second size {list(o.shape)}: max abs error {o.max_abs_error:.3g} <= "
+                    f"  verified   output '{o.name}' {list(o.shape)} at the second input size: max abs error "
+                    f"{o.max_abs_error:.3g} <= "
                     f"tolerance {o.tolerance:.3g} ({o.ratio:.3f} of it)"
                 )
             lines.append(f"  tolerance  {self.tolerance}")

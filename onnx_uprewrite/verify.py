@@ -319,8 +319,13 @@ def compare(reference: dict[str, np.ndarray], result: dict[str, np.ndarray], tol
 
 def _first_line(exc: Exception) -> str:
     """The first line of an onnxruntime error, without its source location and C++ signature."""
-    text = str(exc).strip().splitlines()
-    return _strip_source_location(text[0]) if text else type(exc).__name__
+    text = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not text:
+        return type(exc).__name__
+    first = _strip_source_location(text[0])
+    if first.endswith(("indices", ":")) and len(text) > 1:  # the detail is on the next line
+        first += f" {text[1]}"
+    return first
 
 
 def _strip_source_location(line: str) -> str:

@@ -173,7 +173,8 @@ def _depth_to_space(b: Builder, y: str, channels: int, strides, q, output, dcr: 
     steps = _single_axis_moves(channels, strides, q, dcr) if all(n is not None for n in q) else []
     if _transposes(layout, strides, opset, mode) and steps:  # no steps: one position, nothing to move
         y = _transpose_shuffle(b, y, channels, strides, q, output, steps)
-        return y, f"{mode} Reshape-Transpose{f'x{len(steps)}' if len(steps) > 1 else ''}-Reshape"
+        chain = "Reshape-Transpose-" * len(steps)
+        return y, f"{mode} {chain}Reshape" + (f" ({len(steps)} single-axis moves)" if len(steps) > 1 else "")
     if _has_depth_to_space(strides, opset, mode):
         attrs = {"mode": mode} if opset >= 11 else {}
         return b.node("DepthToSpace", [y], "depth_to_space", output=output, blocksize=strides[0], **attrs), \

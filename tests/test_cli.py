@@ -551,3 +551,27 @@ def test_no_verify_still_refuses_a_shape_that_disagrees_with_the_model(tmp_path)
                     "-o", tmp_path / "o.onnx", "--no-verify", "--shape", "x=1x2x8x8")
     assert result.exit_code == 2 and "dimension 1 is 2, the model declares 64" in result.output
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_api_names_survive_the_lazy_import():
+    """``up.verify`` stays the function after convert() has imported the ``verify`` submodule."""
+    import onnx_uprewrite as up
+
+    up.convert(str(Path(__file__).resolve().parent.parent / "models" / "fsrcnn_k9s3.onnx"), verify=False)
+    assert callable(up.verify) and up.verify.__module__ == "onnx_uprewrite.api"
+
+
+@pytest.mark.parametrize("flags, needle", [(["--atol", "-1"], "--atol -1.0: expected a finite number >= 0"),
+                                           (["--rtol", "nan"], "--rtol nan"),
+                                           (["--provider", "NoSuchExecutionProvider"], "not available")])
+def test_bad_numbers_and_providers_are_usage_errors(tmp_path, flags, needle):
+    result = invoke("convert", Path(__file__).resolve().parent.parent / "models" / "fsrcnn_k9s3.onnx",
+                    "-o", tmp_path / "o.onnx", *flags)
+    assert result.exit_code == 2 and needle in result.output and not (tmp_path / "o.onnx").exists()
+
+
+def test_quiet_still_prints_the_reason_of_each_refused_site(tmp_path):
+    result = invoke("convert", Path(__file__).resolve().parent.parent / "models" / "fsrcnn_k9s3.onnx",
+                    "-o", tmp_path / "o.onnx", "--profile", "tidl", "-q")
+    assert result.exit_code == 3
+    assert "uprewrite: refused: convtranspose 'deconv': no exact form that tidl runs" in result.output
