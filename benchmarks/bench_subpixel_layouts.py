@@ -62,6 +62,8 @@ def main():
     layouts = {"one/op": to_subpixel.Layout("one", "op", "CRD"), "phases/op": to_subpixel.Layout("phases", "op"),
                "one/T": to_subpixel.Layout("one", "transpose"), "phases/T": to_subpixel.Layout("phases", "transpose")}
     api.SUBPIXEL_LAYOUTS.update(layouts)
+    print("ratios to the ConvTranspose (CT); one = one Conv for every phase, phases = one Conv per phase; "
+          "op = DepthToSpace (2-D square strides, else one Reshape-Transpose-Reshape), T = single-axis Transposes")
     print(f"{'layer':42s} {'CT ms':>8s} " + " ".join(f"{k:>9s}" for k in layouts) + "  auto picks")
     for layer in LAYERS:
         model = layer_model(*layer)
