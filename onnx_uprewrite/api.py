@@ -696,7 +696,7 @@ def _inferred_shapes_suffice(model, shapes) -> dict | None:
     """Whether onnx shape inference gives every length an onnxruntime run would measure for the
     sites: each graph input has a static shape (declared or from ``shapes``), every node is one of
     TRUSTED_SHAPE_OPS (no ConvTranspose with auto_pad SAME or output_shape, where the two disagree,
-    DESIGN.md §3; no subgraphs), and inference, ignoring the shapes the graph outputs declare, gives
+    DESIGN.md §3; no Resize by sizes; no subgraphs), and inference, ignoring the shapes the graph outputs declare, gives
     a static shape to every tensor the parsers read.  Returns the inferred shapes then, else None."""
     for vi in feed_inputs(model):
         t = vi.type.tensor_type
@@ -716,6 +716,9 @@ def _inferred_shapes_suffice(model, shapes) -> dict | None:
             return None
         if "ceil_mode" in attrs and attrs["ceil_mode"].i:
             return None
+        if node.op_type == "Resize" and (len(node.input) > 3 and node.input[3] or "axes" in attrs
+                                         or "keep_aspect_ratio_policy" in attrs):
+            return None  # sizes (and opset 18's axes / aspect policy): the lengths decide the scales
     static = infer_static_shapes(model, shapes, declared_outputs=False)
     ok = all(t in static and None not in static[t] for t in _site_taps(model, GraphIndex(model)))
     return static if ok else None
