@@ -222,7 +222,8 @@ def _single_axis_moves(channels: int, strides, q, dcr: bool) -> list[tuple[list[
     rank = len(strides)
     names = [f"s{i}" for i in range(rank)] + ["c"] if dcr else ["c"] + [f"s{i}" for i in range(rank)]
     names += [f"q{i}" for i in range(rank)]
-    sizes = {**{f"s{i}": s for i, s in enumerate(strides)}, "c": channels, **{f"q{i}": n for i, n in enumerate(q)}}
+    sizes = {**{f"s{i}": int(s) for i, s in enumerate(strides)}, "c": int(channels),
+             **{f"q{i}": int(n) for i, n in enumerate(q)}}
     steps = []
     for i in reversed(range(rank)):
         src, dst = names.index(f"s{i}"), names.index(f"q{i}")
@@ -230,8 +231,8 @@ def _single_axis_moves(channels: int, strides, q, dcr: bool) -> list[tuple[list[
         c = math.prod(sizes[n] for n in names[src + 1:dst + 1])
         d = math.prod(sizes[n] for n in names[dst + 1:])
         if strides[i] > 1 and c > 1:
-            dims = [a] * (a > 1) + [strides[i], c] + [d] * (d > 1)
-            moved = 1 + (a > 1)  # position of s_i in [N, *dims]
+            dims = ([a] if a > 1 else []) + [int(strides[i]), c] + ([d] if d > 1 else [])
+            moved = 2 if a > 1 else 1  # position of s_i in [N, *dims]
             perm = list(range(len(dims) + 1))
             perm[moved], perm[moved + 1] = perm[moved + 1], perm[moved]
             steps.append((dims, perm))
