@@ -80,14 +80,19 @@ def _profile_candidates():
 
 def _emit_each(site, namer, candidates, opset, budget):
     """``([(form, emitter, builder, description)], [why each other form is not possible])`` for every
-    ``(form, emitter)`` candidate of ``site``."""
-    built, why_not = [], []
+    ``(form, emitter)`` candidate of ``site``; candidates that come out alike (layouts that coincide
+    for this site) are kept once."""
+    built, why_not, seen = [], [], set()
     for form, emitter in candidates:
         builder = Builder(namer, site.node)
         try:
-            built.append((form, emitter, builder, emit_site(site, emitter, builder, opset, budget)))
+            description = emit_site(site, emitter, builder, opset, budget)
         except (ValueError, OverflowError) as exc:
             why_not.append(f"{form}: {exc}")
+            continue
+        if description not in seen:
+            seen.add(description)
+            built.append((form, emitter, builder, description))
     return built, why_not
 
 
@@ -103,11 +108,8 @@ def _pick_for_profile(model, site, namer, prof, shapes, opset, budget, refusals)
         return KEEP, None, None, f"{prof.name} runs it as it is", None
     built, why_not = _emit_each(site, namer, _profile_candidates(), opset, budget)
     why_not.insert(0, f"original: {problems[0]}")
-    ok, seen = [], set()
+    ok = []
     for label, emitter, builder, description in built:
-        if description in seen:  # layouts that come out alike for this site
-            continue
-        seen.add(description)
         form = label.split("/")[0]
         emission = builder.emission
         local = {t.name: numpy_helper.to_array(t) for t in emission.initializers}
@@ -143,11 +145,7 @@ def _pick_fastest(model, site, namer, captured, opset, budget, provider, refusal
     """``(form, builder, description, Choice, emitter)`` of the fastest exact form of ``site``
     (fastest.KEEP: leave it), or None when no form is possible (the reasons go to ``refusals``)."""
     emitted, why_not = _emit_each(site, namer, _fastest_candidates(site), opset, budget)
-    built, seen = {}, set()
-    for label, emitter, builder, description in emitted:
-        if description not in seen:  # layouts that come out alike for this site are timed once
-            seen.add(description)
-            built[label] = (builder, description, emitter)
+    built = {label: (builder, description, emitter) for label, emitter, builder, description in emitted}
     if site.input not in captured:
         refusals.append(Refusal(site.node, site.source, f"{site.source} '{site.node}': its input was not "
                                 "captured in the reference run, so its forms cannot be timed"))
@@ -382,14 +380,13 @@ def convert(
             if inferred is not None:  # --no-verify: onnx shape inference gives what the run would measure
                 input_shapes(model, shapes, inputs)  # a --shape that disagrees with the model is an error still
                 feeds, reference, captured = None, None, {}
+                measured = {k: v for k, v in inferred.items() if None not in v}  # they override declared shapes
                 report.notes.append("no reference run (--no-verify): site shapes from onnx shape inference, "
                                     "which agrees with onnxruntime for this model's ops")
             else:
                 feeds, reference, captured = _measure(model, inputs, shapes, seed, required=verify or fastest,
                                                       budget=budget)
-            measured = {k: tuple(v.shape) for k, v in captured.items()}
-            if inferred is not None:  # stand in for the run's measurements (they override declared shapes)
-                measured = {k: v for k, v in inferred.items() if None not in v}
+                measured = {k: tuple(v.shape) for k, v in captured.items()}
             second = _second_size(model, feeds, seed, budget) if verify else None
     except VerificationImpossible as exc:
         if fastest and not verify:  # --no-verify does not help: the forms are timed in onnxruntime
@@ -580,36 +577,24 @@ def _verify_sites(model, done, feeds, captured, atol, rtol, opset, budget, repor
         if step is not None:
             step("verifying sites", finished, len(done))
         finished += len(batch)
-        try:
-            outputs = _run_sites(model, batch, captured)
-        except UprewriteError:
-            raise
-        except Exception as exc:
-            outputs = None
-            if len(batch) == 1:
-                failures.append(f"site '{batch[0][0].node}': onnxruntime cannot run its replacement: {_first_line(exc)}")
+        outputs = _run_sites(model, batch, captured)
+        # a batch that fails runs again site by site, so that the failure names its site
+        groups = [(batch, outputs)] if not isinstance(outputs, str) or len(batch) == 1 else \
+            [([check], _run_sites(model, [check], captured)) for check in batch]
+        for group, got in groups:
+            if isinstance(got, str):
+                failures.append(f"site '{group[0][0].node}': onnxruntime cannot run its replacement: {got}")
                 continue
-        for check in batch:
-            if outputs is None:  # the batch failed: each site alone, to name the one that fails
-                try:
-                    got = _run_sites(model, [check], captured)
-                except UprewriteError:
-                    raise
-                except Exception as exc:
-                    failures.append(f"site '{check[0].node}': onnxruntime cannot run its replacement: "
-                                    f"{_first_line(exc)}")
-                    continue
-            else:
-                got = outputs
-            site, emission, result, magnitude = check
-            mag = got[magnitude[1]] if magnitude is not None else None
-            verdict = compare_site(site, captured[site.output], got[site.output], mag, atol, rtol,
-                                   output_quantization(site, emission))
-            result.max_abs_error, result.max_rel_error = verdict.max_abs_error, verdict.max_rel_error
-            result.ratio, result.tolerance = verdict.ratio, verdict.tolerance
-            if not verdict.ok:
-                failures.append(f"site '{site.node}' ({site.source} -> {result.target}): max abs error "
-                                f"{verdict.max_abs_error:.3g} is {verdict.ratio:.3g}x its tolerance ({verdict.tolerance})")
+            for site, emission, result, magnitude in group:
+                mag = got[magnitude[1]] if magnitude is not None else None
+                verdict = compare_site(site, captured[site.output], got[site.output], mag, atol, rtol,
+                                       output_quantization(site, emission))
+                result.max_abs_error, result.max_rel_error = verdict.max_abs_error, verdict.max_rel_error
+                result.ratio, result.tolerance = verdict.ratio, verdict.tolerance
+                if not verdict.ok:
+                    failures.append(f"site '{site.node}' ({site.source} -> {result.target}): max abs error "
+                                    f"{verdict.max_abs_error:.3g} is {verdict.ratio:.3g}x its tolerance "
+                                    f"({verdict.tolerance})")
     if failures:
         report.verification = "failed per site: " + "; ".join(failures)
         raise VerificationFailed(f"{report.model}: verification {report.verification}; nothing written", report)
@@ -635,8 +620,9 @@ def _site_batches(checks):
     return batches + ([current] if current else [])
 
 
-def _run_sites(model, batch, captured) -> dict[str, np.ndarray]:
-    """The replacements (and magnitude models) of ``batch`` in one session, on the captured activations."""
+def _run_sites(model, batch, captured) -> dict[str, np.ndarray] | str:
+    """The replacements (and magnitude models) of ``batch`` in one session, on the captured activations;
+    onnxruntime's first line of error where it cannot run them."""
     emissions, outputs = [], []
     for site, emission, _, magnitude in batch:
         emissions.append(emission)
@@ -645,7 +631,12 @@ def _run_sites(model, batch, captured) -> dict[str, np.ndarray]:
             emissions.append(magnitude[0])
             outputs.append(magnitude[1])
     values = {n: captured[n] for e in emissions for n in outer_inputs(e) if n in captured}
-    return run_rewritten(sites_model(model, emissions, values, outputs), values)
+    try:
+        return run_rewritten(sites_model(model, emissions, values, outputs), values)
+    except UprewriteError:
+        raise
+    except Exception as exc:
+        return _first_line(exc)
 
 
 def emit_site(site: Site, emitter, b: Builder, opset: int, budget: int | None = None) -> str:

@@ -12,6 +12,7 @@ No onnx imports here: weights in, weights out, tested alone against the float64 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -80,6 +81,7 @@ class SubpixelAxis:
         return self.pad_begin + self.pad_end - self.effective_kernel + 1
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of a frozen Axis; emitters ask several times a site
 def plan_subpixel_axis(axis: Axis) -> SubpixelAxis:
     """Min-align polyphase decomposition of one axis (DESIGN.md §2a).
 
@@ -164,6 +166,7 @@ class PhaseAxis:
     pad_end: int
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of a frozen Axis; emitters ask several times a site
 def plan_phase_axis(axis: Axis) -> tuple[PhaseAxis, ...] | str:
     """One exact stride-1 Conv per output phase of ``axis``, or why there is none.
 
