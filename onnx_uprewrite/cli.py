@@ -19,7 +19,7 @@ import numpy as np
 
 from . import api, isolate
 from .budget import parse_size
-from .errors import UprewriteError, UsageError
+from .errors import UprewriteError, UsageError, one_line
 from .profile import check_model, load_profile
 from .sites import infer_static_shapes
 from .report import _finite
@@ -138,9 +138,9 @@ def convert(model, output, to, profile, d2s_mode, provider, only, sources, input
         click.echo(report.summary())
     else:  # -q prints errors only; a refused site (exit 3) is one, with its reason
         for site in report.refused:
-            click.echo(f"uprewrite: refused: {site.reason}", err=True)
+            click.echo(f"uprewrite: refused: {one_line(site.reason)}", err=True)
         for violation in report.profile_violations:
-            click.echo(f"uprewrite: profile violation: {violation}", err=True)
+            click.echo(f"uprewrite: profile violation: {one_line(violation)}", err=True)
     sys.exit(EXIT_PARTIAL if report.refused or report.profile_violations else EXIT_OK)
 
 
@@ -224,7 +224,7 @@ def inspect_table(info: dict) -> str:
     lines += [f"  refused  {s['refused']}" for s in info["sites"] if s["refused"]]
     if details:
         lines += ["forms:"] + details
-    return "\n".join(lines)
+    return "\n".join(one_line(line) for line in lines)
 
 
 def _dims(values) -> str:

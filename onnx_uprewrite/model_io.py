@@ -174,8 +174,9 @@ def validate_model(model: onnx.ModelProto, label: str) -> None:
         raise InvalidModelError(f"{label}: IR version {model.ir_version} is newer than the installed onnx "
                                 f"{onnx.__version__} knows (at most {onnx.IR_VERSION})")
     graph = model.graph
+    sparse = [t.values.name for t in graph.sparse_initializer]
     for kind, names in (("graph input", [i.name for i in graph.input]),
-                        ("initializer", [t.name for t in graph.initializer])):
+                        ("initializer", [t.name for t in graph.initializer] + sparse)):
         seen: set[str] = set()
         for name in names:
             if name in seen:
@@ -183,7 +184,7 @@ def validate_model(model: onnx.ModelProto, label: str) -> None:
             seen.add(name)
     if not graph.output:
         raise InvalidModelError(f"{label}: graph has no outputs")
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | set(sparse)
     produced: dict[str, str] = {}
     for node in graph.node:
         for out in node.output:

@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+from .errors import one_line
 from .verify import OutputCheck
 
 
@@ -132,7 +133,7 @@ class Report:
             lines.append(f"  note       {n}")
         for w in self.written:
             lines.append(f"  wrote      {w}")
-        return "\n".join(lines)
+        return "\n".join(one_line(line) for line in lines)  # names from the model may hold line breaks
 
 
 def _finite(x: float) -> float | None:

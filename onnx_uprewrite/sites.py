@@ -9,6 +9,7 @@ read-only :class:`GraphIndex` (producers, consumers, constants, static shapes).
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +60,9 @@ class Site:
     # a QuantizeLinear -> DequantizeLinear pair inside the source form (between a sub-pixel Conv and
     # its depth-to-space), removed with it: emitters re-apply it to the site's output
     requantize: tuple[np.ndarray, np.ndarray] | None = None
+    # spatial input lengths at the reference size where ``input_lengths`` are symbolic: MAC counts and
+    # layout choices use them (priced()), emitted graphs never do (they stay valid at every size)
+    nominal_lengths: tuple[int | None, ...] | None = None
 
     @property
     def rank(self) -> int:
@@ -95,6 +99,15 @@ class Site:
         }
 
 
+def priced(site: Site) -> Site:
+    """``site`` with its nominal lengths (measured at the reference size) where its own are symbolic:
+    for MAC counts and layout choices only, never for emission."""
+    if site.nominal_lengths is None or None not in site.input_lengths:
+        return site
+    lengths = tuple(n if n is not None else m for n, m in zip(site.input_lengths, site.nominal_lengths))
+    return dataclasses.replace(site, input_lengths=lengths, nominal_lengths=None)
+
+
 @dataclass(frozen=True)
 class Refusal:
     node: str
@@ -122,6 +135,12 @@ class GraphIndex:
             (o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 0
         )
         self.initializers = {t.name: t for t in graph.initializer}
+        # sparse initializers are constants too (weights may live there): densified here, kept sparse in the model
+        self.initializers.update((t.values.name, _densify(t)) for t in graph.sparse_initializer)
+        # initializers that training_info updates or initializes are not constants: training changes them
+        self.trained = {b.key: kind for info in self.model.training_info
+                        for kind, bindings in (("initialization", info.initialization_binding),
+                                               ("update", info.update_binding)) for b in bindings}
         self.folded: dict[str, list[str]] = {}  # tensor -> op types evaluated to fold it
         self._fold_cache: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {}
         self.graph_inputs = {i.name for i in graph.input}
@@ -153,6 +172,7 @@ class GraphIndex:
             seen.add(name)
             chain.append(name)
             if name in self.initializers:
+                self._check_untrained(name, name)
                 if name in self.graph_inputs and self.model.ir_version >= 4:
                     raise NotConstant(
                         f"tensor '{name}' is a graph input with a default initializer: "
@@ -170,6 +190,13 @@ class GraphIndex:
                 return _constant_node_value(node), tuple(chain)
             value, folded = self._fold(name)
             return value, tuple(chain[:-1]) + folded
+
+    def _check_untrained(self, name: str, initializer: str) -> None:
+        if initializer in self.trained:
+            via = "" if initializer == name else f" depends on '{initializer}', which"
+            raise NotConstant(f"tensor '{name}'{via} is bound by the model's training_info "
+                              f"({self.trained[initializer]}_binding): training would change a weight "
+                              "the rewrite replaces")
 
     def _fold(self, name: str) -> tuple[np.ndarray, tuple[str, ...]]:
         """Evaluate the constant subgraph computing ``name`` in onnxruntime (weight norm, Cast,
@@ -191,6 +218,7 @@ class GraphIndex:
                 continue
             seen.add(tensor)
             if tensor in self.initializers:
+                self._check_untrained(name, tensor)
                 if tensor in self.graph_inputs and self.model.ir_version >= 4:
                     raise NotConstant(f"tensor '{name}' depends on graph input '{tensor}' (an overridable initializer)")
                 leaves[tensor] = self.initializers[tensor]
@@ -388,6 +416,16 @@ def _static_dims(vi: onnx.ValueInfoProto) -> tuple[int | None, ...] | None:
     if not t.HasField("shape"):
         return None
     return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim)
+
+
+def _densify(sparse: onnx.SparseTensorProto) -> onnx.TensorProto:
+    """The dense tensor of a sparse initializer (indices linear [NNZ] or coordinates [NNZ, rank])."""
+    values, indices = tensor_array(sparse.values), tensor_array(sparse.indices).astype(np.int64)
+    dense = np.zeros(math.prod(sparse.dims), dtype=values.dtype)
+    if indices.ndim == 2:
+        indices = np.ravel_multi_index(tuple(indices.T), tuple(sparse.dims)) if indices.size else indices.ravel()
+    dense[indices] = values.ravel()
+    return numpy_helper.from_array(dense.reshape(tuple(sparse.dims)), sparse.values.name)
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:

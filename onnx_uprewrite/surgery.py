@@ -36,11 +36,7 @@ class Namer:
     """Fresh tensor and node names derived from a site's node name, unique in the model."""
 
     def __init__(self, model: onnx.ModelProto):
-        g = model.graph
-        self.taken = {t.name for t in g.initializer} | {i.name for i in g.input} | {o.name for o in g.output}
-        for node in g.node:
-            self.taken.update(node.output)
-            self.taken.add(node.name)
+        self.taken = model_names(model)
 
     def __call__(self, base: str) -> str:
         name, i = base, 1
@@ -49,6 +45,43 @@ class Namer:
             i += 1
         self.taken.add(name)
         return name
+
+
+def model_names(model: onnx.ModelProto) -> set[str]:
+    """Every name ``model`` uses anywhere.
+
+    A new name must avoid more than the main graph's tensors: a value_info entry of the same
+    name gives it a type (onnxruntime rejects the mismatch), a subgraph name would be shadowed
+    by the new outer one, and function bodies and training_info (its graphs and bindings) share
+    the model's namespace for the checker.
+    """
+    names: set[str] = set()
+    graphs, nodes = [model.graph], []
+    for info in model.training_info:
+        graphs += [info.initialization, info.algorithm]
+        for binding in (*info.initialization_binding, *info.update_binding):
+            names.update((binding.key, binding.value))
+    for function in model.functions:
+        names.update((*function.input, *function.output))
+        names.update(v.name for v in getattr(function, "value_info", ()))  # onnx >= 1.15
+        nodes.extend(function.node)
+    while graphs or nodes:
+        if graphs:
+            g = graphs.pop()
+            names.update(v.name for v in (*g.input, *g.output, *g.value_info))
+            names.update(t.name for t in g.initializer)
+            names.update(s.values.name for s in g.sparse_initializer)
+            nodes.extend(g.node)
+            continue
+        node = nodes.pop()
+        names.add(node.name)
+        names.update((*node.input, *node.output))
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                graphs.append(attr.g)
+            graphs.extend(attr.graphs)
+    names.discard("")
+    return names
 
 
 class Builder:
@@ -146,29 +179,37 @@ def splice(model: onnx.ModelProto, replacements: dict[str, tuple[tuple[str, ...]
     the site removes, emission).  Emitted nodes go where the site's last node was.
     """
     removed = {out for outs, _ in replacements.values() for out in outs}
-    new_nodes = []
+    new_nodes, gone = [], set()
     for node in model.graph.node:
         key = node.output[0] if node.output else None
         if key in replacements:
-            new_nodes.extend(replacements[key][1].nodes)
-        elif key not in removed:
+            emitted = replacements[key][1].nodes
+            new_nodes.extend(emitted)
+            gone.update(set(node.output) - {o for n in emitted for o in n.output})  # the site's output stays
+        elif key in removed:
+            gone.update(node.output)
+        else:
             new_nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     for _, emission in replacements.values():  # copied into the model (protobuf copies): free each as it goes
         model.graph.initializer.extend(emission.initializers)
         emission.initializers.clear()
+    _drop_value_info(model.graph, gone)
 
 
 def drop_unused(model: onnx.ModelProto, candidates: set[str]) -> None:
-    """Remove initializers and nodes producing only ``candidates`` that nothing reads any more.
+    """Remove initializers (dense or sparse) and nodes producing only ``candidates`` that nothing
+    reads any more.
 
     Only tensors that fed rewritten sites (weights, their Constant/Identity chains, an upsampling
-    node and its scales) are candidates: unrelated dead code is not ours to drop.
+    node and its scales) are candidates: unrelated dead code is not ours to drop.  Tensors that
+    training_info reads or binds stay (its algorithm may read the main graph's initializers).
     """
     graph = model.graph
+    gone: set[str] = set()
     while True:
-        used = used_names(graph)
+        used = used_names(graph) | training_names(model)
         dead_nodes = [
             n for n in graph.node
             if n.output and all(o in candidates and o not in used for o in n.output if o)
@@ -176,18 +217,39 @@ def drop_unused(model: onnx.ModelProto, candidates: set[str]) -> None:
         if not dead_nodes:
             break
         for n in dead_nodes:
+            gone.update(n.output)
             graph.node.remove(n)
-    used = used_names(graph)
+    used = used_names(graph) | training_names(model)
     inputs = {i.name for i in graph.input}
-    drop = [i for i, t in enumerate(graph.initializer) if t.name in candidates and t.name not in used]
-    if drop:
-        dropped = {graph.initializer[i].name for i in drop}
+    dropped = set()
+    for field_name, name_of in (("initializer", lambda t: t.name), ("sparse_initializer", lambda t: t.values.name)):
+        tensors = getattr(graph, field_name)
+        drop = [i for i, t in enumerate(tensors) if name_of(t) in candidates and name_of(t) not in used]
+        dropped.update(name_of(tensors[i]) for i in drop)
         for i in reversed(drop):  # in place: re-adding the kept ones would copy every weight
-            del graph.initializer[i]
-        # IR < 4 lists initializers as graph inputs too: drop those entries with them
-        stale = [i for i in graph.input if i.name in dropped and i.name in inputs]
-        for i in stale:
-            graph.input.remove(i)
+            del tensors[i]
+    # IR < 4 lists initializers as graph inputs too: drop those entries with them
+    stale = [i for i in graph.input if i.name in dropped and i.name in inputs]
+    for i in stale:
+        graph.input.remove(i)
+    _drop_value_info(graph, gone | dropped)
+
+
+def _drop_value_info(graph: onnx.GraphProto, gone: set[str]) -> None:
+    """Drop the value_info entries of tensors that no longer exist: a later tensor of the same name
+    (another tool's, or a model edited by hand) would inherit a stale type and shape."""
+    stale = [i for i, v in enumerate(graph.value_info) if v.name in gone]
+    for i in reversed(stale):
+        del graph.value_info[i]
+
+
+def training_names(model: onnx.ModelProto) -> set[str]:
+    """Main-graph tensors that training_info binds (the initializers it updates) or its graphs read."""
+    names: set[str] = set()
+    for info in model.training_info:
+        names.update(b.key for b in (*info.initialization_binding, *info.update_binding))
+        names |= used_names(info.initialization) | used_names(info.algorithm)
+    return names
 
 
 def used_names(graph: onnx.GraphProto) -> set[str]:
