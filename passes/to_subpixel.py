@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnx_uprewrite.sites import Site
+from onnx_uprewrite.sites import Site, priced
 from onnx_uprewrite.surgery import Builder
 from onnx_uprewrite.weights import (PhaseAxis, phase_weight, plan_phase_axis, plan_subpixel_axis, subpixel_bias,
                                     subpixel_weight)
@@ -66,11 +66,12 @@ class Layout:
 
 
 #: ``uprewrite convert --d2s-mode``: the default; the same with Transposes everywhere (fastest in
-#: onnxruntime); PixelShuffle's layout; TensorFlow's (for DCR-only targets)
+#: onnxruntime); PixelShuffle's layout; TensorFlow's (for DCR-only targets: DepthToSpace DCR where
+#: one does it, else the single-axis Transposes reading the Conv's phase-major channels)
 AUTO = Layout()
 TRANSPOSE = Layout("auto", "transpose", "any")
 CRD = Layout("one", "op", "CRD")
-DCR = Layout("auto", "op", "DCR")
+DCR = Layout("auto", "auto", "DCR")
 ONE_CONV_TRANSPOSE = Layout("one", "transpose", "any")  # also timed by --to fastest
 PHASES = Layout("phases", "op", "any")  # per phase even where not predicted faster (benchmarks, tests)
 LAYOUTS = {"auto": AUTO, "transpose": TRANSPOSE, "CRD": CRD, "DCR": DCR}
@@ -115,8 +116,6 @@ def _emit_one_conv(site: Site, b: Builder, opset: int, layout: Layout) -> str:
     # "any": DCR keeps the single-axis Transposes 4-D; DepthToSpace costs the same in both orders
     dcr = n_phase > 1 and (layout.order == "DCR" or (layout.order == "any" and site.group == 1
                                                      and _transposes(layout, strides, opset, "CRD")))
-    if layout.order == "DCR" and layout.shuffle == "op" and not _has_depth_to_space(strides, opset, "DCR"):
-        raise ValueError(f"DepthToSpace DCR needs 2-D square strides (strides {list(strides)})")
     if dcr and site.group != 1:
         raise ValueError(f"DepthToSpace DCR cannot follow a grouped Conv (group {site.group}): DCR's phase-major "
                          "channel order mixes the groups")
@@ -342,7 +341,9 @@ MIN_PHASE_SAVING = 0.0025
 
 def prefer_phases(site: Site) -> bool:
     """Whether the per-phase layout is predicted faster than the one-Conv layout: wide enough Convs
-    and a real MAC saving (border positions on small maps, zero taps when the phases' kernels differ)."""
+    and a real MAC saving (border positions on small maps, zero taps when the phases' kernels differ).
+    Symbolic lengths are priced at the reference size (sites.priced)."""
+    site = priced(site)
     cost = phase_macs_and_weights(site)
     if cost is None or math.prod(a.stride for a in site.axes) == 1 or site.rank > MAX_PHASE_RANK:
         return False

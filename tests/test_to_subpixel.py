@@ -211,6 +211,64 @@ def test_dcr_refuses_grouped_sites_without_a_per_phase_layout_with_the_reason():
     assert site.status == "refused" and "cannot follow a grouped Conv" in site.reason
 
 
+@pytest.mark.parametrize("batch", range(4))
+def test_dcr_sweep_without_depth_to_space_matches_onnxruntime_and_reads_back(batch):
+    """--d2s-mode DCR on every rank and stride: the one Conv writes phase-major channels (``ph*C + c``)
+    and the depth-to-space reads them in that order (DepthToSpace DCR for 2-D square strides, else
+    single-axis Transposes, or one Reshape-Transpose-Reshape where lengths are symbolic); grouped
+    sites go per phase or are refused with the reason.  The result parses back to ConvTranspose."""
+    rng = random.Random(9100 + batch)
+    opset = (9, 11, 13, 17)[batch]
+    configs = [random_config(rng) for _ in range(40)]
+    model, feeds, terms = batch_model(configs, opset, seed=9100 + batch)
+    original = _run(model, feeds)
+    result = up.convert(model, to="subpixel", d2s_mode="DCR", verify=False)
+    sites = {s.node: s for s in result.report.sites}
+    for i, cfg in enumerate(configs):
+        site = sites[f"ct{i}"]
+        if site.status == "refused":
+            assert cfg.group > 1 and "cannot follow a grouped Conv" in site.reason, (cfg, site.reason)
+        elif math.prod(cfg.strides) > 1:
+            assert "DCR" in site.form and "CRD" not in site.form, (cfg, site.form)
+    rewritten_ranks = {cfg.rank for i, cfg in enumerate(configs)
+                       if sites[f"ct{i}"].status == "rewritten" and math.prod(cfg.strides) > 1}
+    assert rewritten_ranks >= {1, 2}, rewritten_ranks
+    assert {a.s for n in result.model.graph.node if n.op_type == "DepthToSpace" for a in n.attribute
+            if a.name == "mode"} <= {b"DCR"}
+    rewritten = _run(result.model, feeds)
+    back = up.convert(result.model, to="convtranspose", verify=False,
+                      shapes={name: x.shape for name, x in feeds.items()})
+    assert not back.report.refused, [s.reason for s in back.report.refused][:3]
+    returned = _run(back.model, feeds)
+    for i, cfg in enumerate(configs):
+        ref = original[f"y{i}"]
+        for got in (rewritten[f"y{i}"], returned[f"y{i}"]):
+            assert got.shape == ref.shape, (cfg, got.shape, ref.shape)
+            dense = math.prod((k - 1) * d + 1 for k, d in zip(cfg.kernel, cfg.dilations))
+            tol = 8 * EPS32 * math.sqrt(terms[i] * dense) * max(float(np.abs(ref).max()), 1e-30)
+            assert float(np.abs(got.astype(np.float64) - ref).max()) <= tol, cfg
+
+
+@pytest.mark.parametrize("spatial, strides", [((40,), (4,)), ((9, 7), (2, 3)), ((5, 4, 3), (2, 2, 2))])
+def test_dcr_mode_without_a_depth_to_space_interleaves_phase_major_channels(spatial, strides):
+    """1-D, unequal 2-D and 3-D strides: no DepthToSpace applies, so the single-axis Transposes read
+    the Conv's DCR channels; the Conv weight is the CRD one with its channels permuted."""
+    from onnx_uprewrite.weights import crd_to_dcr_permutation
+
+    rank = len(spatial)
+    attrs = dict(strides=list(strides), pads=[s // 2 for s in strides] * 2)
+    model = _single(attrs, [1, 6, *spatial], [6, 3] + [2 * s for s in strides], bias=True)
+    dcr = up.convert(model, d2s_mode="DCR")
+    crd = up.convert(model, d2s_mode="CRD")
+    assert dcr.report.verified and not dcr.report.refused
+    ops = _ops(dcr.model)
+    assert "DepthToSpace" not in ops and ops.count("Conv") == 1 and ops.count("Transpose") == rank
+    weights = [{t.name: numpy_helper.to_array(t) for t in r.model.graph.initializer} for r in (dcr, crd)]
+    w_dcr, w_crd = (w[next(n for n in r.model.graph.node if n.op_type == "Conv").input[1]]
+                    for w, r in zip(weights, (dcr, crd)))
+    np.testing.assert_array_equal(w_dcr, w_crd[crd_to_dcr_permutation(3, math.prod(strides))])
+
+
 def _layer(cin, cout, spatial, kernel, stride, pad, output_padding=0, seed=0):
     rank = len(spatial)
     attrs = dict(strides=[stride] * rank, pads=[pad] * 2 * rank)
