@@ -28,13 +28,13 @@ from .errors import ResourceLimit, UprewriteError, UsageError, VerificationFaile
 from .model_io import check_data_file, has_external_data, load_model, output_files, save_model, validate_model
 from .report import Report, SiteResult
 from .site_check import compare_site, magnitude_emission, outer_inputs, output_quantization, sites_model
-from .sites import GraphIndex, Refusal, Site, infer_static_shapes
+from .sites import GraphIndex, Refusal, Site, infer_static_shapes, priced
 from .weights import axis_limit_problem
 from .surgery import Builder, Namer, drop_unused, op_census, splice
 from .verify import (
-    _first_line, compare, derive_tolerance, feed_inputs, input_shapes, make_inputs, nonfinite_problem, run_original,
-    run_rewritten,
-    run_with_taps, session,
+    CHOSEN_SIZES, ShapeChoice, _first_line, check_shape_names, compare, derive_tolerance, feed_inputs, input_shapes,
+    make_inputs, nonfinite_problem, normalize_shapes, run_original, run_rewritten, run_with_taps, session,
+    shape_candidates,
 )
 
 FORMS = ("subpixel", "resize", "convtranspose")
@@ -119,7 +119,7 @@ def _pick_for_profile(model, site, namer, prof, shapes, opset, budget, refusals)
         if bad:
             why_not.append(f"{label}: {bad[0]}")
             continue
-        macs = emitter.macs(site)
+        macs = emitter.macs(priced(site))
         ok.append((math.inf if macs is None else macs, len(emission.nodes), form != site.source, form, builder,
                    description, emitter))
     if not ok:
@@ -208,6 +208,8 @@ def find_sites(
             if result is not None:
                 if isinstance(result, Site) and (bad := axis_limit_problem(result.axes) or _non_finite(result)):
                     result = Refusal(result.node, result.source, f"{result.source} '{result.node}': {bad}")
+                if isinstance(result, Site) and not declared_static and None in result.input_lengths:
+                    result = _with_nominal_lengths(result, parser, node, index, index.assumed_shapes)
                 if isinstance(result, Site):
                     result = _check_weight_origin(result, index)
                 if isinstance(result, Site):
@@ -226,6 +228,26 @@ def find_sites(
         body = onnx.helper.make_graph(list(function.node), function.name, [], [])
         refusals.extend(_subgraph_refusals(body, f"model-local function '{function.domain}.{function.name}'"))
     return sites, refusals
+
+
+def _with_nominal_lengths(site: Site, parser, node, index: GraphIndex, measured: dict) -> Site:
+    """``site`` of a model with symbolic dims, with the lengths (and source MACs) that the parser reads
+    when the measured shapes count as static: MAC counts and layout choices use them, the emission
+    stays symbolic (sites.priced)."""
+    if not measured:
+        return site
+    symbolic = index.static_shapes
+    index.static_shapes = {**symbolic, **measured}
+    try:
+        costed = parser.parse(node, index)
+    except Exception:  # costing is best effort: the symbolic parse stands
+        costed = None
+    finally:
+        index.static_shapes = symbolic
+    if not isinstance(costed, Site) or None in costed.input_lengths or costed.axes != site.axes:
+        return site
+    return dataclasses.replace(site, nominal_lengths=costed.input_lengths,
+                               source_macs=site.source_macs if site.source_macs is not None else costed.source_macs)
 
 
 #: op types that can be the identifying node of a site (a bad attribute there refuses it outright)
@@ -351,6 +373,7 @@ def convert(
         raise UsageError(f"--provider {provider}: not available in this onnxruntime "
                          f"({', '.join(onnxruntime.get_available_providers())})")
     _check_numbers(atol, rtol, seed)
+    shapes = normalize_shapes(shapes)
     prof = None
     if profile is not None:
         prof = profile if isinstance(profile, Profile) else load_profile(profile)
@@ -384,9 +407,13 @@ def convert(
                 report.notes.append("no reference run (--no-verify): site shapes from onnx shape inference, "
                                     "which agrees with onnxruntime for this model's ops")
             else:
-                feeds, reference, captured = _measure(model, inputs, shapes, seed, required=verify or fastest,
-                                                      budget=budget)
+                feeds, reference, captured, choice = _measure(model, inputs, shapes, seed,
+                                                              required=verify or fastest, budget=budget)
                 measured = {k: tuple(v.shape) for k, v in captured.items()}
+                if choice is not None:
+                    report.chosen_shapes = {k: list(v) for k, v in choice.shapes.items()}
+                    report.shape_choice = choice.reason
+                    shapes = {**(shapes or {}), **choice.shapes}
             second = _second_size(model, feeds, seed, budget) if verify else None
     except VerificationImpossible as exc:
         if fastest and not verify:  # --no-verify does not help: the forms are timed in onnxruntime
@@ -465,7 +492,7 @@ def convert(
         terms += site.terms_per_output
         result = SiteResult(
             node=site.node, source=site.source, target=target, status="rewritten", form=form,
-            params=site.params(), macs_before=site.source_macs, macs_after=(emitter or EMITTERS[target]).macs(site),
+            params=site.params(), macs_before=site.source_macs, macs_after=(emitter or EMITTERS[target]).macs(priced(site)),
             notes=list(site.notes) + ([f"fastest: {choice.why}"] if choice else [])
             + ([why] if prof is not None else []),
             timings_ms=choice.medians_ms if choice else None,
@@ -745,60 +772,116 @@ def _site_taps(model, index) -> list[str]:
 
 
 def _measure(model, inputs, shapes, seed, required: bool, budget: int | None = None):
-    """One onnxruntime run of the original: reference outputs and the true shapes of site inputs.
+    """One onnxruntime run of the original: ``(feeds, reference outputs, captured tensors, ShapeChoice
+    or None)``, the captured tensors being the true shapes and values of site inputs and outputs.
 
     onnx shape inference disagrees with onnxruntime after some ConvTranspose attribute
     combinations (DESIGN.md §3), and a wrong length would give a later site wrong crops or
-    reshapes, so site input shapes are measured.  Without verification the run is best effort.
+    reshapes, so site input shapes are measured.  Symbolic input dims that ``shapes`` / ``inputs``
+    do not cover get sizes chosen here (verify.shape_candidates): the first that runs.  Without
+    verification the run is best effort.
     """
     taps = _site_taps(model, GraphIndex(model))
-    try:
-        check_memory(model, input_shapes(model, shapes, inputs), set(taps), budget, "running the original model",
-                     compared=required)
-        feeds = make_inputs(model, shapes, inputs, seed)
-        outputs = run_with_taps(model, feeds, taps)
-    except UprewriteError:
-        if required:
-            raise
-        return None, None, {}
-    declared = {o.name for o in model.graph.output}
-    reference = {k: v for k, v in outputs.items() if k in declared}
-    captured = {**{k: v for k, v in outputs.items() if k in taps}, **feeds}
-    return feeds, reference, captured
+    candidates, symbols = shape_candidates(model, shapes, inputs)
+    tried = []
+    for attempt in candidates:
+        try:
+            check_memory(model, input_shapes(model, attempt, inputs), set(taps), budget, "running the original model",
+                         compared=required)
+            feeds = make_inputs(model, attempt, inputs, seed)
+            outputs = run_with_taps(model, feeds, taps)
+        except (VerificationImpossible, ResourceLimit) as exc:
+            if not symbols:
+                if required:
+                    raise
+                return None, None, {}, None
+            tried.append(f"{_shape_text(attempt, shapes, inputs)}: {_reason(exc)}")
+            continue
+        except UprewriteError:
+            if required:
+                raise
+            return None, None, {}, None
+        declared = {o.name for o in model.graph.output}
+        reference = {k: v for k, v in outputs.items() if k in declared}
+        captured = {**{k: v for k, v in outputs.items() if k in taps}, **feeds}
+        choice = None
+        if symbols:
+            chosen = {k: tuple(v) for k, v in attempt.items() if k not in (shapes or {})}
+            choice = ShapeChoice(chosen, symbols, tuple(tried))
+        return feeds, reference, captured, choice
+    message = (f"symbolic dims {', '.join(symbols)} of the inputs: onnxruntime runs the original model at none of "
+               f"the sizes tried ({'; '.join(tried)}); pass --shape NAME=DIMS")
+    if required:
+        raise VerificationImpossible(message)
+    return None, None, {}, None
+
+
+def _shape_text(attempt, shapes, inputs) -> str:
+    return ", ".join(f"{k}={_dims(v)}" for k, v in attempt.items() if k not in (shapes or {}) and k not in (inputs or {}))
+
+
+def _reason(exc: Exception) -> str:
+    """An error's message without the advice that does not apply to a size being tried."""
+    return str(exc).split(" (use --no-verify")[0]
 
 
 #: the second-size check of a model with symbolic input dims is skipped above this many input elements
 SECOND_SIZE_MAX_ELEMENTS = 1 << 24
 
 
+#: sizes tried for the second-size check after "every symbolic dim doubled" fails
+SECOND_SIZE_TRIES = 3
+
+
 def _second_size(model, feeds, seed, budget: int | None = None):
-    """``(feeds, reference outputs)`` at a second input size for models with symbolic input dims
-    (every symbolic dim doubled: a size the model's own divisibility constraints still accept), so
-    the rewrite is checked not to depend on the size it was verified at; a string says why not."""
+    """``(feeds, reference outputs)`` at a second input size for models with symbolic input dims,
+    so the rewrite is checked not to depend on the size it was verified at: every symbolic dim
+    doubled (a size the model's own divisibility constraints still accept), else batch-like leading
+    dims doubled with the other symbolic dims at another of CHOSEN_SIZES; a string says why not."""
     if not feeds:
         return None
-    shapes = {}
+    attempts = _second_shapes(model, feeds)
+    if not attempts:
+        return None
+    failed = []
+    for shapes in attempts:
+        at = ", ".join(f"{k}={_dims(s)}" for k, s in shapes.items())
+        if sum(int(np.prod(s)) for s in shapes.values()) > SECOND_SIZE_MAX_ELEMENTS:
+            failed.append(f"{at}: over 2^24 input elements")
+            continue
+        try:
+            check_memory(model, shapes, set(), budget, "the second input size", compared=True)
+        except ResourceLimit as exc:
+            failed.append(f"{at}: {exc}")
+            continue
+        rng = np.random.default_rng(seed + 1)
+        second = {k: rng.standard_normal(s).astype(feeds[k].dtype) if np.issubdtype(feeds[k].dtype, np.floating)
+                  else np.zeros(s, feeds[k].dtype) for k, s in shapes.items()}
+        try:
+            return second, run_original(model, second)
+        except VerificationImpossible:
+            failed.append(f"{at}: the original model does not run")
+    return "second input size not checked: " + "; ".join(failed)
+
+
+def _second_shapes(model, feeds) -> list[dict[str, tuple[int, ...]]]:
+    """Second input sizes to try, in order (see _second_size); [] for a model without symbolic dims."""
+    symbolic = {}
     for vi in feed_inputs(model):
         dims = vi.type.tensor_type.shape.dim
-        shape = feeds[vi.name].shape
-        shapes[vi.name] = tuple(n * 2 if i < len(dims) and not (dims[i].HasField("dim_value") and dims[i].dim_value > 0)
-                                else n for i, n in enumerate(shape))
-    if all(shapes[k] == feeds[k].shape for k in shapes):
-        return None
-    if sum(int(np.prod(s)) for s in shapes.values()) > SECOND_SIZE_MAX_ELEMENTS:
-        return "second input size not checked: the doubled inputs exceed 2^24 elements"
-    try:
-        check_memory(model, shapes, set(), budget, "the second input size", compared=True)
-    except ResourceLimit as exc:
-        return f"second input size not checked: {exc}"
-    rng = np.random.default_rng(seed + 1)
-    second = {k: rng.standard_normal(s).astype(feeds[k].dtype) if np.issubdtype(feeds[k].dtype, np.floating)
-              else np.zeros(s, feeds[k].dtype) for k, s in shapes.items()}
-    try:
-        return second, run_original(model, second)
-    except VerificationImpossible:
-        return (f"second input size not checked: the original model does not run at "
-                f"{', '.join(f'{k}={_dims(s)}' for k, s in shapes.items())}")
+        symbolic[vi.name] = [i for i in range(feeds[vi.name].ndim)
+                             if not (i < len(dims) and dims[i].HasField("dim_value") and dims[i].dim_value > 0)]
+    if not any(symbolic.values()):
+        return []
+    doubled = {k: tuple(n * 2 if i in symbolic[k] else n for i, n in enumerate(feeds[k].shape)) for k in symbolic}
+    attempts = [doubled]
+    current = {n for k in symbolic for i, n in enumerate(feeds[k].shape) if i in symbolic[k] and i > 0}
+    for size in [v for v in CHOSEN_SIZES if v not in current][:SECOND_SIZE_TRIES]:
+        other = {k: tuple((n * 2 if i == 0 else size) if i in symbolic[k] else n for i, n in enumerate(feeds[k].shape))
+                 for k in symbolic}
+        if other not in attempts:
+            attempts.append(other)
+    return attempts
 
 
 def _dims(shape) -> str:
@@ -867,10 +950,20 @@ def inspect(model, shapes: dict | None = None, memory_budget: int | None = None,
     (``lazy_weights``: read only the sites' weights from external data, as convert can)."""
     model, label, _ = _open(model, lazy=lazy_weights)
     budget = default_memory_budget() if memory_budget is None else int(memory_budget)
-    sites, refusals = find_sites(model, shapes)
+    shapes = normalize_shapes(shapes)
+    check_shape_names(model, shapes)
+    measured, choice = {}, None
+    if shape_candidates(model, shapes)[1]:  # symbolic dims: sizes chosen as convert chooses them
+        _, _, captured, choice = _measure(model, None, shapes, 0, required=False, budget=budget)
+        measured = {k: tuple(v.shape) for k, v in captured.items()}
+        if choice is not None:
+            shapes = {**(shapes or {}), **choice.shapes}
+    sites, refusals = find_sites(model, shapes, measured)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return {
         "model": label,
+        "chosen_shapes": None if choice is None else {k: list(v) for k, v in choice.shapes.items()},
+        "shape_choice": None if choice is None else choice.reason,
         "sites": [
             {"node": s.node, "source": s.source, "params": s.params(),
              "input_lengths": list(s.input_lengths),
@@ -878,7 +971,7 @@ def inspect(model, shapes: dict | None = None, memory_budget: int | None = None,
              "exact_forms": [f for f, text in forms.items() if not text.startswith("not possible")],
              "forms": forms,
              "macs": {s.source: s.source_macs,
-                      **{form: e.macs(s) for form, e in EMITTERS.items()}},
+                      **{form: e.macs(priced(s)) for form, e in EMITTERS.items()}},
              "weights": {form: e.weight_count(s) for form, e in EMITTERS.items()},
              "checkerboard": checkerboard(s),
              "refused": None, "notes": list(s.notes)}

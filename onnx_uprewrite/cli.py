@@ -93,7 +93,9 @@ def cli() -> None:
 @click.option("--from", "sources", multiple=True, type=click.Choice(api.SOURCES),
               help="Rewrite only sites of these source forms (repeatable).")
 @click.option("--inputs", "inputs_file", type=click.Path(), help=".npz with one array per graph input, for verification.")
-@click.option("--shape", "shape", multiple=True, metavar="NAME=DIMS", help="Shape of a graph input, e.g. x=1x3x64x64.")
+@click.option("--shape", "shape", multiple=True, metavar="NAME=DIMS",
+              help="Shape of a graph input: x=1x3x64x64, x:1,3,64,64 or x:[1,3,64,64] (repeatable). Symbolic dims "
+                   "not given are chosen: batch 1, others the first of 64, 32, 128, 16, 256, 512 that runs.")
 @click.option("--atol", type=float, help="Absolute tolerance [default: 0].")
 @click.option("--rtol", type=float, help="Tolerance relative to max|reference| [default: 8*eps*sqrt(terms)].")
 @click.option("--no-verify", is_flag=True, help="Skip onnxruntime verification (the report says so).")
@@ -219,6 +221,9 @@ def inspect_table(info: dict) -> str:
             details.append(f"  {s['node']} -> {form}: {text}")
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"{info['model']}: {len(info['sites'])} upsampling site(s)"]
+    if info.get("chosen_shapes"):
+        lines.append("  shapes: " + ", ".join(f"{k}={_dims(v)}" for k, v in info["chosen_shapes"].items())
+                     + " (chosen; --shape overrides)")
     if len(rows) > 1:
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines += [f"  refused  {s['refused']}" for s in info["sites"] if s["refused"]]

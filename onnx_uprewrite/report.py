@@ -42,6 +42,9 @@ class Report:
     profile_violations: list[str] = field(default_factory=list)  # upsampling nodes it still cannot run
     tolerance: str | None = None
     outputs: list[OutputCheck] = field(default_factory=list)
+    # input shapes the tool chose for symbolic dims no --shape/--inputs covered, and why those
+    chosen_shapes: dict[str, list[int]] | None = None
+    shape_choice: str | None = None
     # models with symbolic input dims are also checked at a second size (every symbolic dim doubled)
     second_size: dict[str, list[int]] | None = None
     outputs_second_size: list[OutputCheck] = field(default_factory=list)
@@ -88,6 +91,9 @@ class Report:
             f"{self.model}: {len(self.sites)} upsampling site(s), {len(self.rewritten)} rewritten to "
             f"{self.target}, {len(self.refused)} refused"
         ]
+        if self.chosen_shapes:
+            lines.append("  shapes     " + ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in self.chosen_shapes.items())
+                         + " (chosen; --shape overrides)")
         for s in self.rewritten:
             macs = ""
             if s.macs_before and s.macs_after:

@@ -159,18 +159,64 @@ def feed_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def parse_shape_option(items) -> dict[str, tuple[int, ...]]:
-    """``["x=1x3x64x64", ...]`` -> ``{"x": (1, 3, 64, 64)}``."""
+    """``--shape`` values in the spellings users know -> ``{"x": (1, 3, 64, 64)}``:
+    ``x=1x3x64x64`` (this tool), ``x:1,3,64,64`` (onnxsim, onnxslim, trtexec) and ``x:[1,3,64,64]``
+    (polygraphy).  The name is everything before the last ``=`` (or, without one, the last ``:``),
+    so tf2onnx names such as ``input_1:0`` work: ``input_1:0:1,64,64,3``."""
     shapes = {}
     for item in items or ():
-        name, sep, dims = str(item).rpartition("=")
-        try:
-            shape = tuple(int(d) for d in dims.lower().split("x"))
-        except ValueError:
-            shape = ()
-        if not sep or not name or not shape or any(d < 1 for d in shape):
-            raise UsageError(f"--shape {item!r}: expected NAME=DIMS with positive sizes, like input=1x3x64x64")
+        name, shape = _parse_one_shape(str(item))
         shapes[name] = shape
     return shapes
+
+
+def _parse_one_shape(item: str) -> tuple[str, tuple[int, ...]]:
+    sep = "=" if "=" in item else ":"
+    name, found, dims = item.rpartition(sep)
+    shape = parse_dims(dims) if found and name else None
+    if shape is None:
+        raise UsageError(f"--shape {item!r}: expected NAME=DIMS (or NAME:D1,D2,...) with positive sizes, like "
+                         "input=1x3x64x64 or input:1,3,64,64")
+    return name, shape
+
+
+def parse_dims(text: str) -> tuple[int, ...] | None:
+    """``1x3x64x64``, ``1,3,64,64`` or ``[1,3,64,64]`` -> ``(1, 3, 64, 64)``; None if it is not that."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    parts = re.split(r"\s*[x,]\s*", text.lower()) if text else []
+    if not parts or not all(re.fullmatch(r"[0-9]+", p) for p in parts):
+        return None
+    shape = tuple(int(p) for p in parts)
+    return shape if all(d >= 1 for d in shape) else None
+
+
+def normalize_shapes(shapes) -> dict[str, tuple[int, ...]] | None:
+    """The API's ``shapes``: a mapping of input name to a tuple of sizes or a ``--shape`` DIMS string
+    (``"1x3x64x64"``, ``"1,3,64,64"``, ``"[1,3,64,64]"``), or a list of ``--shape`` strings."""
+    if shapes is None:
+        return None
+    if isinstance(shapes, (list, tuple)):
+        return parse_shape_option(shapes)
+    out = {}
+    for name, value in dict(shapes).items():
+        shape = parse_dims(value) if isinstance(value, str) else _int_dims(value)
+        if shape is None:
+            raise UsageError(f"shape of input '{name}': {value!r} is not a list of positive sizes "
+                             "(like (1, 3, 64, 64) or '1x3x64x64')")
+        out[str(name)] = shape
+    return out
+
+
+def _int_dims(value) -> tuple[int, ...] | None:
+    try:
+        dims = tuple(value)
+    except TypeError:
+        return None
+    if not dims or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1 for d in dims):
+        return None
+    return tuple(int(d) for d in dims)
 
 
 def make_inputs(
@@ -193,6 +239,75 @@ def make_inputs(
         else:
             feeds[vi.name] = np.zeros(resolved[vi.name], dtype=dtype)
     return feeds
+
+
+#: sizes tried, in this order, for the symbolic non-batch dims of inputs that neither ``--shape``
+#: nor ``--inputs`` covers: small enough to run fast, large enough for real decoders (a U-Net with
+#: five stride-2 stages needs multiples of 32); the first at which the original runs is used
+CHOSEN_SIZES = (64, 32, 128, 16, 256, 512)
+
+
+@dataclass(frozen=True)
+class ShapeChoice:
+    """Input shapes the tool chose for symbolic dims (no ``--shape`` / ``--inputs`` covered them)."""
+
+    shapes: dict  # every input whose shape was chosen -> its concrete shape
+    symbols: tuple[str, ...]  # the symbolic dims chosen, by name ("batch", "height", "x[2]" when unnamed)
+    tried: tuple[str, ...]  # sizes tried before this one, each with why it did not serve
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in self.shapes.items())
+
+    @property
+    def reason(self) -> str:
+        why = (f"symbolic dims {', '.join(self.symbols)} not covered by --shape or --inputs: batch-like leading "
+               "dims 1, the others the first size of " + ", ".join(map(str, CHOSEN_SIZES)) +
+               " at which onnxruntime runs the original model")
+        return why + (f" (not: {'; '.join(self.tried)})" if self.tried else "")
+
+
+def shape_candidates(
+    model: onnx.ModelProto, shapes: dict | None = None, given: dict | None = None
+) -> tuple[list[dict[str, tuple[int, ...]]], tuple[str, ...]]:
+    """``(candidate --shape dicts, symbols)`` for inputs with symbolic dims that neither ``shapes``
+    nor ``given`` covers: one candidate per CHOSEN_SIZES entry, every non-batch symbol at that size
+    (one value per symbol name, shared across inputs), batch-like leading dims 1.  With nothing to
+    choose: ``([shapes], ())``, and input_shapes reports any other problem as today."""
+    shapes, given = dict(shapes or {}), dict(given or {})
+    roles: dict[str, str] = {}
+    layouts: dict[str, list] = {}
+    for vi in feed_inputs(model):
+        if vi.name in shapes or vi.name in given:
+            continue
+        t = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or not t.HasField("shape"):
+            return [shapes], ()
+        dims = []
+        for i, d in enumerate(t.shape.dim):
+            if d.HasField("dim_value"):
+                if d.dim_value <= 0:
+                    return [shapes], ()  # declared non-positive: input_shapes names it
+                dims.append(d.dim_value)
+                continue
+            key = d.dim_param or f"{vi.name}[{i}]"
+            roles.setdefault(key, "batch" if i == 0 and len(t.shape.dim) >= 2 else "size")
+            dims.append(key)
+        layouts[vi.name] = dims
+    if not roles:
+        return [shapes], ()
+    candidates = []
+    for size in CHOSEN_SIZES:
+        values = {k: 1 if role == "batch" else size for k, role in roles.items()}
+        chosen = {name: tuple(values[d] if isinstance(d, str) else d for d in dims) for name, dims in layouts.items()}
+        candidates.append({**shapes, **chosen})
+    return candidates, tuple(roles)
+
+
+def check_shape_names(model: onnx.ModelProto, shapes: dict | None) -> None:
+    """UsageError for a ``--shape`` naming no graph input."""
+    names = {i.name for i in feed_inputs(model)}
+    for extra in sorted(set(shapes or ()) - names):
+        raise UsageError(f"no graph input named '{extra}' (inputs: {', '.join(sorted(names))})")
 
 
 def input_shapes(

@@ -185,12 +185,15 @@ def test_cli_convert_shipped_model(path: Path, tmp_path: Path):
     assert not list(tmp_path.glob(".uprewrite-*"))  # no temp folder left behind by the atomic save
 
 
-def test_cli_refuses_dynamic_batch_without_shape(tmp_path: Path):
+def test_cli_chooses_sizes_for_dynamic_batch_without_shape(tmp_path: Path):
+    """No --shape: the symbolic dims get sizes at which the model runs, printed, and stay symbolic."""
     out = tmp_path / "out.onnx"
     result = CliRunner().invoke(cli, ["convert", str(MODELS / "dynamic_batch.onnx"), "-o", str(out)])
-    assert result.exit_code == 2
-    assert "symbolic" in result.output and "--shape x=" in result.output
-    assert not out.exists()
+    assert result.exit_code == 0, result.output
+    assert "(chosen; --shape overrides)" in result.output
+    assert "at the second input size" in result.output
+    dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
+    assert not dims[0].HasField("dim_value")
 
 
 def test_cli_only_selects_the_refused_site(tmp_path: Path):
