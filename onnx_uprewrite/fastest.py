@@ -21,6 +21,7 @@ from .budget import run_session
 from .site_check import outer_inputs, site_model
 from .sites import Site
 from .surgery import Emission
+from .verify import session as verify_session
 
 #: the form "keep": the site's original nodes
 KEEP = "original"
@@ -57,11 +58,9 @@ def original_emission(model: onnx.ModelProto, site: Site) -> Emission:
 
 
 def session(model: onnx.ModelProto, provider: str) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=[provider])
+    """A one-thread, fully optimized session (as deployments run) of a site model; weights the site
+    model refers to in the input's external data are read as verification reads them."""
+    return verify_session(model, provider, threads=1, optimize=True)
 
 
 def time_interleaved(sessions: dict[str, ort.InferenceSession], feeds: dict[str, dict[str, np.ndarray]],

@@ -131,23 +131,31 @@ def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], l
 _NEVER_READ = "uprewrite-never-read.bin"
 
 
-def session(model: onnx.ModelProto | bytes) -> ort.InferenceSession:
-    """An onnxruntime CPU session of ``model``; an allocation failure is a ResourceLimit."""
+def session(model: onnx.ModelProto | bytes, provider: str = "CPUExecutionProvider",
+            threads: int | None = None, optimize: bool = False) -> ort.InferenceSession:
+    """An onnxruntime session of ``model`` (weights held in memory or referenced in external data
+    files by absolute path, model_io.is_lazy, both work); an allocation failure is a ResourceLimit.
+    ``threads``: intra/inter-op threads (timing runs use 1); ``optimize``: every graph optimization,
+    as deployments run (timing), else the basic level (verification)."""
     with onnxruntime_allocations():
-        return _session(model)
+        return _session(model, provider, threads, optimize)
 
 
-def _session(model: onnx.ModelProto | bytes) -> ort.InferenceSession:
+def _session(model: onnx.ModelProto | bytes, provider: str = "CPUExecutionProvider", threads: int | None = None,
+             optimize: bool = False) -> ort.InferenceSession:
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if threads is not None:
+        opts.intra_op_num_threads = opts.inter_op_num_threads = threads
     opts.log_severity_level = 4
     if isinstance(model, bytes):
-        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, opts, providers=[provider])
     skeleton, names, values = split_weights(model)
     keep = [ort.OrtValue.ortvalue_from_numpy(v) for v in values]
     if names:
         opts.add_external_initializers(names, keep)
-    sess = ort.InferenceSession(skeleton.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(skeleton.SerializeToString(), opts, providers=[provider])
     sess._uprewrite_weights = (values, keep)  # onnxruntime reads them for the session's lifetime
     return sess
 

@@ -93,3 +93,15 @@ def test_unknown_target_is_a_usage_error():
 def test_unavailable_provider_is_a_usage_error():
     with pytest.raises(up.UsageError, match="--provider NoSuchExecutionProvider: not available"):
         up.convert(str(MODELS / "fsrcnn_k9s3.onnx"), to="fastest", provider="NoSuchExecutionProvider")
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_fastest_on_a_model_with_external_data(ext_model, tmp_path, verify):
+    """The timing sessions read external data as verification does (torch's dynamo exporter writes it by
+    default); CLI (lazy weights: absolute data paths) and API alike."""
+    out = tmp_path / "out.onnx"
+    args = ["convert", str(ext_model), "--to", "fastest", "-o", str(out)] + ([] if verify else ["--no-verify"])
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "timed alone" in result.output and out.exists()
+    _assert_rule(up.convert(ext_model, to="fastest", lazy_weights=True, verify=verify).report)
