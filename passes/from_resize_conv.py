@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import NodeProto
 
+from onnx_uprewrite import shape_arith
+from onnx_uprewrite.shape_arith import Affine, Unknown
 from onnx_uprewrite.sites import GraphIndex, NotConstant, Refusal, Site, attributes, conv_geometry, conv_weights, text
 from onnx_uprewrite.weights import MAX_FACTOR, InterpolationAxis, interpolation_axis, upsample_conv_axis, upsample_conv_weight
 
@@ -100,17 +102,17 @@ def resize_axes(resize: NodeProto, index: GraphIndex, rank: int) -> tuple[list[I
         scale_input = 1 if (resize.op_type == "Upsample" or opset < 11) else 2
         names = list(resize.input) + [""] * 4
         if names[scale_input]:
-            value, chain = _constant(index, names[scale_input], "scales")
+            value, chain = _computed(index, names[scale_input], "scales")
             consts += chain
-            if value.size:
-                scales = [float(v) for v in value.ravel()]
+            if value:
+                scales = _constant_scales(value)
         if scales is None and resize.op_type == "Resize" and opset >= 11 and names[3]:
-            value, chain = _constant(index, names[3], "sizes")
+            value, chain = _computed(index, names[3], "sizes")
             consts += chain
             policy = text(attrs.get("keep_aspect_ratio_policy", "stretch"))
             if policy != "stretch":
                 raise ValueError(f"attribute keep_aspect_ratio_policy={policy!r} with sizes is not supported")
-            scales = _scales_from_sizes(resize, index, [int(v) for v in value.ravel()], attrs, full_rank)
+            scales = _scales_from_sizes(resize, index, value, attrs, full_rank)
         if opset >= 11 and names[1]:
             consts.append(names[1])  # roi: unused by these modes, dropped with the Resize
     if scales is None:
@@ -136,23 +138,55 @@ def resize_axes(resize: NodeProto, index: GraphIndex, rank: int) -> tuple[list[I
     return axes, tuple(consts)
 
 
-def _constant(index: GraphIndex, name: str, what: str):
+def _computed(index: GraphIndex, name: str, what: str) -> tuple[list, tuple[str, ...]]:
+    """``scales``/``sizes`` as shape_arith elements (constants, or multiples of symbolic lengths
+    where exporters computed them from Shape), and the tensors of that computation."""
     try:
-        return index.constant(name)
+        computed = shape_arith.evaluate(index, name)
     except NotConstant as exc:
         raise ValueError(f"{what} are not constant: {exc}") from None
+    return computed.flat(), computed.tensors
 
 
-def _scales_from_sizes(resize, index, sizes, attrs, full_rank) -> list[float]:
+def _constant_scales(values: list) -> list[float]:
+    for i, v in enumerate(values):
+        if isinstance(v, Unknown):
+            raise ValueError(f"scales are not constant: {v.reason}")
+        if not v.is_const:
+            raise ValueError(f"scales[{i}] = {v.describe()} changes with the input size (symbolic lengths)")
+    return [float(v.const) for v in values]
+
+
+def _scales_from_sizes(resize, index, sizes: list, attrs, full_rank) -> list[float]:
+    """Integer scales ``sizes / input lengths``.  A size computed as ``k·dim a`` of the Resize's own
+    input is scale k at every input size; a fixed size needs that input length to be static."""
     axes = [int(a) % full_rank for a in attrs.get("axes", range(full_rank))]
-    shape = index.static_shapes.get(resize.input[0]) or index.assumed_shapes.get(resize.input[0])
-    if shape is None or len(shape) != full_rank or any(shape[a] is None for a in axes):
+    x = resize.input[0]
+    static = index.static_shapes.get(x)
+    shape = static or index.assumed_shapes.get(x)
+    if shape is None or len(shape) != full_rank or len(sizes) != len(axes):
         raise ValueError("sizes need a static input shape (pass --shape)")
+    computed = any(not isinstance(v, Unknown) and not v.is_const for v in sizes)
     scales = [1.0] * full_rank
-    for a, size in zip(axes, sizes):
-        if size % shape[a]:
-            raise ValueError(f"sizes {sizes} are not integer multiples of the input shape {list(shape)}")
-        scales[a] = size / shape[a]
+    for i, (a, size) in enumerate(zip(axes, sizes)):
+        if isinstance(size, Unknown):
+            raise ValueError(f"sizes are not constant: {size.reason}")
+        if not size.is_const:
+            scale = size.ratio(Affine.of_dim(x, a))
+            if scale is None or scale < 1 or scale.denominator != 1:
+                raise ValueError(f"sizes[{i}] = {size.describe()} is not an integer multiple of dim {a} of the "
+                                 f"Resize input '{x}' at every input size")
+            scales[a] = float(scale)
+            continue
+        if static is not None and len(static) == full_rank and static[a] is None:
+            raise ValueError(f"sizes[{i}] = {size.const} is fixed while dim {a} of the Resize input '{x}' is "
+                             "symbolic: the scale would change with the input size")
+        if shape[a] is None or computed and (static is None or static[a] is None):
+            raise ValueError("sizes need a static input shape (pass --shape)")
+        if size.const % shape[a]:
+            values = [v.describe() for v in sizes]
+            raise ValueError(f"sizes [{', '.join(values)}] are not integer multiples of the input shape {list(shape)}")
+        scales[a] = float(size.const / shape[a])
     return [scales[a] for a in axes] if "axes" in attrs else scales
 
 
