@@ -175,6 +175,8 @@ def validate_model(model: onnx.ModelProto, label: str) -> None:
                                 f"{onnx.__version__} knows (at most {onnx.IR_VERSION})")
     graph = model.graph
     sparse = [t.values.name for t in graph.sparse_initializer]
+    for t in graph.sparse_initializer:
+        _check_sparse(t, label)
     for kind, names in (("graph input", [i.name for i in graph.input]),
                         ("initializer", [t.name for t in graph.initializer] + sparse)):
         seen: set[str] = set()
@@ -205,6 +207,30 @@ def validate_model(model: onnx.ModelProto, label: str) -> None:
             raise InvalidModelError(f"{label}: graph output '{out.name}' is produced by no node")
     _check_acyclic(graph, available, label)
     _check_crashing_attributes(graph, label)
+
+
+def _check_sparse(t: onnx.SparseTensorProto, label: str) -> None:
+    """A sparse initializer's layout, as onnx.checker states it: values [NNZ], int64 indices [NNZ]
+    (linear) or [NNZ, rank], every index inside ``dims``; its data in the model file."""
+    where = f"{label}: sparse initializer '{t.values.name}'"
+    if any(p.data_location == onnx.TensorProto.EXTERNAL for p in (t.values, t.indices)):
+        # onnx's loader and savers never move these: the file would be lost on save
+        raise InvalidModelError(f"{where} keeps its data in an external file, which is not supported")
+    nnz = t.values.dims[0] if len(t.values.dims) == 1 else None
+    rank, dims = len(t.dims), tuple(t.dims)
+    if nnz is None or t.indices.data_type != onnx.TensorProto.INT64 or tuple(t.indices.dims) not in (
+            (nnz,), (nnz, rank)) or any(d < 0 for d in dims):
+        raise InvalidModelError(f"{where}: values {list(t.values.dims)}, indices {list(t.indices.dims)} "
+                                f"do not describe a tensor of shape {list(dims)} (values [NNZ], int64 indices "
+                                "[NNZ] or [NNZ, rank])")
+    try:
+        indices = numpy_helper.to_array(t.indices)
+        numpy_helper.to_array(t.values)
+    except (ValueError, TypeError) as exc:  # data that does not fill the declared dims
+        raise InvalidModelError(f"{where}: unreadable data: {exc}") from None
+    bounds = np.array(dims, np.int64) if indices.ndim == 2 else math.prod(dims)
+    if indices.size and ((indices < 0).any() or (indices >= bounds).any()):
+        raise InvalidModelError(f"{where}: an index lies outside its shape {list(dims)}")
 
 
 #: INT attributes whose values onnxruntime does not check before it divides by them or multiplies

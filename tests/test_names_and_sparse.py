@@ -300,3 +300,26 @@ def test_refusal_of_node_with_newline_in_its_name_is_one_line(tmp_path):
     shown = invoke("inspect", src)
     assert_clean_exit(shown, 0)
     assert "'bad\\nname'" in shown.stdout and not any(ln.startswith("name") for ln in shown.stdout.splitlines())
+
+
+def test_malformed_or_external_sparse_initializers_are_invalid_models():
+    from onnx_uprewrite.errors import InvalidModelError
+
+    for breakage, needle in (("index", "outside its shape"), ("indices_shape", "do not describe"),
+                             ("external", "external file")):
+        model = sparse_model("subpixel", coordinates=breakage != "indices_shape")
+        offset = model.graph.sparse_initializer[1]
+        if breakage == "index":
+            offset.indices.CopyFrom(numpy_helper.from_array(np.array([[0, 9, 0, 0]], np.int64), "offset_indices"))
+        elif breakage == "indices_shape":
+            offset.indices.CopyFrom(numpy_helper.from_array(np.array([[1, 2]], np.int64), "offset_indices"))
+        else:
+            offset.values.data_location = TensorProto.EXTERNAL
+            offset.values.external_data.add(key="location", value="offset.bin")
+        with pytest.raises(InvalidModelError, match=needle) as caught:
+            convert(model, to="subpixel")
+        assert "'offset'" in str(caught.value)
+    model = sparse_model("subpixel", coordinates=True)
+    model.graph.sparse_initializer[1].indices.raw_data = b"\0" * 24  # 3 int64 for [1, 4] indices
+    with pytest.raises(InvalidModelError, match="unreadable data"):
+        convert(model, to="subpixel")
