@@ -571,6 +571,8 @@ def infer_static_typed(
             g.initializer.append(t)
         else:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    for t in src.sparse_initializer:  # typed like the dense ones (their values are not needed)
+        g.input.append(onnx.helper.make_tensor_value_info(t.values.name, t.values.data_type, list(t.dims)))
     try:
         inferred = infer_shapes(skeleton)
     except NativeCrash:
