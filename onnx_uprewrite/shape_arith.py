@@ -116,7 +116,12 @@ class _Evaluator:
 
     def value(self, name: str) -> tuple[np.ndarray, np.dtype]:
         if name not in self.memo:
-            self.memo[name] = self._compute(name)
+            values, dtype = self._compute(name)
+            if not isinstance(values, np.ndarray):  # numpy returns a lone element for a scalar Gather
+                boxed = np.empty((), dtype=object)
+                boxed[()] = values
+                values = boxed
+            self.memo[name] = values, dtype
             self.tensors.append(name)
         return self.memo[name]
 
