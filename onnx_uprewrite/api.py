@@ -527,6 +527,8 @@ def convert(
     t = time.perf_counter()
     splice(model, replacements)
     drop_unused(model, candidates)
+    if model.ir_version < 4:
+        _list_initializers_as_inputs(model)
     report.ops_after = op_census(model)
     if prof is not None:
         report.profile = prof.name
@@ -679,6 +681,8 @@ def emit_site(site: Site, emitter, b: Builder, opset: int, budget: int | None = 
             raise ValueError(f"opset {opset} has no QuantizeLinear to re-apply the removed Q/DQ pair")
         target = dataclasses.replace(target, output=b.namer(f"{site.node}/before_requantize"))
     form = emitter.emit(target, b, opset)
+    if opset < 7 and (old := legacy_opset_problem(b.emission.nodes, opset)):
+        raise ValueError(old)
     if site.requantize is not None:
         b.quantize_dequantize(target.output, *site.requantize, output=site.output)
         form += " + QuantizeLinear/DequantizeLinear"
@@ -687,6 +691,40 @@ def emit_site(site: Site, emitter, b: Builder, opset: int, budget: int | None = 
     if site.pre_perm:
         form = f"Transpose{list(site.pre_perm)} + {form}"
     return form
+
+
+def _list_initializers_as_inputs(model: onnx.ModelProto) -> None:
+    """IR < 4 requires every initializer to be a graph input too: list the new weights as the old
+    exporters did."""
+    listed = {i.name for i in model.graph.input}
+    for t in model.graph.initializer:
+        if t.name not in listed:
+            model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+
+
+#: element-wise ops whose versions before opset 7 broadcast only with the legacy ``broadcast`` attribute
+LEGACY_BROADCAST_OPS = frozenset({"Add", "Sub", "Mul", "Div"})
+
+
+def legacy_opset_problem(nodes, opset: int) -> str | None:
+    """Why emitted ``nodes`` are not valid at an opset before 7 (an op the opset lacks, an attribute or
+    input its version does not take, legacy broadcasting), or None: emitters write opset-7+ forms."""
+    for node in nodes:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type in LEGACY_BROADCAST_OPS:
+            return (f"opset {opset}: {node.op_type} broadcasts only with the legacy 'broadcast' attribute before "
+                    "opset 7; this form needs it")
+        try:
+            schema = onnx.defs.get_schema(node.op_type, opset, "")
+        except onnx.defs.SchemaError:
+            return f"opset {opset} has no {node.op_type}"
+        bad = attribute_problem(node, opset)
+        if bad is None and not schema.min_input <= len(node.input) <= schema.max_input:
+            bad = f"takes {schema.min_input} to {schema.max_input} inputs, this form gives it {len(node.input)}"
+        if bad:
+            return f"opset {opset}: {node.op_type}-{schema.since_version} {bad.replace(f'of {node.op_type}-', 'of version ')}"
+    return None
 
 
 def prepared(site: Site, b: Builder, opset: int) -> Site:

@@ -16,7 +16,7 @@ from onnx import external_data_helper, helper, numpy_helper
 from .errors import InvalidModelError, UsageError
 from .isolate import announce_temp
 
-MIN_OPSET = 7
+MIN_OPSET = 1
 # onnx refuses to serialize a ModelProto above 2 GiB; stay clearly below it
 INLINE_LIMIT = 1_800_000_000
 

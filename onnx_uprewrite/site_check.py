@@ -79,7 +79,10 @@ def sites_model(model: onnx.ModelProto, emissions: list[Emission], values: dict[
 
 def magnitude_emission(site: Site, namer: Namer, opset: int) -> tuple[Emission, str] | None:
     """``(emission, output)`` computing ``|W| * |x|`` of the site (without bias) as a ConvTranspose,
-    or None when the ConvTranspose form cannot express it."""
+    or None when the ConvTranspose form cannot express it (or the opset's Abs is one onnxruntime lacks:
+    Abs-1, before opset 6)."""
+    if opset < 6:
+        return None
     b = Builder(namer, f"{site.node}/magnitude")
     abs_x = b.node("Abs", [site.input], "abs")
     output = namer(f"{site.node}/magnitude_out")

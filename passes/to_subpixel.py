@@ -85,8 +85,6 @@ def _to_dcr(values: np.ndarray, channels: int, n_phase: int) -> np.ndarray:
 def emit(site: Site, b: Builder, opset: int, layout: Layout = AUTO) -> str:
     """Append the sub-pixel form of ``site`` in ``layout`` to ``b``; returns a one-line description
     of it.  ValueError says why the layout is not possible for the site."""
-    if opset < 7:
-        raise ValueError(f"opset {opset} < 7 is not supported for emission")
     if uses_phases(site, layout):
         return _emit_phases(site, b, opset, layout)
     return _emit_one_conv(site, b, opset, layout)
