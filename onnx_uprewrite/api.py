@@ -41,7 +41,7 @@ FORMS = ("subpixel", "resize", "convtranspose")
 #: what --to accepts: a form, or "fastest" (per site, the fastest exact form measured in onnxruntime)
 TARGETS = FORMS + ("fastest",)
 #: source forms a site can come from (``--from``): the target forms plus Keras-style repeats
-SOURCES = ("convtranspose", "resize", "repeat", "subpixel")
+SOURCES = ("convtranspose", "resize", "repeat", "subpixel", "zeroinsert")
 
 
 @dataclass
