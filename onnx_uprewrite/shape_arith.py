@@ -102,7 +102,7 @@ def evaluate(index: GraphIndex, name: str) -> Computed:
     ev = _Evaluator(index)
     try:
         values, dtype = ev.value(name)
-    except (KeyError, IndexError, ValueError, TypeError) as exc:  # malformed: not a computation we follow
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError, ArithmeticError) as exc:  # malformed
         raise NotConstant(f"tensor '{name}' is computed by a malformed shape computation ({exc})") from None
     return Computed(values, dtype, tuple(dict.fromkeys(ev.tensors)))
 
@@ -110,12 +110,15 @@ def evaluate(index: GraphIndex, name: str) -> Computed:
 class _Evaluator:
     def __init__(self, index: GraphIndex):
         self.index = index
-        self.memo: dict[str, tuple[np.ndarray, np.dtype]] = {}
+        self.memo: dict[str, tuple[np.ndarray, np.dtype] | None] = {}
         self.tensors: list[str] = []  # what the computation read (drop candidates), Shape inputs excluded
         self.nodes = 0
 
     def value(self, name: str) -> tuple[np.ndarray, np.dtype]:
+        if name in self.memo and self.memo[name] is None:
+            raise NotConstant(f"tensor '{name}' is part of a cycle")
         if name not in self.memo:
+            self.memo[name] = None  # in progress
             values, dtype = self._compute(name)
             if not isinstance(values, np.ndarray):  # numpy returns a lone element for a scalar Gather
                 boxed = np.empty((), dtype=object)

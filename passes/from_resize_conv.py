@@ -9,7 +9,9 @@ weights.upsample_conv_weight) when the Conv never reads what the upsampling's cr
 always for plain replication, otherwise only when the Conv has zero pads (DESIGN.md R3: a
 zero-padded border cannot be folded).  Those Convs are left to ``from_resize``, which rewrites the
 Resize alone.  Unsupported attributes (cubic, align_corners, tf_crop_and_resize, antialias,
-non-integer scales, dynamic scales) are refused with the attribute that blocks them.
+non-integer scales, dynamic scales) are refused with the attribute that blocks them.  Scales and
+sizes computed from ``Shape`` are read through shape_arith: numbers where the lengths are static,
+``k·length`` of the Resize input's own symbolic length (scale k at every size), refused otherwise.
 
 Each Conv reading the Resize is its own site; the Resize stays while anything else reads it.
 """
