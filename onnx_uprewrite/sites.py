@@ -19,6 +19,7 @@ from onnx import numpy_helper
 from . import isolate
 from .isolate import NativeCrash
 from .model_io import tensor_array
+from .surgery import training_names
 from .weights import Axis, QuantizedWeight
 
 
@@ -144,7 +145,8 @@ class GraphIndex:
         self.folded: dict[str, list[str]] = {}  # tensor -> op types evaluated to fold it
         self._fold_cache: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {}
         self.graph_inputs = {i.name for i in graph.input}
-        self.graph_outputs = {o.name for o in graph.output}
+        # training_info's algorithm runs on top of this graph: what it reads is visible outside, like an output
+        self.graph_outputs = {o.name for o in graph.output} | training_names(self.model)
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in graph.node:

@@ -244,11 +244,24 @@ def _drop_value_info(graph: onnx.GraphProto, gone: set[str]) -> None:
 
 
 def training_names(model: onnx.ModelProto) -> set[str]:
-    """Main-graph tensors that training_info binds (the initializers it updates) or its graphs read."""
+    """Main-graph tensors that training_info binds (the initializers it updates) or its graphs read.
+
+    The algorithm runs on the inference graph joined with its own, so it may read any tensor of
+    it, and name tensors in string attributes too (Gradient's xs, y, zs): those count as read.
+    """
     names: set[str] = set()
     for info in model.training_info:
         names.update(b.key for b in (*info.initialization_binding, *info.update_binding))
-        names |= used_names(info.initialization) | used_names(info.algorithm)
+        for graph in (info.initialization, info.algorithm):
+            names |= used_names(graph)
+            stack = [graph]
+            while stack:
+                g = stack.pop()
+                for node in g.node:
+                    for attr in node.attribute:
+                        names.update(s.decode("utf-8", "replace") for s in (attr.s, *attr.strings) if s)
+                        stack.extend([attr.g] if attr.HasField("g") else [])
+                        stack.extend(attr.graphs)
     return names
 
 

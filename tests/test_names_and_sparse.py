@@ -274,6 +274,44 @@ def test_weight_training_only_reads_is_kept_beside_the_rewrite():
     assert_same_function(model, result.model)
 
 
+def _reading(model: onnx.ModelProto, node: onnx.NodeProto) -> onnx.ModelProto:
+    info = model.training_info.add()
+    info.algorithm.CopyFrom(helper.make_graph([node], "step", [], [helper.make_tensor_value_info(
+        node.output[0], TensorProto.FLOAT, None)]))
+    return model
+
+
+def _main_tensors(model: onnx.ModelProto) -> set[str]:
+    g = model.graph
+    return {i.name for i in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
+
+
+@pytest.mark.parametrize("source, target, tensor", [
+    ("convtranspose", "convtranspose", "r"),  # Resize + Conv: the Resize output
+    ("subpixel", "convtranspose", "up/conv_out"),  # Conv + DepthToSpace + Slice: the Conv output
+    ("subpixel", "convtranspose", "up/depth_to_space_out"),
+    ("subpixel", "resize", "W"),  # named only in an attribute (Gradient's xs)
+])
+def test_tensors_training_reads_survive(source, target, tensor):
+    """The algorithm runs on the inference graph joined with its own: every main-graph tensor it
+    reads must still exist after the rewrite (the site is refused, or shortened, otherwise)."""
+    model = _plain(source)
+    if source != target == "convtranspose" and tensor != "r":
+        model = convert(model, to="subpixel").model  # a sub-pixel source named like its emitter
+    if tensor == "W":
+        node = helper.make_node("Gradient", ["x"], ["dW"], name="grad", domain="ai.onnx.preview.training",
+                                xs=["W"], y="y")
+        model.opset_import.append(helper.make_opsetid("ai.onnx.preview.training", 1))
+    else:
+        node = helper.make_node("ReduceMean", [tensor], ["loss"], name="loss")
+    model = _reading(model, node)
+    assert tensor in _main_tensors(model)
+    result = convert(model, to=target)
+    assert tensor in _main_tensors(result.model), result.report.summary()
+    assert result.model.training_info == model.training_info
+    assert_same_function(model, result.model)
+
+
 # ----------------------------------------------------------------------------- one-line refusals
 
 
