@@ -11,7 +11,11 @@ V[channel(c, r), ci, j]`` (DESIGN.md R2).  Depth-to-space comes as
   onnxruntime measured for the intermediate tensors, so constant and computed shape inputs both work.
 
 A ``Slice`` of the spatial axes that follows (the crop our own sub-pixel emitter writes) is folded
-into the crop.  A Conv bias that differs across the phases of a channel becomes a per-phase bias
+into the crop.  So is a crop between the Conv and the depth-to-space (Real-CUGAN's fast variant:
+``Conv -> Pad(negative pads) -> PixelShuffle``, or a constant ``Slice``): dropping c low-resolution
+positions drops c*s high-resolution ones, so ``pb += s*c`` and the output shrinks by s*c.  A Pad
+with positive pads (constant 0) is read where the positions it adds lie outside the transposed
+convolution's support and the Conv has no bias; crops of the batch or channel axis are refused.  A Conv bias that differs across the phases of a channel becomes a per-phase bias
 (emitted as an ``Add`` of a periodic constant where the target form has no per-phase bias).
 All-zero kernel borders are trimmed, so ConvTranspose -> sub-pixel -> ConvTranspose returns the
 original kernel.
@@ -20,7 +24,7 @@ original kernel.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from onnx import NodeProto
@@ -62,6 +66,7 @@ class _Start:
 
     convs: tuple[NodeProto, ...]
     concat: NodeProto | None = None
+    crop: NodeProto | None = None  # a Pad or Slice between the Conv(s) and the depth-to-space
 
     @property
     def input(self) -> str:
@@ -69,11 +74,11 @@ class _Start:
 
     @property
     def output(self) -> str:
-        return (self.concat or self.convs[0]).output[0]
+        return self.nodes[-1].output[0]
 
     @property
     def nodes(self) -> tuple[NodeProto, ...]:
-        return self.convs + ((self.concat,) if self.concat is not None else ())
+        return self.convs + tuple(n for n in (self.concat, self.crop) if n is not None)
 
 
 def _op(index: GraphIndex, name: str, op_type: str) -> NodeProto | None:
@@ -86,7 +91,17 @@ def _op(index: GraphIndex, name: str, op_type: str) -> NodeProto | None:
 def _conv_before(index: GraphIndex, tensor: str):
     """``(_Start, (Q, DQ) or (), (scale, zero point) or None)`` when ``tensor`` is a Conv output (or
     Convs concatenated, _phase_convs), or one read back through a per-tensor QuantizeLinear ->
-    DequantizeLinear pair (QDQ models: quantizing commutes with depth-to-space, which only moves values)."""
+    DequantizeLinear pair (QDQ models: quantizing commutes with depth-to-space, which only moves values),
+    or one of these cropped by a Pad or Slice (_fold_low_res_crop reads it or says why not)."""
+    crop = next((n for n in (_op(index, tensor, "Pad"), _op(index, tensor, "Slice"))
+                 if n is not None and n.input[0]), None)
+    if crop is None:
+        return _uncropped_conv_before(index, tensor)
+    found = _uncropped_conv_before(index, crop.input[0])
+    return None if found is None else (replace(found[0], crop=crop),) + found[1:]
+
+
+def _uncropped_conv_before(index: GraphIndex, tensor: str):
     conv = _op(index, tensor, "Conv")
     if conv is not None:
         return _Start((conv,)), (), None
@@ -311,6 +326,27 @@ def _pixel_shuffle(conv, nodes: tuple[NodeProto, ...], index: GraphIndex, rank: 
     return _Shuffle(conv, nodes, strides, order, consts)
 
 
+def _slice_bounds(node: NodeProto, index: GraphIndex):
+    """``(starts, ends, axes, steps, constant tensors)`` of a Slice; NotConstant when they are computed."""
+    if index.opset < 10:
+        attrs = attributes(node)
+        starts, ends = [int(v) for v in attrs.get("starts", [])], [int(v) for v in attrs.get("ends", [])]
+        return starts, ends, [int(v) for v in attrs.get("axes", range(len(starts)))], [1] * len(starts), ()
+    names = list(node.input) + [""] * 5
+    values, consts = [], []
+    for name in names[1:5]:
+        if not name:
+            values.append(None)
+            continue
+        value, chain = index.constant(name)
+        values.append([int(v) for v in np.asarray(value).ravel()])
+        consts += chain
+    starts, ends, axes, steps = values
+    axes = axes if axes is not None else list(range(len(starts)))
+    steps = steps if steps is not None else [1] * len(starts)
+    return starts, ends, axes, steps, tuple(consts)
+
+
 def _trailing_slice(last: NodeProto, index: GraphIndex, rank: int):
     """``(Slice node, {axis: (start, end)}, constants)`` for a crop of spatial axes after ``last``, or None."""
     readers = index.consumers.get(last.output[0], [])
@@ -320,34 +356,108 @@ def _trailing_slice(last: NodeProto, index: GraphIndex, rank: int):
     if node.op_type != "Slice" or node.domain not in ("", "ai.onnx") or node.input[0] != last.output[0]:
         return None
     try:
-        if index.opset < 10:
-            attrs = attributes(node)
-            starts, ends = list(attrs.get("starts", [])), list(attrs.get("ends", []))
-            axes = list(attrs.get("axes", range(len(starts))))
-            steps, consts = [1] * len(starts), ()
-        else:
-            names = list(node.input) + [""] * 5
-            values, consts = [], []
-            for name in names[1:5]:
-                if not name:
-                    values.append(None)
-                    continue
-                value, chain = index.constant(name)
-                values.append([int(v) for v in np.asarray(value).ravel()])
-                consts += chain
-            starts, ends, axes, steps = values
-            axes = axes if axes is not None else list(range(len(starts)))
-            steps = steps if steps is not None else [1] * len(starts)
+        starts, ends, axes, steps, consts = _slice_bounds(node, index)
     except NotConstant:
         return None
     full = rank + 2
     crops = {}
     for st, en, ax, sp in zip(starts, ends, axes, steps):
         ax = int(ax) % full
-        if sp != 1 or ax < 2 or ax in crops:
+        if sp != 1 or ax < 2 or ax - 2 in crops:
             return None
         crops[ax - 2] = (int(st), int(en))
     return node, crops, tuple(consts)
+
+
+#: Slice ends at or past this are "to the end" (exporters write INT32_MAX or INT64_MAX)
+SLICE_TO_END = (1 << 31) - 1
+_AXIS_NAMES = ("batch", "channel")
+
+
+def _fold_low_res_crop(node: NodeProto, index: GraphIndex, axes: list[Axis], lengths, bias) -> tuple[list[Axis], tuple]:
+    """``(axes, constant tensors)``: ``axes`` (the Conv -> depth-to-space geometry) with the Pad or
+    Slice ``node`` of the Conv output folded in.  Dropping c low-resolution positions drops c*s
+    high-resolution ones; ValueError says why the crop cannot be read."""
+    what = f"{node.op_type} '{node.name or node.output[0]}'"
+    full = len(axes) + 2
+    try:
+        if node.op_type == "Slice":
+            starts, ends, crop_axes, steps, consts = _slice_bounds(node, index)
+        else:
+            pads, mode, value, consts = _pad_amounts(node, index, full)
+    except NotConstant as exc:
+        raise ValueError(f"{what} is not constant: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+    axes = list(axes)
+    if node.op_type == "Slice":
+        for start, end, ax, step in zip(starts, ends, crop_axes, steps):
+            ax = ax % full
+            if step != 1:
+                raise ValueError(f"{what} has step {step} on axis {ax}: a strided crop is not a sub-pixel Conv output")
+            if ax < 2:
+                if start == 0 and end >= SLICE_TO_END:
+                    continue
+                raise ValueError(f"{what} crops the {_AXIS_NAMES[ax]} axis ([{start}:{end}]): only crops of the "
+                                 "spatial axes are read")
+            i, s = ax - 2, axes[ax - 2].stride
+            cropped = _apply_crop(axes[i], s * start, s * end, lengths[i])
+            if cropped is None:
+                why = "nothing left" if lengths[i] is not None else "needs the static length of the axis (it is symbolic)"
+                raise ValueError(f"{what} [{start}:{end}] on spatial axis {i}: {why}")
+            axes[i] = cropped
+        return axes, consts
+    for ax in (0, 1):
+        if pads[ax] != (0, 0):
+            raise ValueError(f"{what} pads the {_AXIS_NAMES[ax]} axis by {list(pads[ax])}: only crops of the "
+                             "spatial axes are read")
+    for i, (before, after) in enumerate(pads[2:]):
+        a, s = axes[i], axes[i].stride
+        if before > 0 or after > 0:  # zeros added to the Conv output: exact only where the site is zero
+            if mode != "constant" or value != 0:
+                raise ValueError(f"{what} pads spatial axis {i} by {[before, after]} with mode={mode!r} "
+                                 f"value={value}: only zero padding is a crop of the transposed convolution")
+            if bias is not None and np.any(bias != 0):
+                raise ValueError(f"{what} zero-pads spatial axis {i} after a Conv with a bias: the transposed "
+                                 "convolution would have its bias there")
+            if before > 0 and a.crop_begin > 0 or after > 0 and a.crop_begin + a.extension < a.effective_kernel - s:
+                raise ValueError(f"{what} zero-pads spatial axis {i} by {[before, after]} where the Conv output "
+                                 "is not zero (its pads do not reach the kernel's span)")
+        axes[i] = Axis(s, a.dilation, a.kernel, a.crop_begin - s * before, a.extension + s * (before + after))
+        if lengths[i] is not None and axes[i].output_length(lengths[i]) < 1:
+            raise ValueError(f"{what} pads spatial axis {i} by {[before, after]}: nothing left")
+    return axes, consts
+
+
+def _pad_amounts(node: NodeProto, index: GraphIndex, full: int):
+    """``([(begin, end)] per axis, mode, constant value, constant tensors)`` of a Pad (attribute or
+    input forms, opset-18 axes); NotConstant when they are computed, ValueError when malformed."""
+    attrs = attributes(node)
+    mode = text(attrs.get("mode", "constant"))
+    consts: tuple = ()
+    names = list(node.input) + [""] * 3
+    if names[1]:  # Pad-11+: pads, constant_value and axes are inputs
+        value, chain = index.constant(names[1])
+        amounts, consts = [int(v) for v in np.asarray(value).ravel()], chain
+        fill = 0.0
+        if names[2]:
+            fill_value, chain = index.constant(names[2])
+            fill, consts = float(np.asarray(fill_value).ravel()[0]) if np.asarray(fill_value).size else 0.0, \
+                consts + chain
+        pad_axes = list(range(full))
+        if names[3]:
+            axes_value, chain = index.constant(names[3])
+            pad_axes, consts = [int(v) % full for v in np.asarray(axes_value).ravel()], consts + chain
+    else:  # Pad-1/2: attributes
+        amounts = [int(v) for v in attrs.get("pads", attrs.get("paddings", []))]
+        fill = float(attrs.get("value", 0.0))
+        pad_axes = list(range(full))
+    if len(amounts) != 2 * len(pad_axes):
+        raise ValueError(f"pads {amounts} do not match {len(pad_axes)} axes")
+    pads = [(0, 0)] * full
+    for k, ax in enumerate(pad_axes):
+        pads[ax] = (amounts[k], amounts[k + len(pad_axes)])
+    return pads, mode, fill, consts
 
 
 def _apply_crop(axis: Axis, start: int, end: int, length: int | None) -> Axis | None:
@@ -493,6 +603,8 @@ def _parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
     name = node.name or node.output[0]
     cname = conv.name or conv.output[0]
     what = f"{len(head.convs)} Convs + Concat '{head.concat.name}'" if head.concat is not None else f"Conv '{cname}'"
+    if head.crop is not None:
+        what += f" + {head.crop.op_type} '{head.crop.name or head.crop.output[0]}'"
     label = f"{what} + {'DepthToSpace' if len(nodes) == 1 else 'Reshape-Transpose-Reshape'} '{name}'"
 
     def refuse(reason: str) -> Refusal:
@@ -531,6 +643,12 @@ def _parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
     lengths = index.spatial_lengths(head.input, rank)
     replaced = [n.output[0] for n in head.nodes] + [n.output[0] for n in qdq + nodes]
     consts = list(shuffle.consts)
+    if head.crop is not None:
+        try:
+            axes, crop_consts = _fold_low_res_crop(head.crop, index, axes, lengths, bias)
+        except ValueError as exc:
+            return refuse(str(exc))
+        consts += crop_consts
     crop = _trailing_slice(nodes[-1], index, rank)
     if crop is not None:
         cropped = list(axes)

@@ -52,7 +52,7 @@ def _find(model: onnx.ModelProto, shapes=None):
     """find_sites with the tensor shapes measured in onnxruntime, as convert() does: the
     Reshape-Transpose-Reshape split is read from measured shapes (shape inference runs on a
     weightless copy, so the Reshape shape constants are unknown to it)."""
-    _, _, captured = _measure(model, None, shapes, 0, required=True)
+    captured = _measure(model, None, shapes, 0, required=True)[2]
     return find_sites(model, shapes, {k: tuple(v.shape) for k, v in captured.items()})
 
 
@@ -113,8 +113,68 @@ def _reshape_shape(dims: list[int], rng: random.Random, zero_ok: tuple[int, ...]
     return shape
 
 
-def _sweep_site(i: int, opset: int, rng: random.Random, nrng: np.random.Generator, inits: list):
-    """Nodes x{i} -> Conv -> depth-to-space [-> Slice] -> y{i}; returns (nodes, input shape, terms, info)."""
+def _low_res_crop(i: int, opset: int, q: list[int], zero_beyond: list[tuple[bool, bool]], rng: random.Random,
+                  inits: list):
+    """A Pad or Slice of the Conv output c{i} -> k{i} (Real-CUGAN's fast variant crops there), or None.
+
+    ``zero_beyond[a]``: whether Conv output positions added before / after axis a would be zero (no
+    bias, pads reaching the kernel's span), so that zero padding is exact there.  Returns
+    ``(node, cropped lengths, description)``."""
+    if rng.random() >= 0.35:
+        return None
+    rank = len(q)
+    amounts = []
+    for n, zero in zip(q, zero_beyond):
+        before = rng.randint(0, min(2, n - 1))
+        after = rng.randint(0, min(2, n - 1 - before))
+        before = rng.randint(1, 2) if zero[0] and rng.random() < 0.3 else -before
+        after = rng.randint(1, 2) if zero[1] and rng.random() < 0.3 else -after
+        amounts.append((before, after))
+    new_q = [n + b + e for n, (b, e) in zip(q, amounts)]
+    positive = any(v > 0 for a in amounts for v in a)
+    if positive or rng.random() < 0.5:
+        mode = "constant" if positive else rng.choice(["constant", "reflect", "edge"])
+        pads = [0, 0] + [b for b, _ in amounts] + [0, 0] + [e for _, e in amounts]
+        if opset < 11:
+            node = helper.make_node("Pad", [f"c{i}"], [f"k{i}"], name=f"lowres{i}", pads=pads, mode=mode,
+                                    **({"value": 0.0} if rng.random() < 0.5 else {}))
+        else:
+            inits.append(numpy_helper.from_array(np.array(pads, np.int64), f"lp{i}"))
+            names = [f"c{i}", f"lp{i}"]
+            if rng.random() < 0.5:
+                inits.append(numpy_helper.from_array(np.array(0.0, np.float32), f"lv{i}"))
+                names.append(f"lv{i}")
+            node = helper.make_node("Pad", names, [f"k{i}"], name=f"lowres{i}", mode=mode)
+        return node, new_q, f"Pad {mode} {amounts}"
+    axes = [a for a in range(rank) if amounts[a] != (0, 0) or rng.random() < 0.3] or [0]
+    starts = [-amounts[a][0] - (q[a] if rng.random() < 0.3 else 0) for a in axes]  # negative starts too
+    ends = []
+    for a in axes:
+        drop, pick = -amounts[a][1], rng.random()
+        if drop and pick < 0.5:
+            ends.append(-drop)
+        elif pick < 0.8:
+            ends.append(q[a] - drop + (rng.randint(0, 3) if not drop else 0))  # absolute, past the end at times
+        else:
+            ends.append(q[a] - drop if drop else rng.choice([INT64_MAX, (1 << 31) - 1]))
+    full_axes = [2 + a - (rank + 2 if rng.random() < 0.2 else 0) for a in axes]
+    if rng.random() < 0.2:  # every axis listed, batch and channels untouched
+        starts, ends, full_axes = [0, 0] + starts, [INT64_MAX, INT64_MAX] + ends, [0, 1] + full_axes
+    if opset < 10:
+        node = helper.make_node("Slice", [f"c{i}"], [f"k{i}"], name=f"lowres{i}", starts=starts, ends=ends,
+                                axes=full_axes)
+    else:
+        names = [f"ls{i}", f"le{i}", f"la{i}"]
+        for name, values in zip(names, (starts, ends, full_axes)):
+            inits.append(numpy_helper.from_array(np.array(values, np.int64), name))
+        node = helper.make_node("Slice", [f"c{i}", *names], [f"k{i}"], name=f"lowres{i}")
+    return node, new_q, f"Slice {starts}:{ends} axes {full_axes}"
+
+
+def _sweep_site(i: int, opset: int, rng: random.Random, nrng: np.random.Generator, inits: list,
+                crop_rng: random.Random | None = None):
+    """Nodes x{i} -> Conv [-> Pad/Slice] -> depth-to-space [-> Slice] -> y{i}; returns (nodes, input
+    shape, terms, info)."""
     kind = "d2s" if rng.random() < 0.4 else "rtr"
     if kind == "d2s":
         rank = 2
@@ -182,6 +242,16 @@ def _sweep_site(i: int, opset: int, rng: random.Random, nrng: np.random.Generato
         inits.append(numpy_helper.from_array(bias, f"b{i}"))
         conv_in.append(f"b{i}")
     nodes = [helper.make_node("Conv", conv_in, [f"c{i}"], name=f"conv{i}", **attrs)]
+    low_res = None
+    if crop_rng is not None:
+        explicit = "auto_pad" not in attrs or attrs["auto_pad"] == "VALID"
+        zero_beyond = [(explicit and bias is None and pb >= (k - 1) * d, explicit and bias is None and pe >= (k - 1) * d)
+                       for (pb, pe), k, d in zip(pads, kernel, dil)]
+        low_res = _low_res_crop(i, opset, q, zero_beyond, crop_rng, inits)
+    if low_res is not None:
+        nodes.append(low_res[0])
+        q = low_res[1]
+    conv_out = f"k{i}" if low_res is not None else f"c{i}"
 
     crop = rng.random() < 0.35
     shuffled = f"t{i}" if crop else f"y{i}"
@@ -189,7 +259,7 @@ def _sweep_site(i: int, opset: int, rng: random.Random, nrng: np.random.Generato
         d2s_attrs = {"blocksize": strides[0]}
         if mode is not None:
             d2s_attrs["mode"] = mode
-        nodes.append(helper.make_node("DepthToSpace", [f"c{i}"], [shuffled], name=f"d2s{i}", **d2s_attrs))
+        nodes.append(helper.make_node("DepthToSpace", [conv_out], [shuffled], name=f"d2s{i}", **d2s_attrs))
     else:
         m = rank + 1
         split = [batch] + [channels if f == "c" else strides[f] for f in order] + q
@@ -200,7 +270,7 @@ def _sweep_site(i: int, opset: int, rng: random.Random, nrng: np.random.Generato
         inits.append(numpy_helper.from_array(np.array(_reshape_shape(split, rng, (0,)), np.int64), f"s{i}"))
         inits.append(numpy_helper.from_array(np.array(_reshape_shape(merge, rng, (0, 1)), np.int64), f"m{i}"))
         nodes += [
-            helper.make_node("Reshape", [f"c{i}", f"s{i}"], [f"r{i}"], name=f"split{i}"),
+            helper.make_node("Reshape", [conv_out, f"s{i}"], [f"r{i}"], name=f"split{i}"),
             helper.make_node("Transpose", [f"r{i}"], [f"p{i}"], name=f"perm{i}", perm=perm),
             helper.make_node("Reshape", [f"p{i}", f"m{i}"], [shuffled], name=f"merge{i}"),
         ]
@@ -235,16 +305,17 @@ def _sweep_site(i: int, opset: int, rng: random.Random, nrng: np.random.Generato
     terms = (cin // group) * math.prod(kernel) * n_phase
     info = {"kind": kind, "mode": mode, "order": order, "strides": strides, "kernel": kernel, "dil": dil,
             "group": group, "cin": cin, "channels": channels, "attrs": attrs, "lengths": lengths, "crop": crop,
-            "bias": bias is not None}
+            "bias": bias is not None, "low_res": low_res and low_res[2]}
     return nodes, shape, terms, info
 
 
 def _sweep_batch(n: int, opset: int, seed: int):
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
+    crop_rng = random.Random(seed + 1)  # its own stream: the other draws stay as they were
     nodes, inits, inputs, outputs, feeds, terms, infos = [], [], [], [], {}, [], []
     for i in range(n):
-        site_nodes, shape, t, info = _sweep_site(i, opset, rng, nrng, inits)
+        site_nodes, shape, t, info = _sweep_site(i, opset, rng, nrng, inits, crop_rng)
         nodes += site_nodes
         inputs.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, shape))
         outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
@@ -272,6 +343,7 @@ def test_sweep_matches_onnxruntime(batch, sweep_stats):
     model, feeds, terms, infos = _sweep_batch(PER_BATCH, opset, seed=5000 + batch)
     for info in infos:
         key = "DepthToSpace " + (info["mode"] or "(no mode)") if info["kind"] == "d2s" else "Reshape-Transpose-Reshape"
+        key += f" + low-res {info['low_res'].split()[0]}" if info["low_res"] else ""
         key += " + Slice" if info["crop"] else ""
         sweep_stats["kinds"][key] = sweep_stats["kinds"].get(key, 0) + 1
     original = _run(model, feeds)
@@ -837,3 +909,182 @@ def test_per_phase_bias_follows_a_trimmed_kernel_border():
         x = rng.standard_normal((1, 1, 3, 3)).astype(np.float32)
         want, got = _run(model, {"x": x})["y"], _run(result.model, {"x": x})["y"]
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# a crop between the sub-pixel Conv and its depth-to-space (Real-CUGAN's fast variant)
+
+
+def _cropped_subpixel(crop_nodes, crop_inits=(), opset=13, mode="CRD", bias=True, conv_pads=(0, 0, 0, 0),
+                      x_shape=(1, 4, 9, 8), seed=0):
+    """x -> Conv 3x3 (4 -> 12 channels, ``conv_pads``) -> c -> ``crop_nodes`` -> k -> depth-to-space(2) -> y."""
+    rng = np.random.default_rng(seed)
+    inits = [_const("w", rng.standard_normal((12, 4, 3, 3)).astype(np.float32)), *crop_inits]
+    conv_in = ["x", "w"]
+    if bias:
+        inits.append(_const("b", rng.standard_normal(12).astype(np.float32)))
+        conv_in.append("b")
+    nodes = [helper.make_node("Conv", conv_in, ["c"], name="conv", pads=list(conv_pads)), *crop_nodes,
+             helper.make_node("DepthToSpace", ["k"], ["y"], name="d2s", blocksize=2, **({"mode": mode} if mode else {}))]
+    return _graph(nodes, x_shape, inits, opset=opset)
+
+
+def _pad(pads, opset, mode="constant", value=None, axes=None):
+    """Pad c -> k in the attribute form (opset < 11) or the input form (pads, value, opset-18 axes)."""
+    if opset < 11:
+        attrs = {"pads": list(pads), "mode": mode, **({"value": value} if value is not None else {})}
+        return [helper.make_node("Pad", ["c"], ["k"], name="crop_lr", **attrs)], []
+    inits = [_const("pads", np.array(pads, np.int64))]
+    names = ["c", "pads", ""]
+    if value is not None:
+        inits.append(_const("value", np.array(value, np.float32)))
+        names[2] = "value"
+    if axes is not None:
+        inits.append(_const("pad_axes", np.array(axes, np.int64)))
+        names.append("pad_axes")
+    while not names[-1]:
+        names.pop()
+    return [helper.make_node("Pad", names, ["k"], name="crop_lr", mode=mode)], inits
+
+
+def _slice(starts, ends, axes, opset, steps=None):
+    if opset < 10:
+        return [helper.make_node("Slice", ["c"], ["k"], name="crop_lr", starts=starts, ends=ends, axes=axes)], []
+    inits = [_const("st", np.array(starts, np.int64)), _const("en", np.array(ends, np.int64)),
+             _const("ax", np.array(axes, np.int64))]
+    names = ["c", "st", "en", "ax"]
+    if steps is not None:
+        inits.append(_const("sp", np.array(steps, np.int64)))
+        names.append("sp")
+    return [helper.make_node("Slice", names, ["k"], name="crop_lr")], inits
+
+
+def _both_targets_match(model, shapes=((1, 4, 9, 8),), **convert):
+    """Rewrites ``model`` to ConvTranspose and to Resize + Conv and compares them in onnxruntime at each
+    input shape; returns the ConvTranspose result."""
+    rng = np.random.default_rng(5)
+    results = {}
+    for to in ("convtranspose", "resize"):
+        result = up.convert(model, to=to, verify=False, **convert)
+        assert not result.report.refused, [s.reason for s in result.report.refused]
+        ops = set(_ops(result.model))
+        assert not ops & {"DepthToSpace", "Transpose", "Reshape"}, ops
+        assert ("ConvTranspose" in ops) == (to == "convtranspose")
+        for shape in shapes:
+            x = rng.standard_normal(shape).astype(np.float32)
+            want, got = _run(model, {"x": x})["y"], _run(result.model, {"x": x})["y"]
+            assert got.shape == want.shape
+            tol = 8 * EPS32 * math.sqrt(4 * 9 * 4) * float(np.abs(want).max())
+            assert float(np.abs(got.astype(np.float64) - want).max()) <= tol, (to, shape)
+        results[to] = result
+    return results["convtranspose"]
+
+
+@pytest.mark.parametrize("opset, mode", [(9, None), (11, "CRD"), (11, "DCR"), (13, None), (13, "CRD"), (18, "DCR")])
+def test_negative_pad_between_conv_and_depth_to_space_is_one_site(opset, mode):
+    """Real-CUGAN's UpCunet2x_fast: Conv 3x3 p0 -> F.pad(x, (-1, -1, -1, -1)) -> PixelShuffle(2).
+    Dropping one low-resolution position per side drops two high-resolution ones."""
+    model = _cropped_subpixel(*_pad([0, 0, -1, -1, 0, 0, -1, -1], opset), opset=opset, mode=mode)
+    result = _both_targets_match(model)
+    (site,) = result.report.sites
+    assert site.status == "rewritten"
+    assert _ops(result.model)[0] == "ConvTranspose"
+    assert not {"c", "k"} & {o for n in result.model.graph.node for o in n.output}
+
+
+def test_negative_pad_on_the_conv_output_is_the_convtranspose_pads():
+    """Conv 2x2 p1 -> Pad(-1 at the end) -> DepthToSpace(2) -> Slice[1:]: one high-resolution position
+    cropped at the start, two at the end, i.e. ConvTranspose k4 s2 with pads (1, 2)."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Pad", ["c", "pads"], ["k"], name="crop_lr"),
+             helper.make_node("DepthToSpace", ["k"], ["d"], name="d2s", blocksize=2, mode="CRD"),
+             helper.make_node("Slice", ["d", "st", "en", "ax"], ["y"], name="crop")]
+    inits = [_const("w", rng.standard_normal((16, 3, 2, 2)).astype(np.float32)),
+             _const("pads", np.array([0, 0, 0, 0, 0, 0, -1, -1], np.int64)),
+             _const("st", np.array([1, 1], np.int64)), _const("en", np.array([INT64_MAX, INT64_MAX], np.int64)),
+             _const("ax", np.array([2, 3], np.int64))]
+    model = _graph(nodes, (1, 3, 6, 5), inits, opset=13)
+    result = up.convert(model, to="convtranspose")
+    assert result.report.verified
+    (node,) = result.model.graph.node
+    attrs = _attrs(node)
+    assert attrs["kernel_shape"] == [4, 4] and attrs["pads"] == [1, 1, 2, 2] and "output_padding" not in attrs
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13])
+@pytest.mark.parametrize("starts, ends, axes", [
+    ([1, 1], [-1, -2], [2, 3]),
+    ([1], [INT64_MAX], [-1]),  # negative axis, to the end
+    ([-5, 0], [6, 5], [2, 3]),  # negative start, absolute ends
+    ([0, 0, 2, 1], [INT64_MAX, INT64_MAX, (1 << 31) - 1, 4], [0, 1, 2, 3]),  # batch and channels untouched
+])
+def test_slice_between_conv_and_depth_to_space_is_one_site(opset, starts, ends, axes):
+    model = _cropped_subpixel(*_slice(starts, ends, axes, opset), opset=opset, mode="DCR" if opset >= 11 else None)
+    (site,) = _both_targets_match(model).report.sites
+    assert site.status == "rewritten"
+
+
+def test_pad_with_axes_input_crops_the_listed_axes():
+    """Pad-18 with ``axes``: pads listed for the spatial axes only (one as a negative axis)."""
+    model = _cropped_subpixel(*_pad([-1, 0, 0, -2], 18, axes=[2, -1]), opset=18)
+    _both_targets_match(model)
+
+
+def test_symbolic_lengths_with_a_relative_crop_run_at_two_sizes():
+    model = _cropped_subpixel(*_slice([1, 2], [-1, INT64_MAX], [2, 3], 13), x_shape=("N", 4, "H", "W"))
+    _both_targets_match(model, shapes=((1, 4, 9, 8), (2, 4, 7, 11)))
+
+
+def test_zero_padding_where_the_conv_output_is_zero_is_read():
+    """A Conv padded by its kernel's span (2) has zero border positions (no bias); padding its output
+    with more zeros extends that border: the same transposed convolution, cropped wider."""
+    model = _cropped_subpixel(*_pad([0, 0, 1, 2, 0, 0, 2, -1], 13), bias=False, conv_pads=(2, 2, 2, 0))
+    (site,) = _both_targets_match(model).report.sites
+    assert site.status == "rewritten"
+
+
+@pytest.mark.parametrize("crop, bias, conv_pads, reason", [
+    (lambda: _slice([0], [2], [1], 13), True, (0, 0, 0, 0), "crops the channel axis ([0:2])"),
+    (lambda: _slice([0, 1], [1, INT64_MAX], [0, 2], 13), True, (0, 0, 0, 0), "crops the batch axis"),
+    (lambda: _slice([1], [INT64_MAX], [2], 13, steps=[2]), True, (0, 0, 0, 0), "step 2 on axis 2"),
+    (lambda: _pad([0, 1, 0, 0, 0, 1, 0, 0], 13), True, (0, 0, 0, 0), "pads the channel axis by [1, 1]"),
+    (lambda: _pad([0, 0, 1, 0, 0, 0, 0, 0], 13), False, (1, 1, 1, 1), "where the Conv output is not zero"),
+    (lambda: _pad([0, 0, 1, 0, 0, 0, 0, 0], 13), True, (2, 2, 2, 2), "after a Conv with a bias"),
+    (lambda: _pad([0, 0, 1, 0, 0, 0, 0, 0], 13, mode="edge"), False, (2, 2, 2, 2), "mode='edge'"),
+    (lambda: _pad([0, 0, 1, 0, 0, 0, 0, 0], 13, value=1.0), False, (2, 2, 2, 2), "value=1.0"),
+])
+def test_crops_that_are_not_a_transposed_convolution_are_refused_with_the_reason(crop, bias, conv_pads, reason):
+    model = _cropped_subpixel(*crop(), bias=bias, conv_pads=conv_pads)
+    result = up.convert(model, to="convtranspose", verify=False)
+    (site,) = result.report.sites
+    assert site.status == "refused" and reason in site.reason and "'crop_lr'" in site.reason, site.reason
+    assert _ops(result.model) == _ops(model)
+
+
+def test_crop_with_bounds_computed_at_run_time_is_refused():
+    nodes = [helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+             helper.make_node("Gather", ["shape", "two"], ["h"], name="h", axis=0),
+             helper.make_node("Sub", ["h", "one"], ["end"], name="end"),
+             *_slice([1], [0], [2], 13)[0]]
+    nodes[-1].input[2] = "end"
+    inits = [_const("two", np.array([2], np.int64)), _const("one", np.array([1], np.int64)),
+             *[t for t in _slice([1], [0], [2], 13)[1] if t.name != "en"]]
+    model = _cropped_subpixel(nodes, inits, x_shape=("N", 4, "H", "W"))
+    (site,) = up.convert(model, to="convtranspose", verify=False, shapes={"x": (1, 4, 9, 8)}).report.sites
+    assert site.status == "refused" and "Slice 'crop_lr' is not constant" in site.reason, site.reason
+
+
+def test_absolute_slice_end_on_symbolic_lengths_is_refused():
+    model = _cropped_subpixel(*_slice([1], [5], [2], 13), x_shape=("N", 4, "H", "W"))
+    (site,) = up.convert(model, to="convtranspose", verify=False, shapes={"x": (1, 4, 9, 8)}).report.sites
+    assert site.status == "refused" and "needs the static length" in site.reason, site.reason
+
+
+def test_conv_output_read_besides_the_crop_is_refused():
+    nodes, inits = _pad([0, 0, -1, -1, 0, 0, -1, -1], 13)
+    model = _cropped_subpixel(nodes, inits)
+    model.graph.node.append(helper.make_node("Relu", ["c"], ["r"], name="relu"))
+    model.graph.output.append(helper.make_tensor_value_info("r", 1, None))
+    (site,) = up.convert(model, to="convtranspose", verify=False).report.sites
+    assert site.status == "refused" and "'c' is also read elsewhere" in site.reason
