@@ -1,6 +1,7 @@
 """Export a small corpus of ONNX models the way real users do (torch.onnx / tf2onnx).
 
     /tmp/torchenv/bin/python models/export_real.py torch   # PyTorch models (TorchScript + dynamo)
+    /tmp/torchenv/bin/python models/export_real.py torch-dynamic   # exports with dynamic axes
     /tmp/tfenv/bin/python    models/export_real.py keras   # Keras models through tf2onnx
     python models/export_real.py qdq                       # onnxruntime quantize_static of some of them
     python models/export_real.py census                    # print an op census of models/exported
@@ -263,6 +264,126 @@ def torch_models() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# PyTorch exports with dynamic axes, as real users export them (the most common export of all):
+# batch only, batch + H/W, batch + time; TorchScript dynamic_axes and dynamo dynamic_shapes
+
+
+def torch_dynamic_models() -> None:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.set_grad_enabled(False)
+
+    def export(name, module, shapes, opset, seed, axes, dynamo=False, input_names=None):
+        """``axes``: per input, {dim: symbol name}."""
+        torch.manual_seed(seed)
+        module.eval()
+        arrays = [_input_array(seed + 2000 + i, s) for i, s in enumerate(shapes)]
+        args = tuple(torch.from_numpy(a) for a in arrays)
+        names = input_names or (["input"] if len(shapes) == 1 else [f"input{i}" for i in range(len(shapes))])
+        if dynamo:
+            dims = {}
+            dyn = {n: {d: dims.setdefault(sym, torch.export.Dim(sym, min=2 if d == 0 else 4, max=4096))
+                       for d, sym in a.items()} for n, a in zip(names, axes)}
+            prog = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=names,
+                                     output_names=["output"], dynamic_shapes=tuple(dyn.values()))
+            model = prog.model_proto
+            exporter = f"torch {torch.__version__} dynamo"
+        else:
+            buf = io.BytesIO()
+            torch.onnx.export(module, args, buf, dynamo=False, opset_version=opset, input_names=names,
+                              output_names=["output"], dynamic_axes=dict(zip(names, axes)))
+            model = onnx.load_from_string(buf.getvalue())
+            exporter = f"torch {torch.__version__} TorchScript"
+        out = module(*args)
+        finalize(name, model, arrays, exporter, [t.numpy() for t in (out if isinstance(out, tuple) else (out,))])
+
+    def seeded(seed, builder):
+        torch.manual_seed(seed)
+        return builder()
+
+    class DCGAN(nn.Sequential):
+        def __init__(self):
+            super().__init__(nn.ConvTranspose2d(32, 16, 4, 2, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                             nn.ConvTranspose2d(16, 3, 4, 2, 1), nn.Tanh())
+            bn = self[1]
+            bn.running_mean.copy_(torch.randn(16) * 0.2)
+            bn.running_var.copy_(torch.rand(16) + 0.5)
+
+    class Espcn(nn.Sequential):
+        def __init__(self, r=2):
+            super().__init__(nn.Conv2d(3, 16, 5, padding=2), nn.Tanh(), nn.Conv2d(16, 3 * r * r, 3, padding=1),
+                             nn.PixelShuffle(r))
+
+    class Decoder(nn.Module):
+        """A VAE-decoder-like stack: nearest x2 + Conv3x3, twice, then a bilinear x2 + Conv."""
+
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(16, 16, 3, padding=1)
+            self.c2 = nn.Conv2d(16, 8, 3, padding=1)
+            self.c3 = nn.Conv2d(8, 3, 3, padding=1)
+
+        def forward(self, x):
+            x = F.silu(self.c1(F.interpolate(x, scale_factor=2.0, mode="nearest")))
+            x = F.silu(self.c2(F.interpolate(x, scale_factor=2.0, mode="nearest")))
+            return self.c3(F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False))
+
+    class UNetStep(nn.Module):
+        """smp-style: upsample to the skip's size (F.interpolate(size=skip.shape[2:])), concat, conv."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(24, 8, 3, padding=1)
+            self.up = nn.ConvTranspose2d(16, 16, 2, 2)
+
+        def forward(self, x, skip):
+            x = F.interpolate(self.up(x), size=skip.shape[2:], mode="nearest")
+            return self.conv(torch.cat([x, skip], dim=1))
+
+    class Vocoder(nn.Module):
+        """HiFi-GAN-like: ConvTranspose1d stages on a mel input with a dynamic time axis."""
+
+        def __init__(self):
+            super().__init__()
+            self.pre = nn.Conv1d(20, 32, 7, padding=3)
+            self.up1 = nn.ConvTranspose1d(32, 16, 16, 8, padding=4)
+            self.up2 = nn.ConvTranspose1d(16, 8, 4, 2, padding=1)
+            self.post = nn.Conv1d(8, 1, 7, padding=3)
+
+        def forward(self, mel):
+            x = F.leaky_relu(self.pre(mel), 0.1)
+            x = F.leaky_relu(self.up1(x), 0.1)
+            return torch.tanh(self.post(F.leaky_relu(self.up2(x), 0.1)))
+
+    batch = [{0: "batch"}]
+    bhw = [{0: "batch", 2: "height", 3: "width"}]
+    for opset in (11, 17):
+        attempt(f"dyn_batch_dcgan_op{opset}", lambda opset=opset: export(
+            f"dyn_batch_dcgan_op{opset}", seeded(31, DCGAN), [(1, 32, 8, 8)], opset, 31, batch))
+    attempt("dyn_bhw_espcn_op17", lambda: export("dyn_bhw_espcn_op17", seeded(32, Espcn), [(1, 3, 16, 16)], 17, 32, bhw))
+    attempt("dyn_bhw_espcn_op9", lambda: export("dyn_bhw_espcn_op9", seeded(33, Espcn), [(1, 3, 16, 16)], 9, 33, bhw))
+    attempt("dyn_bhw_decoder_op17", lambda: export(
+        "dyn_bhw_decoder_op17", seeded(34, Decoder), [(1, 16, 8, 8)], 17, 34, bhw))
+    attempt("dyn_batch_decoder_op13", lambda: export(
+        "dyn_batch_decoder_op13", seeded(35, Decoder), [(1, 16, 8, 8)], 13, 35, batch))
+    attempt("dyn_bt_vocoder_op17", lambda: export(
+        "dyn_bt_vocoder_op17", seeded(36, Vocoder), [(1, 20, 16)], 17, 36, [{0: "batch", 2: "frames"}],
+        input_names=["mel"]))
+    attempt("static_unet_interpolate_size_op17", lambda: export(
+        "static_unet_interpolate_size_op17", seeded(37, UNetStep), [(1, 16, 8, 8), (1, 8, 16, 16)], 17, 37,
+        [{}, {}], input_names=["x", "skip"]))
+    attempt("dyn_bhw_decoder_dynamo_op18", lambda: export(
+        "dyn_bhw_decoder_dynamo_op18", seeded(38, Decoder), [(2, 16, 8, 8)], 18, 38, bhw, dynamo=True))
+    attempt("dyn_batch_dcgan_dynamo_op18", lambda: export(
+        "dyn_batch_dcgan_dynamo_op18", seeded(39, DCGAN), [(2, 32, 8, 8)], 18, 39, batch, dynamo=True))
+    attempt("dyn_bt_vocoder_dynamo_op18", lambda: export(
+        "dyn_bt_vocoder_dynamo_op18", seeded(40, Vocoder), [(2, 20, 16)], 18, 40, [{0: "batch", 2: "frames"}],
+        dynamo=True, input_names=["mel"]))
+
+
+# ---------------------------------------------------------------------------------------------
 # Keras through tf2onnx (opset 13, NHWC input 1x8x8x4)
 
 
@@ -390,11 +511,13 @@ def print_census() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[1] not in ("torch", "keras", "qdq", "census"):
+    if len(argv) != 2 or argv[1] not in ("torch", "torch-dynamic", "keras", "qdq", "census"):
         print(__doc__)
         return 2
     if argv[1] == "torch":
         torch_models()
+    elif argv[1] == "torch-dynamic":
+        torch_dynamic_models()
     elif argv[1] == "keras":
         keras_models()
     elif argv[1] == "qdq":
