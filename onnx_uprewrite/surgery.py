@@ -183,18 +183,18 @@ def splice(model: onnx.ModelProto, replacements: dict[str, tuple[tuple[str, ...]
     for node in model.graph.node:
         key = node.output[0] if node.output else None
         if key in replacements:
-            emitted = replacements[key][1].nodes
-            new_nodes.extend(emitted)
-            gone.update(set(node.output) - {o for n in emitted for o in n.output})  # the site's output stays
-        elif key in removed:
-            gone.update(node.output)
-        else:
+            new_nodes.extend(replacements[key][1].nodes)
+        elif key not in removed:
             new_nodes.append(node)
+            continue
+        gone.update(node.output)
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     for _, emission in replacements.values():  # copied into the model (protobuf copies): free each as it goes
         model.graph.initializer.extend(emission.initializers)
         emission.initializers.clear()
+    for _, emission in replacements.values():  # the sites' outputs stay
+        gone.difference_update(o for n in emission.nodes for o in n.output)
     _drop_value_info(model.graph, gone)
 
 
@@ -208,8 +208,9 @@ def drop_unused(model: onnx.ModelProto, candidates: set[str]) -> None:
     """
     graph = model.graph
     gone: set[str] = set()
+    trained = training_names(model)
     while True:
-        used = used_names(graph) | training_names(model)
+        used = used_names(graph) | trained
         dead_nodes = [
             n for n in graph.node
             if n.output and all(o in candidates and o not in used for o in n.output if o)
@@ -219,7 +220,7 @@ def drop_unused(model: onnx.ModelProto, candidates: set[str]) -> None:
         for n in dead_nodes:
             gone.update(n.output)
             graph.node.remove(n)
-    used = used_names(graph) | training_names(model)
+    used = used_names(graph) | trained
     inputs = {i.name for i in graph.input}
     dropped = set()
     for field_name, name_of in (("initializer", lambda t: t.name), ("sparse_initializer", lambda t: t.values.name)):
