@@ -107,6 +107,23 @@ def evaluate(index: GraphIndex, name: str) -> Computed:
     return Computed(values, dtype, tuple(dict.fromkeys(ev.tensors)))
 
 
+def shape_reads(index: GraphIndex, name: str) -> list[str]:
+    """The tensors whose shapes the computation of ``name`` reads (the inputs of its Shape nodes):
+    a run that measures them lets a static model's chain fold where inference left lengths unknown."""
+    reads, stack, seen = [], [name], set()
+    while stack and len(seen) <= _MAX_NODES:
+        tensor = stack.pop()
+        node = index.producer.get(tensor)
+        if tensor in seen or node is None or node.domain not in ("", "ai.onnx") or node.op_type not in _OPS:
+            continue
+        seen.add(tensor)
+        if node.op_type == "Shape":
+            reads.append(node.input[0])
+        else:
+            stack.extend(i for i in node.input if i)
+    return list(dict.fromkeys(reads))
+
+
 class _Evaluator:
     def __init__(self, index: GraphIndex):
         self.index = index

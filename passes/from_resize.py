@@ -16,7 +16,7 @@ from onnx import NodeProto
 from onnx_uprewrite.sites import GraphIndex, Refusal, Site
 from onnx_uprewrite.weights import interpolation_weight
 
-from .from_resize_conv import edge_padding, merges, resize_axes
+from .from_resize_conv import edge_padding, merges, resize_axes, resize_taps
 
 SOURCE = "resize"
 
@@ -33,7 +33,7 @@ def matches(node: NodeProto, index: GraphIndex | None) -> bool:
 
 
 def taps(node: NodeProto, index: GraphIndex) -> list[str]:
-    return [node.input[0]]
+    return resize_taps(node, index)
 
 
 def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:

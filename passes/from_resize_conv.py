@@ -77,7 +77,12 @@ def edge_padding(interp: list[InterpolationAxis], lengths) -> tuple[tuple[int, .
 
 
 def taps(node: NodeProto, index: GraphIndex) -> list[str]:
-    return [_upsampler(node, index).input[0]]
+    return resize_taps(_upsampler(node, index), index)
+
+
+def resize_taps(resize: NodeProto, index: GraphIndex) -> list[str]:
+    """The Resize input, and the tensors whose shapes its computed scales/sizes read."""
+    return [resize.input[0], *(t for name in resize.input[1:] if name for t in shape_arith.shape_reads(index, name))]
 
 
 def resize_axes(resize: NodeProto, index: GraphIndex, rank: int) -> tuple[list[InterpolationAxis], tuple[str, ...]]:
