@@ -94,7 +94,7 @@ def _conv_before(index: GraphIndex, tensor: str):
     DequantizeLinear pair (QDQ models: quantizing commutes with depth-to-space, which only moves values),
     or one of these cropped by a Pad or Slice (_fold_low_res_crop reads it or says why not)."""
     crop = next((n for n in (_op(index, tensor, "Pad"), _op(index, tensor, "Slice"))
-                 if n is not None and n.input[0]), None)
+                 if n is not None and n.input and n.input[0]), None)
     if crop is None:
         return _uncropped_conv_before(index, tensor)
     found = _uncropped_conv_before(index, crop.input[0])
@@ -372,6 +372,8 @@ def _trailing_slice(last: NodeProto, index: GraphIndex, rank: int):
 #: Slice ends at or past this are "to the end" (exporters write INT32_MAX or INT64_MAX)
 SLICE_TO_END = (1 << 31) - 1
 _AXIS_NAMES = ("batch", "channel")
+#: Pad modes: with negative pads only, each is the same crop (checked in onnxruntime)
+PAD_MODES = ("constant", "reflect", "edge", "wrap")
 
 
 def _fold_low_res_crop(node: NodeProto, index: GraphIndex, axes: list[Axis], lengths, bias) -> tuple[list[Axis], tuple]:
@@ -387,7 +389,7 @@ def _fold_low_res_crop(node: NodeProto, index: GraphIndex, axes: list[Axis], len
             pads, mode, value, consts = _pad_amounts(node, index, full)
     except NotConstant as exc:
         raise ValueError(f"{what} is not constant: {exc}") from None
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:  # malformed pads or fill value
         raise ValueError(f"{what}: {exc}") from None
     axes = list(axes)
     if node.op_type == "Slice":
@@ -407,6 +409,8 @@ def _fold_low_res_crop(node: NodeProto, index: GraphIndex, axes: list[Axis], len
                 raise ValueError(f"{what} [{start}:{end}] on spatial axis {i}: {why}")
             axes[i] = cropped
         return axes, consts
+    if mode not in PAD_MODES:
+        raise ValueError(f"{what} has mode={mode!r}, not one of {', '.join(PAD_MODES)}")
     for ax in (0, 1):
         if pads[ax] != (0, 0):
             raise ValueError(f"{what} pads the {_AXIS_NAMES[ax]} axis by {list(pads[ax])}: only crops of the "
