@@ -69,10 +69,12 @@ class Affine:
         return self.const.denominator == 1 and all(c.denominator == 1 for _, c in self.terms)
 
     def describe(self) -> str:
-        parts = [f"{'' if c == 1 else f'{c}·'}dim {a} of '{t}'" for (t, a), c in self.terms]
+        """E.g. ``2·dim 2 of 'x' - 1``."""
+        parts = [(c, f"{'' if abs(c) == 1 else f'{abs(c)}·'}dim {a} of '{t}'") for (t, a), c in self.terms]
         if self.const or not parts:
-            parts.append(str(self.const))
-        return " + ".join(parts)
+            parts.append((self.const, str(abs(self.const))))
+        text = "".join(f" {'-' if c < 0 else '+'} {p}" for c, p in parts)[3:]
+        return ("-" if parts[0][0] < 0 else "") + text
 
 
 @dataclass(frozen=True)

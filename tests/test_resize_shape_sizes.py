@@ -116,9 +116,9 @@ def doubled_sizes(opset, mode=NEAREST, how="float", dims=SYMBOLIC):
     return g.model({"x": dims}, g.conv(up_, 4, 3))
 
 
-def upsample9_scales(dims=SYMBOLIC):
-    """Old PyTorch (opset 9): ``scales = Concat([1, 1], Floor(Cast(H) * 2) / Cast(H), ...)``."""
-    g = _Graph(9)
+def computed_scales(dims=SYMBOLIC, opset=9):
+    """Old PyTorch (Upsample-9, Resize-10): ``scales = Concat([1, 1], Floor(Cast(H) * 2) / Cast(H), ...)``."""
+    g = _Graph(opset)
     shape = g.node("Shape", ["x"])
     per_axis = []
     for a in (2, 3):
@@ -215,9 +215,10 @@ def test_doubled_lengths_linear_resize_alone_on_a_symbolic_model():
         assert err <= tol
 
 
+@pytest.mark.parametrize("opset", [9, 10])
 @pytest.mark.parametrize("dims", [SYMBOLIC, [1, 4, 8, 8]])
-def test_upsample9_scales_computed_from_the_input_length(dims):
-    model = upsample9_scales(dims)
+def test_scales_computed_from_the_input_length(dims, opset):
+    model = computed_scales(dims, opset)
     (site,), _ = find_sites(model)
     assert [a.stride for a in site.axes] == [2, 2]
     shapes = {"x": (1, 4, 8, 8)} if dims == SYMBOLIC else None
