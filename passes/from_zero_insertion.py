@@ -32,7 +32,7 @@ from onnx import NodeProto
 
 from onnx_uprewrite.sites import GraphIndex, NotConstant, Refusal, Site, attributes, conv_weights, text
 from onnx_uprewrite.surgery import INT64_MAX
-from onnx_uprewrite.weights import Axis, transposed_to_conv_weight
+from onnx_uprewrite.weights import Axis, rearrange_quantized, transposed_to_conv_weight
 
 from .from_resize_conv import resize_axes
 from .from_subpixel import _apply_crop, _trailing_slice
@@ -372,16 +372,16 @@ def _find(node: NodeProto, index: GraphIndex | None):
 def _pads_unit_axes(pad: NodeProto, index: GraphIndex) -> bool:
     """Whether a Pad in a Reshape run may insert zeros: constant zeros, pads >= 0, and (where its
     input shape is known) only on axes of length 1.  Other Pad/Reshape runs are not sites."""
-    shape = index.static_shapes.get(pad.input[0]) or index.assumed_shapes.get(pad.input[0])
-    full_rank = len(shape) if shape is not None else None
-    if full_rank is None:
+    shape = _shape(index, pad.input[0]) or index.static_shapes.get(pad.input[0])
+    if shape is None:
         return True  # parse decides on the measured shapes
+    full_rank = len(shape)
     try:
         pads, _ = _zero_pads(pad, index, full_rank)
     except _Refuse:
         return False
     return all(p >= 0 for p in pads) and any(pads) and all(
-        n == 1 for j, n in enumerate(shape) if pads[j] or pads[full_rank + j])
+        n in (1, None) for j, n in enumerate(shape) if pads[j] or pads[full_rank + j])
 
 
 def matches(node: NodeProto, index: GraphIndex | None) -> bool:
@@ -406,6 +406,13 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
     except ValueError as exc:
         return Refusal(name, source, f"zero insertion + Conv '{name}': {exc}")
     rank, group = weight.ndim - 2, geo.group
+    try:  # W is a pure rearrangement of V: integer (QDQ) weights stay integer
+        weight_quant = index.quantized(node.input[1])
+        bias_quant = index.quantized(node.input[2]) if bias is not None else None
+        if weight_quant is not None:
+            weight_quant = rearrange_quantized(weight_quant, lambda v: transposed_to_conv_weight(v, group), 1)
+    except (NotConstant, ValueError) as exc:
+        return Refusal(name, source, f"zero insertion + Conv '{name}': quantized weights: {exc}")
     try:
         channels = weight.shape[1] * group
         found = _masked(mul, index, rank, channels) if mul is not None else _padded(last, index, rank)
@@ -451,6 +458,8 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
         weight_tensors=w_chain + b_chain + tuple(dict.fromkeys(tensors)),
         notes=(f"read as zero insertion: {found.label}",),
         source_macs=source_macs,
+        weight_quant=weight_quant,
+        bias_quant=bias_quant,
     )
 
 
