@@ -269,7 +269,7 @@ def verify(a, b, inputs_file, shape, atol, rtol, seed, as_json, memory_budget, t
         sys.exit(EXIT_OK if ok else EXIT_VERIFY_FAILED)
     for c in checks:
         verdict = "ok" if c.ok else "DIFFERENT"
-        click.echo(f"output '{c.name}': max abs error {c.max_abs_error:.3g}, tolerance {c.tolerance:.3g}: {verdict}")
+        click.echo(f"output '{one_line(c.name)}': max abs error {c.max_abs_error:.3g}, tolerance {c.tolerance:.3g}: {verdict}")
     click.echo(f"tolerance: {tol.derivation}")
     sys.exit(EXIT_OK if all(c.ok for c in checks) else EXIT_VERIFY_FAILED)
 
@@ -294,7 +294,7 @@ def check(model, profile, as_json, debug):
                               indent=2))
     elif violations:
         for v in violations:
-            click.echo(f"{label}: {prof.name} cannot run {v}")
+            click.echo(one_line(f"{label}: {prof.name} cannot run {v}"))
     else:
         click.echo(f"{label}: {prof.name} runs every upsampling node")
     sys.exit(EXIT_VERIFY_FAILED if violations else EXIT_OK)
