@@ -361,3 +361,16 @@ def test_malformed_or_external_sparse_initializers_are_invalid_models():
     model.graph.sparse_initializer[1].indices.raw_data = b"\0" * 24  # 3 int64 for [1, 4] indices
     with pytest.raises(InvalidModelError, match="unreadable data"):
         convert(model, to="subpixel")
+
+
+def test_verify_prints_one_line_per_output_whatever_its_name(tmp_path):
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["out\nput"], name="r")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 6])],
+                              [helper.make_tensor_value_info("out\nput", TensorProto.FLOAT, None)])
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", OPSET)]),
+              str(src))
+    result = invoke("verify", src, src)
+    assert_clean_exit(result, 0)
+    lines = result.stdout.splitlines()
+    assert any(ln.startswith("output 'out\\nput': ") for ln in lines) and not any(ln.startswith("put") for ln in lines)
