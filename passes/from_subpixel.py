@@ -15,7 +15,9 @@ into the crop.  So is a crop between the Conv and the depth-to-space (Real-CUGAN
 ``Conv -> Pad(negative pads) -> PixelShuffle``, or a constant ``Slice``): dropping c low-resolution
 positions drops c*s high-resolution ones, so ``pb += s*c`` and the output shrinks by s*c.  A Pad
 with positive pads (constant 0) is read where the positions it adds lie outside the transposed
-convolution's support and the Conv has no bias; crops of the batch or channel axis are refused.  A Conv bias that differs across the phases of a channel becomes a per-phase bias
+convolution's support and the Conv has no bias; crops of the batch or channel axis are refused.
+
+A Conv bias that differs across the phases of a channel becomes a per-phase bias
 (emitted as an ``Add`` of a periodic constant where the target form has no per-phase bias).
 All-zero kernel borders are trimmed, so ConvTranspose -> sub-pixel -> ConvTranspose returns the
 original kernel.
@@ -391,24 +393,34 @@ def _fold_low_res_crop(node: NodeProto, index: GraphIndex, axes: list[Axis], len
         raise ValueError(f"{what} is not constant: {exc}") from None
     except (ValueError, TypeError) as exc:  # malformed pads or fill value
         raise ValueError(f"{what}: {exc}") from None
-    axes = list(axes)
     if node.op_type == "Slice":
-        for start, end, ax, step in zip(starts, ends, crop_axes, steps):
-            ax = ax % full
-            if step != 1:
-                raise ValueError(f"{what} has step {step} on axis {ax}: a strided crop is not a sub-pixel Conv output")
-            if ax < 2:
-                if start == 0 and end >= SLICE_TO_END:
-                    continue
-                raise ValueError(f"{what} crops the {_AXIS_NAMES[ax]} axis ([{start}:{end}]): only crops of the "
-                                 "spatial axes are read")
-            i, s = ax - 2, axes[ax - 2].stride
-            cropped = _apply_crop(axes[i], s * start, s * end, lengths[i])
-            if cropped is None:
-                why = "nothing left" if lengths[i] is not None else "needs the static length of the axis (it is symbolic)"
-                raise ValueError(f"{what} [{start}:{end}] on spatial axis {i}: {why}")
-            axes[i] = cropped
-        return axes, consts
+        return _fold_slice(what, zip(starts, ends, crop_axes, steps), list(axes), lengths), consts
+    return _fold_pad(what, pads, mode, value, list(axes), lengths, bias), consts
+
+
+def _fold_slice(what: str, bounds, axes: list[Axis], lengths) -> list[Axis]:
+    full = len(axes) + 2
+    for start, end, ax, step in bounds:
+        ax = ax % full
+        if step != 1:
+            raise ValueError(f"{what} has step {step} on axis {ax}: a strided crop is not a sub-pixel Conv output")
+        if ax < 2:
+            if start == 0 and end >= SLICE_TO_END:
+                continue
+            raise ValueError(f"{what} crops the {_AXIS_NAMES[ax]} axis ([{start}:{end}]): only crops of the "
+                             "spatial axes are read")
+        i, s = ax - 2, axes[ax - 2].stride
+        cropped = _apply_crop(axes[i], s * start, s * end, lengths[i])
+        if cropped is None:
+            why = "nothing left" if lengths[i] is not None else "needs the static length of the axis (it is symbolic)"
+            raise ValueError(f"{what} [{start}:{end}] on spatial axis {i}: {why}")
+        axes[i] = cropped
+    return axes
+
+
+def _fold_pad(what: str, pads, mode: str, value: float, axes: list[Axis], lengths, bias) -> list[Axis]:
+    """Negative pads crop (any mode); zeros added are exact only where the transposed convolution is
+    zero too: outside its support ``[0, (L-1)s + K)`` (Conv pads reaching the kernel's span), no bias."""
     if mode not in PAD_MODES:
         raise ValueError(f"{what} has mode={mode!r}, not one of {', '.join(PAD_MODES)}")
     for ax in (0, 1):
@@ -417,7 +429,7 @@ def _fold_low_res_crop(node: NodeProto, index: GraphIndex, axes: list[Axis], len
                              "spatial axes are read")
     for i, (before, after) in enumerate(pads[2:]):
         a, s = axes[i], axes[i].stride
-        if before > 0 or after > 0:  # zeros added to the Conv output: exact only where the site is zero
+        if before > 0 or after > 0:
             if mode != "constant" or value != 0:
                 raise ValueError(f"{what} pads spatial axis {i} by {[before, after]} with mode={mode!r} "
                                  f"value={value}: only zero padding is a crop of the transposed convolution")
@@ -430,7 +442,7 @@ def _fold_low_res_crop(node: NodeProto, index: GraphIndex, axes: list[Axis], len
         axes[i] = Axis(s, a.dilation, a.kernel, a.crop_begin - s * before, a.extension + s * (before + after))
         if lengths[i] is not None and axes[i].output_length(lengths[i]) < 1:
             raise ValueError(f"{what} pads spatial axis {i} by {[before, after]}: nothing left")
-    return axes, consts
+    return axes
 
 
 def _pad_amounts(node: NodeProto, index: GraphIndex, full: int):
