@@ -25,6 +25,15 @@ class InvalidModelError(UprewriteError):
     """The model file cannot be read or is not a valid ONNX model."""
 
 
+class InputChanged(InvalidModelError):
+    """The input's external data changed while the run read it; nothing was written."""
+
+
+class WriteError(UprewriteError):
+    """The output cannot be written (permissions, read-only or full file system, file size limit,
+    name too long); nothing was left behind and an earlier output is intact."""
+
+
 class VerificationImpossible(UprewriteError):
     """onnxruntime cannot run the original model (or the inputs do not fit it)."""
 

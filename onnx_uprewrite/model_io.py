@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import math
 import os
+import re
+import secrets
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +18,18 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper, helper, numpy_helper
 
-from .errors import InvalidModelError, UsageError
+from .errors import InputChanged, InvalidModelError, UsageError, WriteError
 from .isolate import announce_temp
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; saves are still atomic, not serialized
+    fcntl = None
+
 MIN_OPSET = 1
+#: every external data file ``load_model`` accepted in this process: ``save_model`` never removes one
+#: (an earlier output's data file may be the data of the model being converted: ``cp out.onnx in.onnx``)
+INPUT_FILES: set[Path] = set()
 # onnx refuses to serialize a ModelProto above 2 GiB; stay clearly below it
 INLINE_LIMIT = 1_800_000_000
 
@@ -51,6 +64,7 @@ def load_model(path: str | os.PathLike, lazy: bool = False) -> tuple[onnx.ModelP
     if has_external_data(model):
         base = path.resolve().parent
         external = check_external_data(model, base, str(path))
+        INPUT_FILES.update(external)
         try:
             if lazy:
                 lazy_names = set()
@@ -60,6 +74,7 @@ def load_model(path: str | os.PathLike, lazy: bool = False) -> tuple[onnx.ModelP
                             if e.key == "location":
                                 e.value = str((base / e.value).resolve())
                         lazy_names.add(t.name)
+                _record_sources([t for t in model.graph.initializer if t.name in lazy_names])
                 for tensor in external_data_helper._get_all_tensors(model):
                     if external_data_helper.uses_external_data(tensor) and not (
                             tensor.name in lazy_names and is_lazy(tensor)):
@@ -96,11 +111,78 @@ def tensor_memmap(t: onnx.TensorProto) -> np.ndarray:
 
 
 def tensor_raw(t: onnx.TensorProto) -> bytes:
-    """A lazy initializer's bytes, read from its file."""
+    """A lazy initializer's bytes, read from its file; InputChanged if they are not the bytes that
+    were there when the model was loaded (``_record_sources``)."""
     location, offset, length = _external_span(t)
-    with open(location, "rb") as fh:
-        fh.seek(offset)
-        return fh.read(length)
+    try:
+        with open(location, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(length)
+    except FileNotFoundError:
+        raise InputChanged(f"{location}: {_CHANGED} (the file was removed); nothing was written") from None
+    except OSError as exc:
+        raise InvalidModelError(f"{location}: cannot read: {exc.strerror or exc}") from None
+    recorded = next((e.value for e in t.external_data if e.key == _CRC_KEY), None)
+    if len(data) != length or (recorded is not None and f"{zlib.crc32(data):08x}" != recorded):
+        raise InputChanged(f"{location}: {_CHANGED} (tensor '{t.name}' holds other bytes than when they were "
+                           "read); nothing was written")
+    return data
+
+
+#: lazy initializers carry, beside their location, what their file and bytes were at load time
+_CRC_KEY, _SOURCE_KEY = "uprewrite.crc32", "uprewrite.source"
+_CHANGED = "the input's external data changed while it was being converted"
+_CHUNK = 16 << 20
+
+
+def _fingerprint(path: str) -> str:
+    """What changes when a file is written to, truncated or replaced (ctime cannot be set back)."""
+    st = os.stat(path)
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _record_sources(lazy: list[onnx.TensorProto]) -> None:
+    """Note on each lazy initializer its file's fingerprint and the CRC-32 of its bytes (one
+    sequential pass per file, about 0.2 s per 500 MB), so that what is copied when saving, maybe
+    minutes later, is checked against what this run read and verified (``tensor_raw``,
+    ``check_sources``)."""
+    by_file: dict[str, list[onnx.TensorProto]] = {}
+    for t in lazy:
+        by_file.setdefault(_external_span(t)[0], []).append(t)
+    for location, tensors in by_file.items():
+        stamp = _fingerprint(location)
+        with open(location, "rb") as fh:
+            for t in sorted(tensors, key=lambda t: _external_span(t)[1]):
+                _, offset, length = _external_span(t)
+                fh.seek(offset)
+                crc, left = 0, length
+                while left:
+                    chunk = fh.read(min(left, _CHUNK))
+                    if not chunk:
+                        break
+                    crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+                t.external_data.add(key=_CRC_KEY, value=f"{crc:08x}")
+                t.external_data.add(key=_SOURCE_KEY, value=stamp)
+
+
+def check_sources(model: onnx.ModelProto) -> None:
+    """InputChanged if a file that lazy initializers of ``model`` live in was written to, truncated or
+    replaced since it was loaded (its fingerprint differs)."""
+    seen: set[tuple[str, str]] = set()
+    for t in model.graph.initializer:
+        if not is_lazy(t):
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        key = (info["location"], info.get(_SOURCE_KEY, ""))
+        if not key[1] or key in seen:
+            continue
+        seen.add(key)
+        try:
+            same = _fingerprint(key[0]) == key[1]
+        except OSError:
+            same = False
+        if not same:
+            raise InputChanged(f"{key[0]}: {_CHANGED} (written to or replaced); nothing was written")
 
 
 def tensor_array(t: onnx.TensorProto) -> np.ndarray:
@@ -323,20 +405,6 @@ def _likely_over_inline_limit(model: onnx.ModelProto) -> bool:
     return weights > INLINE_LIMIT // 2 and model.ByteSize() > INLINE_LIMIT
 
 
-def output_files(path: Path, external: bool) -> list[Path]:
-    """The files ``save_model`` writes for ``path`` (the model and, with external data, its data)."""
-    return [path, path.with_name(path.name + ".data")] if external else [path]
-
-
-def check_data_file(path: Path) -> None:
-    """The external data of output ``path`` goes to ``<name>.data``; refuse when that file exists
-    but ``path`` does not (then it is not the data of a previous output: someone else's file)."""
-    data = output_files(path, True)[1]
-    if (data.exists() or data.is_symlink()) and not path.exists():
-        raise UsageError(f"{path}: its external data would go to {data}, which already exists and is not the "
-                         "data of an earlier output of that name; remove it or choose another output name")
-
-
 def default_opset(model: onnx.ModelProto) -> int | None:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
@@ -382,10 +450,13 @@ def external_ref(graph: onnx.GraphProto, t: onnx.TensorProto, location: str, off
     return ref
 
 
-def write_external(model: onnx.ModelProto, model_path: Path, data_path: Path, location: str) -> None:
+def write_external(model: onnx.ModelProto, model_path: Path, data_path: Path, location: str) -> bool:
     """Save ``model`` with its initializers of EXTERNAL_THRESHOLD bytes or more in ``data_path``
     (referenced as ``location``), one tensor at a time: the model is neither copied nor changed,
-    unlike onnx.save_model(save_as_external_data=True), which needs a copy of every weight."""
+    unlike onnx.save_model(save_as_external_data=True), which needs a copy of every weight.  Lazy
+    initializers are copied from their file and checked against what was read when the model was
+    loaded (InputChanged).  Both files are fsynced; returns whether the data file was needed (it
+    is removed if not)."""
     out = shell(model)
     offset = 0
     with open(data_path, "wb") as fh:
@@ -415,47 +486,298 @@ def write_external(model: onnx.ModelProto, model_path: Path, data_path: Path, lo
             ref.metadata_props.extend(t.metadata_props)
             offset += len(raw)
             del raw
+        check_sources(model)  # the bytes copied are those read at load: the file was not touched since
+        if offset:
+            fh.flush()
+            os.fsync(fh.fileno())
     if offset == 0:
         data_path.unlink()
-    with open(model_path, "wb") as fh:
-        fh.write(out.SerializeToString())
+    _write_synced(model_path, out.SerializeToString())
+    return offset > 0
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool = False) -> list[Path]:
-    """Write ``model`` atomically: everything goes to a temp folder beside ``path``, then renames.
+# ----------------------------------------------------------------------------- saving
+#
+# A model with external data is a pair of files, and two files cannot be replaced together.  So the
+# data file gets a name new to each write, ``<name>.<8 hex>.data``, and is written and fsynced first;
+# the model that refers to it replaces ``<name>`` last, in one rename: a reader of ``<name>`` sees the
+# old pair or the new pair whatever happens when, SIGKILL and power loss included.  The old pair's
+# data file is removed after.  Saves into one folder take turns on a lock file there, which also
+# holds a note of the files in flight: the next save cleans up after one that was killed (its
+# unique data file, or the previous one it had not removed yet, and its temp folder).
 
-    With ``external`` (or a model too big to serialize inline) the weights go to
-    ``<name>.data`` beside the model.  Returns the files written.
+TEMP_PREFIX = ".uprewrite-"
+LOCK_NAME = ".uprewrite.lock"
+_TOKEN_HEX = 8
+
+
+def data_file_pattern(name: str) -> re.Pattern:
+    """Names of the external data files ``save_model`` writes for an output called ``name``."""
+    return re.compile(re.escape(name) + r"\.[0-9a-f]{%d}\.data" % _TOKEN_HEX)
+
+
+def output_files(path: Path, external: bool) -> list[Path]:
+    """The files ``save_model`` replaces: the model only, since a data file gets a name that is new
+    to each write (``data_file_pattern``) and so never overwrites anything."""
+    return [path]
+
+
+def check_data_file(path: Path) -> None:
+    """Refuse early (before any verification) an output with external data whose folder cannot take
+    it: a read-only file system, a folder without write permission, a name too long for its data
+    file."""
+    parent = path.parent
+    if not parent.is_dir():
+        return  # save_model says so
+    try:
+        if os.statvfs(parent).f_flag & os.ST_RDONLY:
+            raise WriteError(f"cannot write {path}: read-only file system")
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise WriteError(f"cannot write {path}: permission denied (folder {parent} is not writable)")
+    data = f"{path.name}.{'x' * _TOKEN_HEX}.data"
+    if limit is not None and len(os.fsencode(data)) > limit:
+        raise WriteError(f"cannot write {path}: file name too long for its external data file ({data})")
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool = False,
+               keep=()) -> list[Path]:
+    """Publish ``model`` at ``path`` atomically; returns the files written.
+
+    With ``external`` (or a lazy model, or one too big to serialize inline) the weights go to a
+    data file beside the model, named for this write (``data_file_pattern``); the data file of the
+    model that ``path`` held before is removed, unless it is in ``keep`` or ``INPUT_FILES`` (an
+    input's data) or a lazy initializer reads it.  A failure to write is a WriteError naming ``path``
+    and the cause; nothing is left behind then and the earlier output is intact.
     """
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = path.parent
     if not parent.is_dir():
         raise UsageError(f"{path}: output folder {parent} does not exist")
     if path.is_dir():
         raise UsageError(f"{path}: output is a directory; give a file name")
     external = external or any(is_lazy(t) for t in model.graph.initializer) or _likely_over_inline_limit(model)
-    if external:
-        check_data_file(path)
-    tmp = Path(tempfile.mkdtemp(prefix=".uprewrite-", dir=parent))
-    announce_temp(tmp)
-    placed: Path | None = None  # a data file already renamed into place, removed again if the model is not
+    keep = {_resolved(Path(p)) for p in keep} | INPUT_FILES | {_resolved(Path(_external_span(t)[0]))
+                                                               for t in model.graph.initializer if is_lazy(t)}
     try:
-        written = []
+        with _FolderLock(parent) as lock:
+            if lock.previous:
+                _recover(parent, lock.previous, keep)
+                lock.note(None)
+            if lock.held:  # every save in this folder takes the lock first: no other one is running
+                _remove_stale_temps(parent)
+            return _publish(model, path, external, lock, keep)
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {_cause(exc, path)}") from None
+
+
+def _publish(model: onnx.ModelProto, path: Path, external: bool, lock: _FolderLock, keep: set[Path]) -> list[Path]:
+    parent = path.parent
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=parent))
+    announce_temp(tmp)
+    old = [p for p in _our_data_files(path) if _resolved(p) not in keep]
+    new: Path | None = None  # set before each rename: a signal right after one must not go unnoticed
+    model_inode = None
+    try:
+        model_tmp, data_tmp = tmp / "model.onnx", tmp / "weights.data"
         if external:
-            data_name = output_files(path, True)[1].name
-            write_external(model, tmp / path.name, tmp / data_name, data_name)
-            if (tmp / data_name).exists():
-                os.replace(tmp / data_name, parent / data_name)
-                placed = parent / data_name
-                written.append(placed)
+            name = _new_data_name(path)
+            if write_external(model, model_tmp, data_tmp, name):
+                new = parent / name
         else:
-            with open(tmp / path.name, "wb") as fh:
-                fh.write(model.SerializeToString())
-        os.replace(tmp / path.name, path)
-        placed = None
-        written.insert(0, path)
-        return written
+            _write_synced(model_tmp, model.SerializeToString())
+        lock.note({"output": path.name, "new": new.name if new else None, "old": [p.name for p in old]})
+        if new is not None:
+            os.replace(data_tmp, new)
+            _fsync_dir(parent)  # the data file's name is on disk before a model refers to it
+        model_inode = os.stat(model_tmp).st_ino
+        os.replace(model_tmp, path)
+        _fsync_dir(parent)
     finally:
-        if placed is not None:  # interrupted between the two renames: no data file without its model
-            placed.unlink(missing_ok=True)
+        published = model_inode is not None and _inode(path) == model_inode
+        settled = True
+        for stale in (old if published else [new] if new is not None else []):
+            try:
+                if os.path.lexists(stale):
+                    stale.unlink()
+            except OSError:
+                settled = False  # the note stays: the next save retries
+        if settled:
+            lock.note(None)
         shutil.rmtree(tmp, ignore_errors=True)
+    return [path, new] if new is not None else [path]
+
+
+class _FolderLock:
+    """``fcntl.flock`` on ``folder/.uprewrite.lock`` for the duration of a save.  The file also holds
+    the note of the save in flight (``note``); ``previous`` is the note a killed save left.  The file
+    is removed on release (a waiter that then holds a removed file's lock tries again)."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK_NAME
+        self.fd: int | None = None
+        self.previous: dict | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def __enter__(self) -> _FolderLock:
+        if fcntl is None:
+            return self
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # waits for another save into this folder
+                if _inode(self.path) == os.fstat(fd).st_ino:
+                    self.fd, fd = fd, None
+            except OSError as exc:
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                return self  # a file system without locks (some network mounts): atomic, not serialized
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        try:
+            self.previous = json.loads(os.pread(self.fd, 1 << 16, 0) or b"null")
+        except ValueError:
+            self.previous = None
+        if not isinstance(self.previous, dict):
+            self.previous = None
+        return self
+
+    def note(self, entry: dict | None) -> None:
+        if self.fd is None:
+            return
+        data = json.dumps(entry).encode() if entry else b""
+        os.ftruncate(self.fd, 0)
+        if data:
+            os.pwrite(self.fd, data, 0)
+            os.fsync(self.fd)
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is None:
+            return
+        try:
+            if os.fstat(self.fd).st_size == 0:  # a note left means a cleanup to finish: keep the file
+                self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _recover(parent: Path, note: dict, keep: set[Path]) -> None:
+    """Finish what a killed save into ``parent`` left (``note``: its output name, the data file it
+    was placing, the previous one it was replacing): remove whichever of those the output's model
+    does not refer to now."""
+    name = note.get("output")
+    if not isinstance(name, str) or os.sep in name or name in ("", ".", ".."):
+        return
+    pattern = data_file_pattern(name)
+    names = [n for n in [note.get("new"), *(note.get("old") or [])] if isinstance(n, str) and pattern.fullmatch(n)]
+    refs = _references(parent / name)
+    if refs is None:
+        return  # the output is not a model we can read: remove nothing
+    for n in names:
+        if n not in refs and _resolved(parent / n) not in keep:
+            (parent / n).unlink(missing_ok=True)
+
+
+def _remove_stale_temps(parent: Path) -> None:
+    """Temp folders of saves into ``parent`` that were killed (SIGKILL: nothing could clean up)."""
+    with os.scandir(parent) as entries:
+        stale = [e.path for e in entries if e.name.startswith(TEMP_PREFIX) and e.is_dir(follow_symlinks=False)]
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _references(model_path: Path) -> set[str] | None:
+    """External-data locations the model at ``model_path`` refers to (empty if there is no such
+    file), or None when it cannot be read as a model."""
+    try:
+        data = model_path.read_bytes()
+    except FileNotFoundError:
+        return set()
+    except OSError:
+        return None
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError):
+        return None
+    return {e.value for t in external_data_helper._get_all_tensors(model)
+            if external_data_helper.uses_external_data(t) for e in t.external_data if e.key == "location"}
+
+
+def _our_data_files(path: Path) -> list[Path]:
+    """The data files of the model now at ``path`` that ``save_model`` wrote (named for it)."""
+    pattern = data_file_pattern(path.name)
+    with os.scandir(path.parent) as entries:
+        if not any(pattern.fullmatch(e.name) for e in entries):
+            return []  # the usual case for a first save: the model is not even read
+    return sorted(path.parent / n for n in (_references(path) or ()) if pattern.fullmatch(n))
+
+
+def _new_data_name(path: Path) -> str:
+    """A data file name for output ``path`` that no file has yet; ENAMETOOLONG before anything is
+    written if the folder cannot take it."""
+    length = len(os.fsencode(path.name)) + len(".data") + 1 + _TOKEN_HEX
+    try:
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = None
+    if limit is not None and length > limit:
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), f"{path.name}.{'x' * _TOKEN_HEX}.data")
+    while True:
+        name = f"{path.name}.{secrets.token_hex(_TOKEN_HEX // 2)}.data"
+        if not os.path.lexists(path.parent / name):
+            return name
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable against power loss; best effort (some file systems cannot
+    fsync a folder, and a rename already done is not undone by a failure here)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except OSError:
+        return path.absolute()
+
+
+def _cause(exc: OSError, path: Path) -> str:
+    """``no space left on device``: the OS's words for ``exc``, naming the file when it is not
+    ``path`` or a temp file (a data file's name too long)."""
+    text = exc.strerror or str(exc)
+    text = text[:1].lower() + text[1:]
+    named = exc.filename2 or exc.filename
+    if named is not None and exc.errno == errno.ENAMETOOLONG:
+        text += f" ({os.path.basename(os.fsdecode(named))})"
+    return text

@@ -3,7 +3,7 @@
 A ``location`` that escapes the folder (``../``, an absolute path, a symlink pointing outside) is
 refused before any external byte is read (``no_external_reads``); a missing data file or one
 shorter than the declared offset+length, and malformed entries: exit 2, one line naming the tensor.
-The good path: ``<out>.data`` is written beside the output with a name derived from it.
+The good path: ``<out>.<8 hex>.data`` is written beside the output, a name new to each write.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from hostile import DATA, assert_refused, invoke, relocate, save_external, tree
 from onnx_uprewrite.errors import InvalidModelError
-from onnx_uprewrite.model_io import load_model
+from onnx_uprewrite.model_io import data_file_pattern, load_model
 
 
 def x_feed(cin=8, seed=1):
@@ -37,13 +37,14 @@ def test_cli_converts_external_data_model_and_keeps_external_data(ext_model):
     result = invoke("convert", ext_model, "--report", rep)
     assert result.exit_code == 0, (result.output, result.exception)
     assert "Traceback" not in result.output
-    data = folder / "model.subpixel.onnx.data"
-    assert out.is_file() and data.is_file()
+    [data] = [p for p in folder.iterdir() if data_file_pattern(out.name).fullmatch(p.name)]
+    assert out.is_file()
     assert json.loads(rep.read_text())["written"] == [str(out), str(data)]
     assert {k: v for k, v in tree(folder).items() if k in before} == before  # inputs untouched
+    assert set(tree(folder)) == set(before) | {out.name, data.name, rep.name}
     refs = onnx.load(str(out), load_external_data=False)
     locations = {e.value for t in refs.graph.initializer for e in t.external_data if e.key == "location"}
-    assert locations == {"model.subpixel.onnx.data"}
+    assert locations == {data.name}
     assert "ConvTranspose" not in [n.op_type for n in refs.graph.node]
     feeds = x_feed()
     for a, b in zip(run(ext_model, feeds), run(out, feeds)):
@@ -55,7 +56,7 @@ def test_cli_external_data_relative_paths_from_another_cwd(ext_model, tmp_path, 
     monkeypatch.chdir(tmp_path / "elsewhere")
     result = invoke("convert", "../m/model.onnx", "-o", "../m/out.onnx")
     assert result.exit_code == 0, (result.output, result.exception)
-    assert (tmp_path / "m" / "out.onnx.data").is_file()
+    assert len([p for p in (tmp_path / "m").iterdir() if data_file_pattern("out.onnx").fullmatch(p.name)]) == 1
     assert list((tmp_path / "elsewhere").iterdir()) == []
     run(tmp_path / "m" / "out.onnx", x_feed())
 
@@ -127,6 +128,13 @@ def test_output_equal_to_the_inputs_external_data_file_is_refused(ext_model):
     assert_refused(ext_model.parent, ["convert", ext_model, "-o", ext_model.parent / DATA], 2, "overwrite")
 
 
-def test_output_data_file_equal_to_the_inputs_data_file_is_refused(tmp_path, ct_model):
+def test_output_named_like_the_inputs_data_file_leaves_it_alone(tmp_path, ct_model):
+    """``b.onnx.data`` (the input's data, and the data name of output ``b.onnx`` before names were
+    unique to each write) is neither overwritten nor removed."""
     src = save_external(ct_model(cin=8, cout=8), tmp_path / "a.onnx", location="b.onnx.data")
-    assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "b.onnx"], 2, "b.onnx.data")
+    before = tree(tmp_path)
+    result = invoke("convert", src, "-o", tmp_path / "b.onnx")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert {k: v for k, v in tree(tmp_path).items() if k in before} == before
+    for x, y in zip(run(src, x_feed()), run(tmp_path / "b.onnx", x_feed())):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-4)

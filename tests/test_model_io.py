@@ -14,8 +14,9 @@ import pytest
 from onnx import external_data_helper, helper
 
 from onnx_uprewrite import api
-from onnx_uprewrite.errors import InvalidModelError, UsageError
+from onnx_uprewrite.errors import InvalidModelError, UsageError, WriteError
 from onnx_uprewrite.model_io import (
+    data_file_pattern,
     has_external_data,
     load_model,
     save_model,
@@ -114,16 +115,17 @@ def test_save_model_external_writes_data_beside(tmp_path, ct_model):
     snapshot = m.SerializeToString()
     out = tmp_path / "out.onnx"
     written = save_model(m, out, external=True)
-    assert written == [out, tmp_path / "out.onnx.data"]
+    assert written[0] == out and len(written) == 2 and data_file_pattern("out.onnx").fullmatch(written[1].name)
+    assert written[1].parent == tmp_path
     assert m.SerializeToString() == snapshot  # the caller's proto is not turned into references
     refs = onnx.load(str(out), load_external_data=False)
     assert any(external_data_helper.uses_external_data(t) for t in refs.graph.initializer)
     assert {e.value for t in refs.graph.initializer for e in t.external_data if e.key == "location"} == {
-        "out.onnx.data"}
+        written[1].name}
     loaded = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
     for t in m.graph.initializer:
         np.testing.assert_array_equal(loaded[t.name], onnx.numpy_helper.to_array(t))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", written[1].name]  # no lock, no temp
 
 
 def test_save_model_to_missing_folder(tmp_path, ct_model):
@@ -141,7 +143,7 @@ def test_save_model_failure_leaves_nothing(tmp_path, ct_model, monkeypatch):
 
     monkeypatch.setattr(model_io.os, "replace", broken_replace)
     out = tmp_path / "out.onnx"
-    with pytest.raises(OSError):
+    with pytest.raises(WriteError, match=f"^cannot write {out}: no space left on device$"):
         save_model(ct_model(), out)
     assert list(tmp_path.iterdir()) == []
 
@@ -209,7 +211,8 @@ def test_lazy_weights_read_only_the_sites_and_save_a_self_contained_model(tmp_pa
     assert {p.name: p.read_bytes() for p in src.parent.iterdir()} == before
     refs = onnx.load(str(out), load_external_data=False)
     locations = {e.value for t in refs.graph.initializer for e in t.external_data if e.key == "location"}
-    assert locations == {"o.onnx.data"}
+    assert [p.name for p in out.parent.iterdir() if p != out] == list(locations)
+    assert data_file_pattern("o.onnx").fullmatch(locations.pop())
     x = rng.standard_normal((1, 8, 5, 6)).astype(np.float32)
     want = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
