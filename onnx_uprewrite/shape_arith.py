@@ -109,6 +109,32 @@ def evaluate(index: GraphIndex, name: str) -> Computed:
     return Computed(values, dtype, tuple(dict.fromkeys(ev.tensors)))
 
 
+#: ops whose output has their first input's shape (an activation, a cast, a quantization step)
+_SAME_SHAPE = {"Identity", "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
+               "Celu", "Gelu", "Mish", "Softplus", "Softsign", "Erf", "Exp", "Abs", "Neg", "Sqrt", "Cast", "Clip",
+               "Dropout", "BatchNormalization", "InstanceNormalization", "LayerNormalization",
+               "QuantizeLinear", "DequantizeLinear"}
+
+
+def length_of(index: GraphIndex, tensor: str, axis: int) -> Dim:
+    """``(tensor, axis)`` followed back through shape-preserving ops and Transposes to the tensor
+    that first has that length, so that ``Shape(x_nhwc)[1]`` and dim 2 of ``Transpose(x_nhwc)``
+    are the same symbol (tf2onnx resizes an NHWC tensor through such a Transpose)."""
+    for _ in range(_MAX_NODES):
+        node = index.producer.get(tensor)
+        if node is None or node.domain not in ("", "ai.onnx") or not node.input or not node.input[0]:
+            break
+        if node.op_type == "Transpose":
+            perm = attributes(node).get("perm")
+            if perm is None or not 0 <= axis < len(perm):
+                break
+            axis = int(perm[axis])
+        elif node.op_type not in _SAME_SHAPE or node.output[0] != tensor:
+            break
+        tensor = node.input[0]
+    return tensor, axis
+
+
 def shape_reads(index: GraphIndex, name: str) -> list[str]:
     """The tensors whose shapes the computation of ``name`` reads (the inputs of its Shape nodes):
     a run that measures them lets a static model's chain fold where inference left lengths unknown."""
@@ -239,7 +265,7 @@ class _Evaluator:
             raise NotConstant(f"the rank of '{tensor}' (read by Shape '{node.name}') is unknown")
         dims = np.empty(len(shape), dtype=object)
         for a, n in enumerate(shape):
-            dims[a] = Affine(Fraction(n)) if n is not None else Affine.of_dim(tensor, a)
+            dims[a] = Affine(Fraction(n)) if n is not None else Affine.of_dim(*length_of(self.index, tensor, a))
         return dims[int(attrs.get("start", 0)):attrs.get("end", None)]
 
 

@@ -179,10 +179,12 @@ def _scales_from_sizes(resize, index, sizes: list, attrs, full_rank) -> list[flo
         if isinstance(size, Unknown):
             raise ValueError(f"sizes are not constant: {size.reason}")
         if not size.is_const:
-            scale = size.ratio(Affine.of_dim(x, a))
+            own = shape_arith.length_of(index, x, a)
+            scale = size.ratio(Affine.of_dim(*own))
             if scale is None or scale < 1 or scale.denominator != 1:
+                alias = f" (dim {own[1]} of '{own[0]}')" if own != (x, a) else ""
                 raise ValueError(f"sizes[{i}] = {size.describe()} is not an integer multiple of dim {a} of the "
-                                 f"Resize input '{x}' at every input size")
+                                 f"Resize input '{x}'{alias} at every input size")
             scales[a] = float(scale)
             continue
         if static is not None and len(static) == full_rank and static[a] is None:

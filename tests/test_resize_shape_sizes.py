@@ -262,6 +262,27 @@ def test_a_shape_read_elsewhere_stays():
     assert ops.count("Shape") == 1 and "Concat" not in ops and "Resize" not in ops, ops
 
 
+def test_nhwc_lengths_are_followed_through_the_transpose():
+    """tf2onnx: ``tf.image.resize(x, tf.shape(x)[1:3] * 2)`` resizes ``Transpose(x_nhwc)`` by sizes
+    computed from ``Shape(x_nhwc)``; a Relu between them keeps the lengths."""
+    g = _Graph(13)
+    nchw = g.node("Transpose", [g.node("Relu", ["x"])], perm=[0, 3, 1, 2])
+    hw = g.node("Mul", [g.slice(g.node("Shape", ["x"]), 1, 3), g.const([2])])
+    sizes = g.node("Concat", [g.slice(g.node("Shape", [nchw]), 0, 2), hw], axis=0)
+    model = g.model({"x": ["N", "H", "W", 4]}, g.conv(g.resize(nchw, sizes=sizes, **NEAREST), 4, 3))
+    (site,), _ = find_sites(model)
+    assert [a.stride for a in site.axes] == [2, 2]
+    result = up.convert(model, to="convtranspose", shapes={"x": (1, 8, 8, 4)})
+    assert result.report.verified and len(result.report.rewritten) == 1
+    for shape in [(1, 8, 8, 4), (2, 5, 3, 4)]:
+        err, tol = _compare(model, result.model, shape)
+        assert err <= tol
+    model.graph.node[1].attribute[0].ints[:] = [0, 3, 2, 1]  # H and W swapped: not its own lengths
+    _, (refusal,) = find_sites(model)
+    assert "2·dim 1 of 'x' is not an integer multiple of dim 2 of the Resize input 'transpose2' (dim 2 of 'x')" \
+        in refusal.reason, refusal.reason
+
+
 def test_evaluate_tracks_multiples_of_symbolic_lengths():
     model = doubled_sizes(13, how="gather")
     index = GraphIndex(model, infer_static_shapes(model))
