@@ -17,6 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import isolate
+from .errors import one_line
 from .isolate import NativeCrash
 from .model_io import tensor_array
 from .surgery import training_names
@@ -114,6 +115,9 @@ class Refusal:
     node: str
     source: str
     reason: str
+
+    def __post_init__(self):  # one line wherever it is shown (JSON too), as error messages are
+        object.__setattr__(self, "reason", one_line(self.reason))
 
 
 class NotConstant(Exception):

@@ -7,6 +7,8 @@ Every converted model really loads and runs in onnxruntime and is compared with 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -331,8 +333,10 @@ def test_refusal_of_node_with_newline_in_its_name_is_one_line(tmp_path):
     lines = quiet.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("uprewrite: refused: "), quiet.stderr
     assert "'bad\\nname'" in lines[0]
-    loud = invoke("convert", src, "-o", tmp_path / "out2.onnx")
+    loud = invoke("convert", src, "-o", tmp_path / "out2.onnx", "--report", tmp_path / "report.json")
     assert_clean_exit(loud, 3)
+    [site] = json.loads((tmp_path / "report.json").read_text())["sites"]
+    assert site["node"] == name and "\n" not in site["reason"] and "'bad\\nname'" in site["reason"]
     refused = [ln for ln in loud.stdout.splitlines() if "refused" in ln]
     assert any("'bad\\nname'" in ln for ln in refused) and not any(ln.startswith("name") for ln in loud.stdout.splitlines())
     shown = invoke("inspect", src)
