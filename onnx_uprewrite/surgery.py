@@ -176,7 +176,8 @@ def splice(model: onnx.ModelProto, replacements: dict[str, tuple[tuple[str, ...]
     """Replace nodes in place; the emissions' initializers move into the model (their lists are emptied).
 
     ``replacements`` maps the first output of a site's last node to (first outputs of every node
-    the site removes, emission).  Emitted nodes go where the site's last node was.
+    the site removes, emission).  Emitted nodes go where the site's last node was; the value_info
+    of the tensors that go with the removed nodes goes too.
     """
     removed = {out for outs, _ in replacements.values() for out in outs}
     new_nodes, gone = [], set()
