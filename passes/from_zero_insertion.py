@@ -179,29 +179,33 @@ def _masked(mul: NodeProto, index: GraphIndex, rank: int, channels: int) -> _Ins
     phases = mask_phases(values, strides)
     if isinstance(phases, str):
         raise _Refuse(f"{label}: the mask {phases}")
-    problem = _broadcast_problem(values.shape, lengths, up, mul, index, rank, channels)
+    problem = _broadcast_problem(lengths, strides, up, mul, index, channels)
     if problem:
         raise _Refuse(f"{label}: {problem}")
     return _Insertion(MASKED, label, up.input[0], strides, phases,
                       (up.output[0], mul.output[0]) + tuple(consts) + tuple(tensors))
 
 
-def _broadcast_problem(shape, lengths, up, mul, index: GraphIndex, rank: int, channels: int) -> str | None:
+def _broadcast_problem(lengths, strides, up, mul, index: GraphIndex, channels: int) -> str | None:
     """Why the Mul might broadcast the upsampled activation to a larger shape (then it is not the
-    activation masked), or None.  Axes where the mask is longer than 1 need equal known shapes."""
-    full = (1,) * (rank + 2 - len(shape)) + tuple(shape)
-    if lengths is not None:
-        lengths = (1,) * (rank + 2 - len(lengths)) + tuple(lengths)
-    maybe_longer = [i for i in range(rank + 2) if lengths is None or lengths[i] > 1]
-    if not maybe_longer:
+    activation masked), or None.  An upsampled axis (s > 1, so s*L >= 2) must match the mask; any
+    other axis where the mask may be longer than 1 needs the shapes to be known and equal."""
+    full_rank = len(strides) + 2
+    runtime = None if lengths is None else (1,) * (full_rank - len(lengths)) + tuple(lengths)
+    x_shape = index.static_shapes.get(up.input[0]) or index.assumed_shapes.get(up.input[0]) or ()
+    x_channels = x_shape[1] if len(x_shape) == full_rank else None
+
+    def safe(i: int) -> bool:
+        if runtime is not None and runtime[i] == 1:
+            return True
+        return (i == 1 and x_channels == channels) or (i >= 2 and strides[i - 2] > 1)
+
+    if all(safe(i) for i in range(full_rank)):
         return None
     a, b = _shape(index, up.output[0]), _shape(index, mul.output[0])
     if a is not None and b is not None:
         return None if a == b else f"the Mul broadcasts the upsampled {list(a)} to {list(b)}"
-    if full[0] == 1 and full[1] in (1, channels) and all(s > 1 for s in full[2:]) and (
-            lengths is None or lengths[1] in (1, channels)):
-        return None  # any length >= 2 on an upsampled axis equals s*L, or the Mul fails
-    return "the mask may broadcast the activation (its shapes are unknown; pass --shape)"
+    return "the mask may broadcast the activation to a larger shape (shapes unknown; pass --shape)"
 
 
 def _zero_pads(pad: NodeProto, index: GraphIndex, full_rank: int) -> tuple[list[int], tuple[str, ...]]:

@@ -236,6 +236,19 @@ def test_masks_that_are_not_zero_insertion_are_refused(mask, why):
     assert not sites and len(refusals) == 1 and why in refusals[0].reason, refusals
 
 
+def test_mask_that_broadcasts_the_activation_is_refused():
+    """x has 1 channel, the mask 2 equal ones: the Mul output (2 channels) is not x zero-inserted."""
+    model = _masked_model(np.concatenate([_phase_mask((0, 0))] * 2, axis=1))
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 1
+    conv = next(t for t in model.graph.initializer if t.name == "V")
+    conv.CopyFrom(numpy_helper.from_array(np.ones((3, 2, 3, 3), np.float32), "V"))
+    sites, refusals = find_sites(model)  # no measured shapes: cannot tell
+    assert not sites and "may broadcast the activation" in refusals[0].reason
+    report = convert(model, to="convtranspose").report  # measured in onnxruntime
+    assert [s.status for s in report.sites] == ["refused"]
+    assert "broadcasts the upsampled [1, 1, 8, 10] to [1, 2, 8, 10]" in report.sites[0].reason
+
+
 def test_mask_after_a_resize_that_is_not_replication_is_refused():
     sites, refusals = find_sites(_masked_model(_phase_mask((0, 0)), ctm="half_pixel", nearest="floor"))
     assert not sites and "not plain replication" in refusals[0].reason and "half_pixel" in refusals[0].reason
