@@ -9,6 +9,7 @@ The good path: ``<out>.<8 hex>.data`` is written beside the output, a name new t
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from hostile import DATA, assert_refused, invoke, relocate, save_external, tree
+from hostile import DATA, assert_clean_exit, assert_refused, error_line, invoke, relocate, save_external, tree
 from onnx_uprewrite.errors import InvalidModelError
 from onnx_uprewrite.model_io import data_file_pattern, load_model
 
@@ -138,3 +139,123 @@ def test_output_named_like_the_inputs_data_file_leaves_it_alone(tmp_path, ct_mod
     assert {k: v for k, v in tree(tmp_path).items() if k in before} == before
     for x, y in zip(run(src, x_feed()), run(tmp_path / "b.onnx", x_feed())):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- an input that changes
+
+
+def _two_weights_model(tmp_path):
+    """Conv K then ConvTranspose W, both in ``in/m.onnx.data``: K is copied to the output file to
+    file at save time (lazy), W is the site's weight, read early."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    w = numpy_helper.from_array((rng.standard_normal((8, 8, 4, 4)) * 0.2).astype(np.float32), "W")
+    k = numpy_helper.from_array((rng.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32), "K")
+    nodes = [helper.make_node("Conv", ["x", "K"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("ConvTranspose", ["c", "W"], ["y"], name="up", strides=[2, 2], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 5, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, k])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    (tmp_path / "in").mkdir()
+    return save_external(model, tmp_path / "in" / "m.onnx", location="m.onnx.data")
+
+
+def _span(src, name):
+    m = onnx.load(str(src), load_external_data=False)
+    t = next(t for t in m.graph.initializer if t.name == name)
+    info = {e.key: e.value for e in t.external_data}
+    return int(info.get("offset", 0)), int(info["length"])
+
+
+def _flip_byte(data: Path, offset: int, keep_times: bool = False):
+    st = data.stat()
+    with open(data, "r+b") as fh:
+        fh.seek(offset)
+        b = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([b[0] ^ 0x40]))
+    if keep_times:  # mtime set back: ctime and the bytes still tell
+        os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _replace_file(data: Path, offset: int):
+    raw = bytearray(data.read_bytes())
+    raw[offset] ^= 0x40
+    tmp = data.with_name("new.tmp")
+    tmp.write_bytes(bytes(raw))
+    os.replace(tmp, data)
+
+
+def _truncate(data: Path, offset: int):
+    os.truncate(data, offset + 1)
+
+
+@pytest.mark.parametrize("change", [_flip_byte, lambda d, o: _flip_byte(d, o, keep_times=True), _replace_file,
+                                    _truncate], ids=["written", "written-mtime-kept", "replaced", "truncated"])
+@pytest.mark.parametrize("stage, verify", [("saving", True), ("running the original model", False)])
+def test_input_data_changed_during_the_run_is_refused(tmp_path, change, stage, verify):
+    """The weights copied file to file at save time are checked against what the run read: a data
+    file written to, replaced or truncated mid-run is exit 2 'changed while it was being converted',
+    and nothing is published (an earlier output stays whole)."""
+    from onnx_uprewrite import api
+    from onnx_uprewrite.errors import InputChanged
+
+    src = _two_weights_model(tmp_path)
+    data = src.parent / "m.onnx.data"
+    out = tmp_path / "out" / "o.onnx"
+    out.parent.mkdir()
+    api.convert(str(src), output=out, lazy_weights=True)  # an earlier output
+    before = tree(out.parent)
+    offset, length = _span(src, "K")
+
+    def progress(what, done, total):
+        if what == stage:
+            change(data, offset + length // 2)
+
+    with pytest.raises(InputChanged, match="changed while it was being converted.*nothing was written"):
+        api.convert(str(src), output=out, lazy_weights=True, verify=verify, progress=progress)
+    assert tree(out.parent) == before
+
+
+def test_input_data_changed_through_the_cli_is_one_line(tmp_path, monkeypatch):
+    from onnx_uprewrite import api
+
+    src = _two_weights_model(tmp_path)
+    offset, length = _span(src, "K")
+    real = api.save_model
+
+    def save_after_a_change(model, path, **kwargs):
+        _flip_byte(src.parent / "m.onnx.data", offset + 1)
+        return real(model, path, **kwargs)
+
+    monkeypatch.setattr(api, "save_model", save_after_a_change)
+    before = set(tree(tmp_path))
+    result = invoke("convert", src, "-o", tmp_path / "o.onnx")
+    assert_clean_exit(result, 2)
+    error_line(result.stderr, str(src.parent / "m.onnx.data"), "changed while it was being converted")
+    assert set(tree(tmp_path)) == before
+
+
+def test_untouched_input_is_not_reported_changed(tmp_path):
+    """Reading (atime) and re-verifying the input does not count as a change."""
+    from onnx_uprewrite import api
+
+    src = _two_weights_model(tmp_path)
+    for _ in range(2):
+        result = api.convert(str(src), output=tmp_path / "o.onnx", lazy_weights=True)
+        assert result.report.verification == "passed"
+        run(src, x_feed())
+
+
+def test_stale_temp_folder_of_a_killed_run_is_removed(ext_model):
+    """SIGKILL of every process while saving leaves a ``.uprewrite-*`` folder: the next save into that
+    folder removes it (no save can be running there: saves take turns on the folder's lock)."""
+    stale = ext_model.parent / ".uprewrite-k1lled"
+    stale.mkdir()
+    (stale / "model.onnx").write_bytes(b"half a model")
+    keep = ext_model.parent / ".uprewrite-file"
+    keep.write_bytes(b"a file, not one of our folders")
+    result = invoke("convert", ext_model, "-o", ext_model.parent / "o.onnx")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert not stale.exists() and keep.read_bytes() == b"a file, not one of our folders"
