@@ -9,6 +9,10 @@ emitter writes the always-exact masked form (DESIGN.md §2b): nearest upsampling
 computes the transposed convolution directly (about S times the MACs: a fallback, and the
 report says so).
 
+A box-factored 1x1 Conv without pads (``G`` of size 1 on every axis, e.g. nearest x s + pointwise
+Conv) commutes with nearest replication: ``Conv1x1(up(x)) = up(Conv1x1(x))`` for any group, so it
+runs first, at the input resolution (s^d fewer MACs), and the Resize follows.
+
 Per axis, with kernel length Kc and dilation dc of the emitted Conv (``Kc_eff = (Kc-1)*dc + 1``),
 the Conv pads are ``Pb = Kc_eff - 1 - pb`` and ``Pe = e + pb``; negative pads become a Slice.
 The upsampling is Upsample-7/9, Resize-10, or Resize-11+ with ``asymmetric`` + ``floor`` (plain
@@ -72,17 +76,53 @@ def emit(site: Site, b: Builder, opset: int) -> str:
         raise ValueError(f"opset {opset} < 7 has no Upsample with integer scales")
     plan = _plan(site)
     strides = [a.stride for a in site.axes]
-    upsampled = _upsample(b, site.input, strides, site.rank, opset)
-    parts = [f"{'Resize' if opset >= 10 else 'Upsample'}(nearest, x{'x'.join(map(str, strides))})"]
+    kernel = plan.weight.shape[2:]
+    pads_begin, pads_end, crops = _conv_pads(site, kernel, plan.dilations)
+    commuted = _commutes(plan, pads_begin, pads_end)
+    upsample = f"{'Resize' if opset >= 10 else 'Upsample'}(nearest, x{'x'.join(map(str, strides))})"
+    parts = [] if commuted else [upsample]
+    upsampled = site.input if commuted else _upsample(b, site.input, strides, site.rank, opset)
     if plan.masked:
         pattern = np.zeros([1] + strides, dtype=site.weight.dtype)
         pattern[(0,) + (0,) * site.rank] = 1
         mask = b.periodic(pattern, site.input, strides, [0] * site.rank, site.input_lengths, opset)
         upsampled = b.node("Mul", [upsampled, mask], "zero_insert")
         parts.append("phase mask (zero insertion)")
-    kernel = plan.weight.shape[2:]
+    crop = any(c != (0, 0) for c in crops)
+    phase_bias = site.phase_bias is not None
+    if plan.transform is None:
+        weight = b.constant("weight", plan.weight)
+    else:  # the masked kernel only moves entries: a QDQ weight stays integer
+        weight = b.weight("weight", site.weight, site.weight_quant, plan.transform, 0, opset)
+    inputs = [upsampled, weight]
+    if site.bias is not None and not phase_bias:
+        inputs.append(b.weight("bias", site.bias, site.bias_quant, lambda v: v, 0, opset))
+    last = site.output if not (crop or phase_bias or commuted) else None
+    y = b.node("Conv", inputs, "conv", output=last, kernel_shape=list(kernel), pads=pads_begin + pads_end,
+               dilations=list(plan.dilations), strides=[1] * site.rank, group=site.group)
+    parts.append(f"Conv {'x'.join(map(str, kernel))}" + ("" if all(d == 1 for d in plan.dilations)
+                                                        else f" dilations {list(plan.dilations)}"))
+    if commuted:  # a pointwise Conv commutes with nearest replication: run it at the low resolution
+        y = _upsample(b, y, strides, site.rank, opset, output=None if (crop or phase_bias) else site.output)
+        parts.append(upsample)
+    if crop:
+        axes = [2 + i for i, c in enumerate(crops) if c != (0, 0)]
+        y = b.slice(y, [crops[a - 2][0] for a in axes], [-crops[a - 2][1] or None for a in axes], axes, opset,
+                    output=None if phase_bias else site.output)
+        parts.append("Slice")
+    if phase_bias:
+        add_bias(b, y, site, site.output, opset)
+        parts.append("Add(per-phase bias, Tile)")
+    text = " + ".join(parts)
+    if commuted:
+        return f"{text} [box-factored kernel, pointwise: the Conv runs before the upsampling]"
+    return f"{text} [masked: {plan.why_masked}]" if plan.masked else f"{text} [box-factored kernel]"
+
+
+def _conv_pads(site: Site, kernel, dilations) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """Pads (begin, end) of the Conv on the upsampled input and the crops (begin, end) after it."""
     pads_begin, pads_end, crops = [], [], []
-    for a, n, k, dc in zip(site.axes, site.input_lengths, kernel, plan.dilations):
+    for a, n, k, dc in zip(site.axes, site.input_lengths, kernel, dilations):
         span = (k - 1) * dc
         pb, pe = span - a.crop_begin, a.extension + a.crop_begin
         begin, end = max(pb, 0), max(pe, 0)
@@ -93,42 +133,27 @@ def emit(site: Site, b: Builder, opset: int) -> str:
         crops.append((begin - pb, end - pe))
         pads_begin.append(begin)
         pads_end.append(end)
-    crop = any(c != (0, 0) for c in crops)
-    phase_bias = site.phase_bias is not None
-    if plan.transform is None:
-        weight = b.constant("weight", plan.weight)
-    else:  # the masked kernel only moves entries: a QDQ weight stays integer
-        weight = b.weight("weight", site.weight, site.weight_quant, plan.transform, 0, opset)
-    inputs = [upsampled, weight]
-    if site.bias is not None and not phase_bias:
-        inputs.append(b.weight("bias", site.bias, site.bias_quant, lambda v: v, 0, opset))
-    last = site.output if not (crop or phase_bias) else None
-    y = b.node("Conv", inputs, "conv", output=last, kernel_shape=list(kernel), pads=pads_begin + pads_end,
-               dilations=list(plan.dilations), strides=[1] * site.rank, group=site.group)
-    parts.append(f"Conv {'x'.join(map(str, kernel))}" + ("" if all(d == 1 for d in plan.dilations)
-                                                        else f" dilations {list(plan.dilations)}"))
-    if crop:
-        axes = [2 + i for i, c in enumerate(crops) if c != (0, 0)]
-        y = b.slice(y, [crops[a - 2][0] for a in axes], [-crops[a - 2][1] or None for a in axes], axes, opset,
-                    output=None if phase_bias else site.output)
-        parts.append("Slice")
-    if phase_bias:
-        add_bias(b, y, site, site.output, opset)
-        parts.append("Add(per-phase bias, Tile)")
-    text = " + ".join(parts)
-    return f"{text} [masked: {plan.why_masked}]" if plan.masked else f"{text} [box-factored kernel]"
+    return pads_begin, pads_end, crops
 
 
-def _upsample(b: Builder, x: str, strides, rank: int, opset: int) -> str:
+def _commutes(plan: _ConvPlan, pads_begin, pads_end) -> bool:
+    """A box-factored 1x1 Conv without pads: ``Conv1x1(up(x)) = up(Conv1x1(x))``, exact for any group
+    (each output reads one position), with s^d fewer MACs.  Pads would put zeros (bias) between
+    replicated values, so they keep the Conv after the upsampling."""
+    return (not plan.masked and all(k == 1 for k in plan.weight.shape[2:])
+            and not any(pads_begin) and not any(pads_end))
+
+
+def _upsample(b: Builder, x: str, strides, rank: int, opset: int, output: str | None = None) -> str:
     scales = np.array([1.0, 1.0] + [float(s) for s in strides], dtype=np.float32)
     if opset < 9:
-        return b.node("Upsample", [x], "upsample", mode="nearest", scales=scales.tolist())
+        return b.node("Upsample", [x], "upsample", output=output, mode="nearest", scales=scales.tolist())
     if opset == 9:
-        return b.node("Upsample", [x, b.constant("scales", scales)], "upsample", mode="nearest")
+        return b.node("Upsample", [x, b.constant("scales", scales)], "upsample", output=output, mode="nearest")
     if opset == 10:
-        return b.node("Resize", [x, b.constant("scales", scales)], "resize", mode="nearest")
+        return b.node("Resize", [x, b.constant("scales", scales)], "resize", output=output, mode="nearest")
     roi = "" if opset >= 13 else b.constant("roi", np.zeros(0, dtype=np.float32))  # required before 13
-    return b.node("Resize", [x, roi, b.constant("scales", scales)], "resize", mode="nearest",
+    return b.node("Resize", [x, roi, b.constant("scales", scales)], "resize", output=output, mode="nearest",
                   coordinate_transformation_mode="asymmetric", nearest_mode="floor")
 
 
@@ -140,10 +165,15 @@ def weight_count(site: Site) -> int:
 
 
 def macs(site: Site) -> int | None:
-    """MACs per sample of the Conv at the upsampled resolution (what the emitter writes)."""
+    """MACs per sample of the Conv the emitter writes: at the upsampled resolution, or at the input
+    resolution where a pointwise Conv commutes with the upsampling (``_commutes``)."""
     if any(n is None for n in site.input_lengths):
         return None
     plan = _plan(site)
-    taps = math.prod(plan.weight.shape[2:])
-    positions = math.prod(a.output_length(n) for a, n in zip(site.axes, site.input_lengths))
+    kernel = plan.weight.shape[2:]
+    taps = math.prod(kernel)
+    if _commutes(plan, *_conv_pads(site, kernel, plan.dilations)[:2]):
+        positions = math.prod(site.input_lengths)
+    else:
+        positions = math.prod(a.output_length(n) for a, n in zip(site.axes, site.input_lengths))
     return site.out_channels * (site.in_channels // site.group) * taps * positions

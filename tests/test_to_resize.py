@@ -144,3 +144,52 @@ def test_macs_of_box_and_masked_forms():
     masked = make_site(np.random.default_rng(0).standard_normal((4, 3, 4, 4)).astype(np.float32), None, 1,
                        [Axis(2, 1, 4, 1, 0)] * 2, (8, 8))
     assert to_resize.macs(masked) == 3 * 4 * 16 * 16 * 16
+
+
+def _pointwise_site(cin, cout, group, axes, lengths, bias=None, seed=0):
+    """nearest x s + 1x1 Conv: W = box_s ⊛ G with G of size 1 on every axis."""
+    g = np.random.default_rng(seed).standard_normal((cin, cout // group) + (1,) * len(axes)).astype(np.float32)
+    return make_site(box_conv_weight(g, [a.stride for a in axes]), bias, group, axes, lengths)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("opset", [7, 9, 11, 17])
+def test_pointwise_conv_runs_before_the_upsampling(group, opset):
+    bias = np.random.default_rng(5).standard_normal(8).astype(np.float32)
+    site = _pointwise_site(4, 8, group, [Axis(2, 1, 2, 0, 0), Axis(3, 1, 3, 0, 0)], (5, 3), bias)
+    emission, text = _emit(site, opset)
+    assert [n.op_type for n in emission.nodes] == ["Conv", "Upsample" if opset < 10 else "Resize"]
+    assert "runs before the upsampling" in text
+    assert emission.nodes[0].input[0] == "x0" and emission.nodes[-1].output == ["y0"]
+    x = np.random.default_rng(6).standard_normal((2, 4, 5, 3)).astype(np.float32)
+    model = emit_model([site], [[2, 4, 5, 3]], opset, to_resize)
+    check_site(site, x, run_model(model, {"x0": x})["y0"])
+    # MACs at the input resolution: 6x fewer than the Conv after the upsampling
+    assert to_resize.macs(site) == 8 * (4 // group) * 5 * 3
+
+
+def test_pointwise_crop_is_a_slice_after_the_upsampling_and_leading_zeros_keep_the_order():
+    cropped = _pointwise_site(3, 2, 1, [Axis(2, 1, 2, 1, -2)], None, np.ones(2, np.float32))
+    emission, text = _emit(cropped)
+    assert [n.op_type for n in emission.nodes] == ["Conv", "Resize", "Slice"]
+    for n in (3, 7):  # symbolic length, run at two sizes
+        x = np.random.default_rng(n).standard_normal((1, 3, n)).astype(np.float32)
+        check_site(cropped, x, run_model(emit_model([cropped], [["N", 3, "L"]], 17, to_resize), {"x0": x})["y0"])
+    # a leading zero position (crop_begin < 0) would hold the bias, not a replicated value: not commuted
+    padded = _pointwise_site(3, 2, 1, [Axis(2, 1, 2, -1, 1)], (4,), np.ones(2, np.float32))
+    emission, text = _emit(padded)
+    assert [n.op_type for n in emission.nodes] == ["Resize", "Conv"] and "runs before" not in text
+    assert to_resize.macs(padded) == 2 * 3 * 9
+    x = np.random.default_rng(0).standard_normal((1, 3, 4)).astype(np.float32)
+    check_site(padded, x, run_model(emit_model([padded], [[1, 3, 4]], 17, to_resize), {"x0": x})["y0"])
+
+
+def test_pointwise_with_per_phase_bias():
+    rng = np.random.default_rng(7)
+    site = _pointwise_site(2, 3, 1, [Axis(2, 1, 2, 0, 0)] * 2, (4, 4))
+    site = make_site(site.weight, None, 1, site.axes, site.input_lengths,
+                     phase_bias=rng.standard_normal((3, 2, 2)).astype(np.float32))
+    emission, text = _emit(site)
+    assert [n.op_type for n in emission.nodes][:2] == ["Conv", "Resize"] and "per-phase bias" in text
+    x = rng.standard_normal((1, 2, 4, 4)).astype(np.float32)
+    check_site(site, x, run_model(emit_model([site], [[1, 2, 4, 4]], 17, to_resize), {"x0": x})["y0"])
