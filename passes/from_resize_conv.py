@@ -168,12 +168,15 @@ def _scales_from_sizes(resize, index, sizes: list, attrs, full_rank) -> list[flo
     """Integer scales ``sizes / input lengths``.  A size computed as ``k·dim a`` of the Resize's own
     input is scale k at every input size; a fixed size needs that input length to be static."""
     axes = [int(a) % full_rank for a in attrs.get("axes", range(full_rank))]
+    if len(sizes) != len(axes):
+        raise ValueError(f"sizes have {len(sizes)} values for {len(axes)} axes")
     x = resize.input[0]
     static = index.static_shapes.get(x)
-    shape = static or index.assumed_shapes.get(x)
-    if shape is None or len(shape) != full_rank or len(sizes) != len(axes):
-        raise ValueError("sizes need a static input shape (pass --shape)")
-    computed = any(not isinstance(v, Unknown) and not v.is_const for v in sizes)
+    static = static if static is not None and len(static) == full_rank else None
+    # where inference gave no shape at all, plain constant sizes use the --shape / measured one
+    assumed = index.assumed_shapes.get(x) if static is None and all(
+        isinstance(v, Affine) and v.is_const for v in sizes) else None
+    shape = static or (assumed if assumed is not None and len(assumed) == full_rank else None)
     scales = [1.0] * full_rank
     for i, (a, size) in enumerate(zip(axes, sizes)):
         if isinstance(size, Unknown):
@@ -187,10 +190,10 @@ def _scales_from_sizes(resize, index, sizes: list, attrs, full_rank) -> list[flo
                                  f"Resize input '{x}'{alias} at every input size")
             scales[a] = float(scale)
             continue
-        if static is not None and len(static) == full_rank and static[a] is None:
+        if static is not None and static[a] is None:
             raise ValueError(f"sizes[{i}] = {size.const} is fixed while dim {a} of the Resize input '{x}' is "
                              "symbolic: the scale would change with the input size")
-        if shape[a] is None or computed and (static is None or static[a] is None):
+        if shape is None or shape[a] is None:
             raise ValueError("sizes need a static input shape (pass --shape)")
         if size.const % shape[a]:
             values = [v.describe() for v in sizes]
