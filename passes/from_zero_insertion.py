@@ -101,9 +101,10 @@ def _mask_parts(mul: NodeProto, index: GraphIndex) -> tuple[NodeProto, str] | No
     return None
 
 
-def _mask_values(tensor: str, index: GraphIndex):
-    """``(values, runtime lengths or None, tensors)``: the mask, or the period a ``Tile`` repeats
-    (``Builder.periodic``: ``Tile(period, repeats) [-> Slice from 0]``).  NotConstant when neither."""
+def _periodic_constant(tensor: str, index: GraphIndex):
+    """``(values, runtime lengths or None, tensors)`` of a constant (a mask, a bias), or of the period a
+    ``Tile`` repeats (``Builder.periodic``: ``Tile(period, repeats) [-> Slice from 0]``); NotConstant
+    when neither."""
     tensors: list[str] = []
     node = _op(index, tensor, "Slice")
     tile = node and _op(index, node.input[0], "Tile")
@@ -173,7 +174,7 @@ def _masked(mul: NodeProto, index: GraphIndex, rank: int, channels: int) -> _Ins
                       "the mask does not make zero insertion")
     strides = tuple(a.stride for a in interp)
     try:
-        values, lengths, tensors = _mask_values(mask, index)
+        values, lengths, tensors = _periodic_constant(mask, index)
     except NotConstant as exc:
         raise _Refuse(f"{label}: the mask is not constant ({exc})") from None
     phases = mask_phases(values, strides)
@@ -362,7 +363,7 @@ def _find(node: NodeProto, index: GraphIndex | None):
     mul = _op(index, tensor, "Mul")
     if mul is not None and index.opset >= 7 and _mask_parts(mul, index) is not None:
         try:
-            values = _mask_values(_mask_parts(mul, index)[1], index)[0]
+            values = _periodic_constant(_mask_parts(mul, index)[1], index)[0]
         except NotConstant:
             return None
         return (pre, mul, None) if _is_zero_one_mask(values) else None
@@ -396,9 +397,21 @@ def taps(node: NodeProto, index: GraphIndex) -> list[str]:
     pre, mul, last = _find(node, index)
     if mul is not None:
         up, _ = _mask_parts(mul, index)
-        return [up.input[0], up.output[0], mul.output[0]]
+        return [up.input[0], up.output[0], mul.output[0]] + _tail(node, index)
     x, nodes = _chain(last.output[0], index)
-    return [x] + [n.input[0] for n in nodes] + [last.output[0]]
+    return [x] + [n.input[0] for n in nodes] + [last.output[0]] + _tail(node, index)
+
+
+def _tail(conv: NodeProto, index: GraphIndex) -> list[str]:
+    """Outputs of the (at most two) nodes that alone read the Conv output in turn: a crop, a bias Add."""
+    out, tensor = [], conv.output[0]
+    for _ in range(2):
+        readers = index.consumers.get(tensor, [])
+        if len(readers) != 1 or not readers[0].output:
+            break
+        tensor = readers[0].output[0]
+        out.append(tensor)
+    return out
 
 
 def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
@@ -446,6 +459,18 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
             axes, output = cropped, crop[0].output[0]
             replaced.append(output)
             tensors += crop[2]
+    out_channels = weight.shape[0]
+    added = None if bias_quant is not None else _bias_after(output, index, axes, out_channels)
+    if added is not None:  # Conv [-> crop] -> Add(periodic constant): a per-phase bias
+        add, phase_bias, consts = added
+        if bias is not None:
+            phase_bias = phase_bias + bias.reshape((-1,) + (1,) * rank)
+        bias, phase_bias = _plain_if_uniform(phase_bias)
+        output = add.output[0]
+        replaced.append(output)
+        tensors += consts
+    else:
+        phase_bias = None
     source_macs = None if None in conv_out else \
         int(weight.shape[0] * weight.shape[1] * math.prod(geo.kernel) * math.prod(conv_out))
     return Site(
@@ -456,6 +481,7 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
         output=output,
         weight=transposed_to_conv_weight(weight, group),
         bias=bias,
+        phase_bias=phase_bias,
         group=group,
         axes=tuple(axes),
         input_lengths=lengths,
@@ -493,3 +519,62 @@ def _crop_after(conv: NodeProto, index: GraphIndex, rank: int):
     crops = {i: (-pads[2 + i], pads[rank + 4 + i] or INT64_MAX) for i in range(rank)}
     return readers[0], crops, consts
 
+
+
+def _bias_after(tensor: str, index: GraphIndex, axes: list[Axis], channels: int):
+    """``(Add, per-phase bias [C, s...], tensors)`` when the only reader of ``tensor`` adds a constant
+    that repeats with the stride on every axis (to_convtranspose.add_bias writes a per-phase bias so,
+    as a constant or a Tile of one period); None otherwise (the Add then stays as it is)."""
+    readers = index.consumers.get(tensor, [])
+    if len(readers) != 1 or tensor in index.graph_outputs:
+        return None
+    add = readers[0]
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2 or \
+            attributes(add).get("broadcast") or add.input[0] == add.input[1]:
+        return None
+    try:
+        values, runtime, tensors = _periodic_constant(add.input[1] if add.input[0] == tensor else add.input[0], index)
+    except NotConstant:
+        return None
+    rank = len(axes)
+    if values.ndim > rank + 2 or not np.issubdtype(values.dtype, np.floating):
+        return None
+    v = values.reshape((1,) * (rank + 2 - values.ndim) + values.shape)
+    if v.shape[0] != 1 or v.shape[1] not in (1, channels):
+        return None
+    grows = runtime is None or any(n != 1 for n in runtime[len(runtime) - rank:])
+    a, b = _shape(index, tensor), _shape(index, add.output[0])
+    if grows and (a is None or a != b):  # a longer constant could broadcast the output (measured shapes tell)
+        return None
+    period = _period(v[0], [x.stride for x in axes])
+    if period is None:
+        return None
+    for i, x in enumerate(axes):  # phase_pattern: P[c, o mod s] = B[c, (o + pb) mod s]
+        period = np.take(period, (np.arange(x.stride) - x.crop_begin) % x.stride, axis=1 + i)
+    return add, np.broadcast_to(period, (channels,) + period.shape[1:]).copy(), tensors
+
+
+def _period(values: np.ndarray, strides) -> np.ndarray | None:
+    """``[C, s...]``, one period of ``values [C, n...]`` that repeats with period s on every axis
+    (an axis of length 1 is constant along it); None when it does not repeat or shows less than a period."""
+    for i, s in enumerate(strides):
+        n = values.shape[1 + i]
+        if n == 1:
+            values = np.repeat(values, s, axis=1 + i)
+            continue
+        if n < s:
+            return None
+        first = np.take(values, np.arange(n) % s, axis=1 + i)
+        if not np.array_equal(values, first):
+            return None
+        values = np.take(values, np.arange(s), axis=1 + i)
+    return values
+
+
+def _plain_if_uniform(phase_bias: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(bias, phase_bias)``: a per-phase bias equal across the phases is a plain per-channel bias."""
+    first = phase_bias.reshape(phase_bias.shape[0], -1)[:, :1]
+    if np.array_equal(phase_bias.reshape(phase_bias.shape[0], -1), np.broadcast_to(first, (first.shape[0],
+                                                                                         phase_bias[0].size))):
+        return first[:, 0].copy(), None
+    return None, phase_bias

@@ -284,3 +284,38 @@ def test_qdq_masked_form_reads_back_with_int8_weights():
     assert [(s.source, s.status) for s in back.report.sites] == [("resize", "rewritten")] * len(configs)
     assert back.report.verified and _int8_weights(back.model)
     assert "Resize" not in back.report.ops_after
+
+
+@pytest.mark.parametrize("symbolic", [False, True])
+def test_per_phase_bias_add_reads_back(symbolic):
+    """A sub-pixel Conv whose bias differs across phases --to resize writes Conv + Add(periodic bias);
+    reading it back folds the Add into the per-phase bias: --to subpixel gives Conv + DepthToSpace again."""
+    rng = np.random.default_rng(8)
+    weight, bias = rng.standard_normal((12, 3, 3, 3)).astype(np.float32), rng.standard_normal(12).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "V", "B"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("DepthToSpace", ["c"], ["y"], blocksize=2, mode="CRD")]
+    graph = helper.make_graph(nodes, "sp", [helper.make_tensor_value_info("x", 1, ["N", 3, "H", "W"] if symbolic
+                                                                          else [1, 3, 5, 6])],
+                              [helper.make_tensor_value_info("y", 1, None)],
+                              [numpy_helper.from_array(weight, "V"), numpy_helper.from_array(bias, "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    shapes = {"x": (1, 3, 5, 6)}
+    masked = convert(model, to="resize", shapes=shapes)
+    assert {"Mul", "Conv", "Add"} <= {n.op_type for n in masked.model.graph.node}
+    back = convert(masked.model, to="subpixel", shapes=shapes)
+    assert [n.op_type for n in back.model.graph.node] == ["Conv", "DepthToSpace"]
+    x = rng.standard_normal((2 if symbolic else 1, 3, 5, 6)).astype(np.float32)
+    ref, got = run_model(model, {"x": x})["y"], run_model(back.model, {"x": x})["y"]
+    assert float(np.abs(got - ref).max()) <= 8 * EPS32 * math.sqrt(27) * float(np.abs(ref).max())
+
+
+def test_add_of_a_per_channel_constant_becomes_the_bias():
+    """Resize x mask -> Conv (no bias) -> Add([1, C, 1, 1]): one site with a plain bias."""
+    model = _masked_model(_phase_mask((0, 0)))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    conv.output[0] = "c"
+    model.graph.node.append(helper.make_node("Add", ["bc", "c"], ["y"]))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1, 2, 3], np.float32).reshape(1, 3, 1, 1), "bc"))
+    _round_trip(model, (1, 2, 4, 5), "resize", 18, ("convtranspose",))
+    site = find_sites(model)[0][0]
+    assert site.phase_bias is None and site.bias.tolist() == [1, 2, 3] and site.output == "y"
