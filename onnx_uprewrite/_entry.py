@@ -1,29 +1,51 @@
-"""The ``uprewrite`` console script and ``python -m onnx_uprewrite``: a light module that handles
-SIGINT and SIGTERM before the heavy imports (onnx, onnxruntime: about a second), so that an
-interruption during them ends with one line and exit 130 / 143 like any other, not a traceback."""
+"""The ``uprewrite`` console script and ``python -m onnx_uprewrite``: a light module that takes
+SIGINT and SIGTERM as its very first statement, before the heavy imports (onnx, onnxruntime: about
+a second), so that an interruption during them ends with one line and exit 130 / 143 like any other,
+not a traceback.  ``cli.main`` then hands the signals to the supervised child (isolate.supervise).
 
-import signal
+The C module ``_signal`` is already loaded when the interpreter starts; ``import signal`` would first
+build its enums (1-2 ms during which Python's default handler would print a traceback).  A signal
+that arrives before this module runs at all, while the interpreter itself starts (a few ms, more
+with .pth files in site-packages), gets Python's own behaviour: no code of ours can run yet.
+"""
+
+try:
+    import _signal as _sig
+except ImportError:  # not CPython
+    import signal as _sig
 import sys
 
-_MESSAGES = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated (SIGTERM)", 143)}
+_MESSAGES = {_sig.SIGINT: ("interrupted", 130), _sig.SIGTERM: ("terminated (SIGTERM)", 143)}
 
 
-def _stop_while_importing(signum, frame):
+def wants_json(args: list[str]) -> bool:
+    """Whether the command line asks for JSON on stdout (``--json``, or ``--report -`` of convert):
+    then every failure also prints ``{"error", "exit_code", "file", "report"}`` there."""
+    return "--json" in args or "--report=-" in args or any(
+        a == "--report" and b == "-" for a, b in zip(args, args[1:]))
+
+
+def _stop_while_starting(signum, frame):
     what, code = _MESSAGES[signum]
+    message = f"{what}; no partial output left"
     try:
-        sys.stderr.write(f"uprewrite: {what}; no partial output left\n")
+        if wants_json(sys.argv[1:]):
+            import json
+
+            sys.stdout.write(json.dumps({"error": message, "exit_code": code, "file": None, "report": None}) + "\n")
+            sys.stdout.flush()
+        sys.stderr.write(f"uprewrite: {message}\n")
         sys.stderr.flush()
-    except (OSError, ValueError):
+    except (AttributeError, OSError, ValueError):
         pass
     import os
 
-    os._exit(code)  # nothing is written yet: no temp files, no output, nothing to clean up
+    os._exit(code)  # nothing is written yet: no temp files, no output, no child, nothing to clean up
 
 
 def main() -> None:
-    previous = {s: signal.signal(s, _stop_while_importing) for s in _MESSAGES}
+    _sig.signal(_sig.SIGINT, _stop_while_starting)  # first: every moment after this is ours
+    _sig.signal(_sig.SIGTERM, _stop_while_starting)
     from .cli import main as cli_main  # the heavy imports
 
-    for s, handler in previous.items():
-        signal.signal(s, handler)
-    cli_main()
+    cli_main()  # it replaces the handlers (isolate.supervise, cli._main)

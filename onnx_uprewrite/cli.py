@@ -18,25 +18,45 @@ import click
 import numpy as np
 
 from . import api, isolate
+from ._entry import wants_json
 from .budget import parse_size
 from .errors import UprewriteError, UsageError, one_line
 from .profile import check_model, load_profile
 from .sites import infer_static_shapes
-from .report import _finite
+from .report import _finite, _jsonable
 from .verify import parse_shape_option
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_ERROR, EXIT_PARTIAL = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT / SIGTERM, as shells report them
 
 
-def _fail(exc: UprewriteError, debug: bool) -> None:
+def _fail(exc: UprewriteError, debug: bool, as_json: bool = False, file: str | None = None) -> None:
+    """One ``uprewrite: error:`` line on stderr and the error's exit status; with ``as_json`` also
+    ``{"error", "exit_code", "file", "report"}`` on stdout (the report of a failed verification, else null)."""
+    report = getattr(exc, "report", None)
+    if as_json:
+        _json_error(str(exc), exc.exit_code, file, report)
     if debug:
         raise exc
     click.echo(f"uprewrite: error: {exc}", err=True)
-    report = getattr(exc, "report", None)
-    if report is not None:
+    if report is not None and not as_json:
         click.echo(report.summary(), err=True)
     sys.exit(exc.exit_code)
+
+
+def _named_in(exc: Exception, *files) -> str | None:
+    """The file an error is about, for ``--json``: of ``files``, the one its message names first
+    (the longest at a tie: ``m.onnx.data`` over ``m.onnx``), else the first."""
+    text = str(exc)
+    named = [(text.find(str(f)), -len(str(f)), str(f)) for f in files if f is not None and str(f) in text]
+    if named:
+        return min(named)[2]
+    return next((str(f) for f in files if f is not None), None)
+
+
+def _json_error(message: str, code: int, file: str | None = None, report=None) -> None:
+    click.echo(json.dumps({"error": message, "exit_code": code, "file": file,
+                           "report": None if report is None else report.to_dict()}, indent=2, default=_jsonable))
 
 
 def _load_npz(path: str | None) -> dict[str, np.ndarray] | None:
@@ -99,16 +119,22 @@ def cli() -> None:
 @click.option("--atol", type=float, help="Absolute tolerance [default: 0].")
 @click.option("--rtol", type=float, help="Tolerance relative to max|reference| [default: 8*eps*sqrt(terms)].")
 @click.option("--no-verify", is_flag=True, help="Skip onnxruntime verification (the report says so).")
-@click.option("--report", "report_file", type=click.Path(path_type=Path), help="Write the JSON report here.")
+@click.option("--report", "report_file", type=click.Path(path_type=Path, allow_dash=True), metavar="FILE",
+              help="Also write the JSON report to FILE (also when verification fails); '-' is stdout, as --json.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the JSON report on stdout instead of the summary; a failure prints "
+                   '{"error", "exit_code", "file", "report"} there too.')
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the random verification inputs.")
 @MEMORY_BUDGET
 @TIME_BUDGET
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only (and the reason of each refused site).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def convert(model, output, to, profile, d2s_mode, provider, only, sources, inputs_file, shape, atol, rtol, no_verify, report_file, seed,
-            memory_budget, time_budget, quiet, debug):
+def convert(model, output, to, profile, d2s_mode, provider, only, sources, inputs_file, shape, atol, rtol, no_verify, report_file,
+            as_json, seed, memory_budget, time_budget, quiet, debug):
     """Rewrite every upsampling site of MODEL into the form --to, verify, save."""
+    if report_file is not None and str(report_file) == "-":
+        report_file, as_json = None, True
     progress = None if quiet else ProgressLine.for_stderr()
     try:
         if to is not None and profile is not None:
@@ -122,28 +148,46 @@ def convert(model, output, to, profile, d2s_mode, provider, only, sources, input
             shapes=parse_shape_option(shape), atol=atol, rtol=rtol, verify=not no_verify, seed=seed,
             also_writes=[report_file] if report_file is not None else [],
             memory_budget=_size(memory_budget), time_budget=time_budget,
-            progress=progress, provider=provider, profile=profile, lazy_weights=True, d2s_mode=d2s_mode,
+            progress=_saving_completes(progress), provider=provider, profile=profile, lazy_weights=True,
+            d2s_mode=d2s_mode,
         )
     except UprewriteError as exc:
         if progress is not None:
             progress.clear()
         if report_file is not None and getattr(exc, "report", None) is not None:
             _write_report(report_file, exc.report.to_json())
-        _fail(exc, debug)
+        _fail(exc, debug, as_json, _named_in(exc, model, output, report_file, inputs_file))
         return
     if progress is not None:
         progress.clear()
     report = result.report
     if report_file is not None:
         _write_report(report_file, report.to_json())
-    if not quiet:
+    if as_json:
+        click.echo(report.to_json())
+    if not (quiet or as_json):
         click.echo(report.summary())
     else:  # -q prints errors only; a refused site (exit 3) is one, with its reason
         for site in report.refused:
             click.echo(f"uprewrite: refused: {one_line(site.reason)}", err=True)
         for violation in report.profile_violations:
             click.echo(f"uprewrite: profile violation: {one_line(violation)}", err=True)
+    if isolate.held_signals():
+        click.echo("uprewrite: note: the interrupt came while the output was being saved; the run completed",
+                   err=True)
     sys.exit(EXIT_PARTIAL if report.refused or report.profile_violations else EXIT_OK)
+
+
+def _saving_completes(progress):
+    """``progress`` for api.convert that, when saving begins, defers SIGINT/SIGTERM to the end of the
+    run: the output then appears whole and the exit status says so (an interrupt after the rename
+    would claim 'no partial output left' beside a complete output)."""
+    def step(stage, done, total):
+        if stage == "saving":
+            isolate.hold_signals()
+        if progress is not None:
+            progress(stage, done, total)
+    return step
 
 
 class ProgressLine:
@@ -190,10 +234,10 @@ def inspect(model, shape, as_json, memory_budget, debug):
         info = api.inspect(model, shapes=parse_shape_option(shape), memory_budget=_size(memory_budget),
                            lazy_weights=True)
     except UprewriteError as exc:
-        _fail(exc, debug)
+        _fail(exc, debug, as_json, model)
         return
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        click.echo(info.to_json())
         return
     click.echo(inspect_table(info))
 
@@ -255,7 +299,7 @@ def verify(a, b, inputs_file, shape, atol, rtol, seed, as_json, memory_budget, t
                                  atol=atol, rtol=rtol, seed=seed, memory_budget=_size(memory_budget),
                                  time_budget=time_budget)
     except UprewriteError as exc:
-        _fail(exc, debug)
+        _fail(exc, debug, as_json, _named_in(exc, a, b, inputs_file))
         return
     ok = all(c.ok for c in checks)
     if as_json:
@@ -286,7 +330,7 @@ def check(model, profile, as_json, debug):
         loaded, label, _ = api._open(model)
         violations = check_model(loaded, prof, infer_static_shapes(loaded))
     except UprewriteError as exc:
-        _fail(exc, debug)
+        _fail(exc, debug, as_json, _named_in(exc, model, profile))
         return
     if as_json:
         click.echo(json.dumps({"model": label, "profile": prof.name, "ok": not violations,
@@ -300,48 +344,47 @@ def check(model, profile, as_json, debug):
     sys.exit(EXIT_VERIFY_FAILED if violations else EXIT_OK)
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that every ``finally`` (temp files) runs."""
-
-
-def _on_sigterm(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one-shot: a second SIGTERM must not cut the cleanup short
-    raise _Terminated()
-
-
 def main() -> None:
     """The ``uprewrite`` entry point: the command runs in a forked child (isolate.supervise), so that
     onnx or onnxruntime crashing on a malformed model still ends in one error line and exit 2."""
     if isolate.can_fork():
-        sys.exit(isolate.supervise(_main))
+        sys.exit(isolate.supervise(_main, on_error=_json_error if wants_json(sys.argv[1:]) else None))
     _main()
 
 
 def _main() -> None:
-    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        isolate.raise_on_signals()  # (already so in a supervised child) replaces _entry's exit-at-once
         isolate.warm_up()  # unsupervised: the shape-inference server imports onnx while the model loads
         cli(standalone_mode=False)
-    except _Terminated:
-        click.echo("uprewrite: terminated (SIGTERM); no partial output left", err=True)
-        sys.exit(EXIT_TERMINATED)
+    except isolate.Terminated:
+        _stop(isolate.stop_message(signal.SIGTERM), EXIT_TERMINATED)
     except click.exceptions.Abort:
-        click.echo("uprewrite: interrupted; no partial output left", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        _stop(isolate.stop_message(signal.SIGINT), EXIT_INTERRUPTED)
     except click.ClickException as exc:
+        if wants_json(sys.argv[1:]):
+            _json_error(exc.format_message(), EXIT_ERROR)
         exc.show()
         sys.exit(EXIT_ERROR)
-    except SystemExit:
+    except SystemExit:  # the command finished: a signal from now on must not change its status
+        isolate.hold_signals()
         raise
     except KeyboardInterrupt:
-        click.echo("uprewrite: interrupted; no partial output left", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    except UprewriteError as exc:  # re-raised by --debug: its traceback, then its documented exit code
+        _stop(isolate.stop_message(signal.SIGINT), EXIT_INTERRUPTED)
+    except UprewriteError as exc:  # re-raised by --debug (after its JSON): the traceback, then its exit code
         traceback.print_exc()
         click.echo(f"uprewrite: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except Exception as exc:  # a bug: still one line, never a half-written output
-        click.echo(f"uprewrite: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", err=True)
         if "--debug" in sys.argv:
+            click.echo(f"uprewrite: internal error: {type(exc).__name__}: {exc}", err=True)
             raise
-        sys.exit(EXIT_ERROR)
+        _stop(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug)", EXIT_ERROR)
+
+
+def _stop(message: str, code: int) -> None:
+    """End a run that did not finish: one line on stderr (and the JSON error object under --json)."""
+    if wants_json(sys.argv[1:]):
+        _json_error(message, code)
+    click.echo(f"uprewrite: {message}", err=True)
+    sys.exit(code)

@@ -8,6 +8,11 @@ child, so a crash becomes an :class:`NativeCrash` (exit 2, one line) instead of 
 * :func:`supervise` runs the whole CLI in a child (cli.main): a crash inside onnxruntime, anywhere,
   then still ends with ``uprewrite: error: ...`` and exit 2, and the child's temporary output
   folders (announced through :func:`announce`) are removed.
+
+Signals (SIGINT, SIGTERM): ``_entry`` takes them first (exit at once: nothing is written yet); the
+supervising parent forwards them to the child while it runs and ignores them once it is reaped; the
+child raises :class:`KeyboardInterrupt` / :class:`Terminated` once (:func:`raise_on_signals`), so
+that temp files are cleaned up, and :func:`hold_signals` defers them while the output is saved.
 """
 
 from __future__ import annotations
@@ -38,6 +43,45 @@ _NATIVE_TAIL = 4096  # bytes of the child's native stderr kept for the message
 
 class NativeCrash(InvalidModelError):
     """onnx or onnxruntime crashed (a signal) on the model: malformed in a way they do not check."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread (like KeyboardInterrupt for SIGINT) so that every
+    ``finally`` (temp files) runs."""
+
+
+#: the first SIGINT/SIGTERM raised by raise_on_signals (later ones are ignored: cleanup must finish)
+_raised: list[int] = []
+#: set when the process is leaving (the supervised child's final flush): signals then change nothing
+_leaving = False
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _raise_once(signum, frame):
+    if _raised or _leaving:
+        return
+    _raised.append(signum)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
+
+
+def raise_on_signals() -> None:
+    """SIGINT raises KeyboardInterrupt and SIGTERM :class:`Terminated`, once: a second signal (Ctrl-C
+    reaches the supervised child from the terminal and again through its parent) must not cut the
+    cleanup of the first short."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _raise_once)
+
+
+def hold_signals() -> None:
+    """Defer SIGINT and SIGTERM to the end of the process (which discards them): from here the run
+    completes, so the output appears whole and the exit status says what was written."""
+    if threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def held_signals() -> set[int]:
+    """The signals :func:`hold_signals` deferred so far."""
+    return set(signal.sigpending()) & set(STOP_SIGNALS)
 
 
 def can_fork() -> bool:
@@ -97,8 +141,10 @@ class _InferenceServer:
     def _start(self) -> subprocess.Popen:
         self.stderr = tempfile.TemporaryFile()
         script = Path(__file__).with_name("_infer_server.py")
+        # its own session: a Ctrl-C at the terminal is the client's to handle (the server ends when
+        # its stdin closes), not a crash of the server
         self.proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.stderr)
+                                     stdout=subprocess.PIPE, stderr=self.stderr, start_new_session=True)
         return self.proc
 
     def warm_up(self) -> None:
@@ -212,13 +258,17 @@ def _fd_open(fd: int) -> bool:
         return False
 
 
-def supervise(run: Callable[[], int], what: str = "onnx/onnxruntime") -> int:
+def supervise(run: Callable[[], int], what: str = "onnx/onnxruntime",
+              on_error: Callable[[str, int, str | None], None] | None = None) -> int:
     """Run ``run()`` (returning an exit status) in a forked child and return the child's status.
 
     The parent forwards SIGTERM and SIGINT to the child (which then cleans up and exits 143/130),
     collects the child's native stderr (passed through when it exits normally) and, when the
     child is killed by any other signal, prints one ``uprewrite: error:`` line, removes the
     temporary folders it announced and returns 2.  The child dies with the parent (PDEATHSIG).
+    It returns with SIGINT and SIGTERM ignored: the child's status stands, and the caller is
+    expected to exit with it (a late signal must not turn a finished run into 130 or a traceback).
+    ``on_error(message, status, file)`` is also called for the failures said here (``--json``).
     Off the main thread, or with stderr closed, ``run`` runs in this process."""
     if threading.current_thread() is not threading.main_thread() or not _fd_open(2) or sys.stderr is None:
         try:
@@ -226,12 +276,12 @@ def supervise(run: Callable[[], int], what: str = "onnx/onnxruntime") -> int:
             return result if isinstance(result, int) else 0
         except SystemExit as exc:
             return _exit_status(exc)
-    watched = (signal.SIGTERM, signal.SIGINT)
-    saved = {s: signal.getsignal(s) for s in (*watched, signal.SIGCHLD)}
+    watched = STOP_SIGNALS
+    saved_sigchld = signal.getsignal(signal.SIGCHLD)
     child: list[int] = []
     forwarded: set[int] = set()
 
-    def forward(signum, frame):
+    def forward(signum, frame):  # never raises: the parent has nothing to clean up
         if child:
             forwarded.add(signum)
             _forward(child[0], signum)
@@ -260,21 +310,28 @@ def supervise(run: Callable[[], int], what: str = "onnx/onnxruntime") -> int:
         drain_err.join()
         drain_temp.join()
     finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
+        for signum in watched:
+            signal.signal(signum, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, saved_sigchld)
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
         told = _told(drain_temp.data)
         for folder in told.get("temp", []):
             shutil.rmtree(folder, ignore_errors=True)
+        file = told["model"][-1] if "model" in told else None
         if signum in forwarded:  # killed by the signal we passed on, before it could clean up
-            _say("uprewrite: interrupted; no partial output left\n")
-            return 128 + signum
-        model = one_line(told["model"][-1]) + ": " if "model" in told else ""
-        if "stage" in told:
-            what += f" ({one_line(told['stage'][-1])})"
-        _say(f"uprewrite: error: {model}{crash_message(what, signum, drain_err.data)}; nothing was written\n")
-        return 2
+            message, code = stop_message(signum), 128 + signum
+            _say(f"uprewrite: {message}\n")
+        else:
+            if "stage" in told:
+                what += f" ({one_line(told['stage'][-1])})"
+            message = (f"{one_line(file) + ': ' if file else ''}{crash_message(what, signum, drain_err.data)}; "
+                       "nothing was written")
+            code = 2
+            _say(f"uprewrite: error: {message}\n")
+        if on_error is not None:
+            on_error(message, code, file)
+        return code
     if drain_err.data:
         _say(drain_err.data.decode("utf-8", "replace"))
     return os.waitstatus_to_exitcode(status)
@@ -288,35 +345,45 @@ def _say(text: str) -> None:
         pass
 
 
+def stop_message(signum: int) -> str:
+    what = "interrupted" if signum == signal.SIGINT else f"terminated ({signal_name(signum)})"
+    return f"{what}; no partial output left"
+
+
 def _child(run, parent_pid: int, err_r: int, err_w: int, temp_r: int, temp_w: int) -> None:
-    """The supervised child: set up, run, and leave through os._exit whatever happens (a normal
-    interpreter exit would run onnxruntime's exit handlers, copied from a multi-threaded parent)."""
-    global _SUPERVISED
+    """The supervised child: set up (SIGINT and SIGTERM still blocked, as supervise forked it), run,
+    and leave through os._exit whatever happens (a normal interpreter exit would run onnxruntime's
+    exit handlers, copied from a multi-threaded parent)."""
+    global _SUPERVISED, _leaving
     _SUPERVISED = True
     status = 1
     try:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        _once_per_sigint()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))
-        _die_with_parent(parent_pid)
-        os.close(err_r)
-        os.close(temp_r)
-        os.environ[_TEMP_FD_ENV] = str(temp_w)
-        python_err = os.dup(2)
-        os.dup2(err_w, 2)
-        os.close(err_w)
-        encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
-        sys.stderr = os.fdopen(python_err, "w", buffering=1, encoding=encoding, errors="backslashreplace")
-        result = run()
-        status = result if isinstance(result, int) else 0
-    except SystemExit as exc:
-        status = _exit_status(exc)
+        try:
+            raise_on_signals()
+            _die_with_parent(parent_pid)
+            os.close(err_r)
+            os.close(temp_r)
+            os.environ[_TEMP_FD_ENV] = str(temp_w)
+            python_err = os.dup(2)
+            os.dup2(err_w, 2)
+            os.close(err_w)
+            encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+            sys.stderr = os.fdopen(python_err, "w", buffering=1, encoding=encoding, errors="backslashreplace")
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a pending one raises here
+            result = run()
+            status = result if isinstance(result, int) else 0
+        except SystemExit as exc:
+            status = _exit_status(exc)
+    except (KeyboardInterrupt, Terminated):  # before run() could catch it, or escaping it
+        status = 128 + (_raised[0] if _raised else signal.SIGINT)
+        _say(f"uprewrite: {stop_message(status - 128)}\n")
     except BaseException:  # noqa: BLE001 - --debug re-raises: show it as the parent would
         try:
             traceback.print_exc()
         except BaseException:  # noqa: BLE001 - nowhere to print
             pass
     finally:
+        _leaving = True  # first: a signal handled from here on changes nothing
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -342,17 +409,6 @@ def _forward(pid: int, signum: int) -> None:
         os.kill(pid, signum)
     except ProcessLookupError:
         pass
-
-
-def _once_per_sigint() -> None:
-    """In the child: the first SIGINT raises KeyboardInterrupt, later ones (Ctrl-C reaches the child
-    from the terminal and again forwarded by the parent) are ignored so that cleanup completes."""
-
-    def handler(signum, frame):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, handler)
 
 
 def _exit_status(exc: SystemExit) -> int:

@@ -202,3 +202,42 @@ def test_a_resize_roi_of_2_rank_values_is_not_taken_for_scales():
     result = api.convert(graph_model(nodes, inits=inits), to="convtranspose")
     assert result.report.verification == "passed"
     assert [s.status for s in result.report.sites] == ["rewritten"]
+
+
+def _supervise_script(tmp_path, body: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "supervised.py"
+    script.write_text("import os, signal, sys, time\nfrom onnx_uprewrite import isolate\n" + body)
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_interrupt_that_escapes_the_supervised_run_is_one_line_and_130(tmp_path):
+    """A KeyboardInterrupt raised where the command cannot catch it (before its try, or out of an
+    except clause) still ends in one line and 130, not a traceback and exit 1."""
+    result = _supervise_script(tmp_path, "def run():\n    raise KeyboardInterrupt\nsys.exit(isolate.supervise(run))\n")
+    assert result.returncode == 130, result.stderr
+    assert result.stderr == "uprewrite: interrupted; no partial output left\n"
+
+
+def test_signal_pending_when_the_child_starts_is_one_line_and_130(tmp_path):
+    """The parent blocks SIGINT across the fork; one that arrives then is forwarded, and the child
+    raises it once it has set up, before ``run``: one line, 130."""
+    result = _supervise_script(tmp_path, (
+        "def run():\n    time.sleep(30)\n"
+        "real_fork = os.fork\n"
+        "def fork():\n"
+        "    pid = real_fork()\n"
+        "    if pid:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)  # blocked here: forwarded once the parent unblocks\n"
+        "    return pid\n"
+        "os.fork = fork\n"
+        "sys.exit(isolate.supervise(run))\n"))
+    assert result.returncode == 130, result.stderr
+    assert result.stderr == "uprewrite: interrupted; no partial output left\n"
+
+
+def test_signal_after_the_child_finished_does_not_change_the_status(tmp_path):
+    result = _supervise_script(tmp_path, (
+        "status = isolate.supervise(lambda: 3)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\nos.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.05)\nsys.exit(status)\n"))
+    assert (result.returncode, result.stderr) == (3, "")
