@@ -1,4 +1,19 @@
-"""onnx-uprewrite: exact, verified rewrites between the equivalent forms of ONNX upsampling layers."""
+"""onnx-uprewrite: exact, verified rewrites between the equivalent forms of ONNX upsampling layers.
+
+Three calls, each taking a path, an ``onnx.ModelProto`` or an ``onnx_graphsurgeon.Graph``:
+
+    import onnx_uprewrite as up
+
+    result = up.convert("model.onnx", to="subpixel", output="model.subpixel.onnx")
+    result.report.verification          # 'passed'; result.model is the rewritten ModelProto
+    result.to_json()                    # the report; result.graph() gives an onnx_graphsurgeon Graph
+
+    info = up.inspect("model.onnx")     # Inspection: info.sites, each with exact forms and MACs
+    same = up.verify("a.onnx", "b.onnx")  # Comparison: same.equivalent, same.outputs, same.tolerance
+
+Errors are typed (``up.UsageError``, ``up.InvalidModelError``, ``up.VerificationFailed``, ...), each
+with the CLI's exit code in ``exit_code``.
+"""
 
 __version__ = "0.1.0"
 
@@ -42,6 +57,7 @@ _attach_source_passes()
 # onnx and onnxruntime are imported.
 _LAZY = {
     "convert": "api", "inspect": "api", "verify": "api", "ConvertResult": "api",
+    "Inspection": "report", "Comparison": "report", "Report": "report", "SiteResult": "report",
     "UprewriteError": "errors", "UsageError": "errors", "InvalidModelError": "errors",
     "VerificationFailed": "errors", "VerificationImpossible": "errors", "ResourceLimit": "errors",
 }

@@ -6,6 +6,7 @@ The library never prints, exits or imports click; failures are typed errors (err
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -24,9 +25,10 @@ from .budget import time_budget as budget_time
 from .fastest import KEEP, original_emission
 from .fastest import pick as pick_fastest
 from .profile import Profile, alias_through, check_model, load_profile, model_constants, node_problems
-from .errors import ResourceLimit, UprewriteError, UsageError, VerificationFailed, VerificationImpossible, one_line
+from .errors import (InvalidModelError, ResourceLimit, UprewriteError, UsageError, VerificationFailed,
+                     VerificationImpossible, one_line)
 from .model_io import check_data_file, has_external_data, load_model, output_files, save_model, validate_model
-from .report import Report, SiteResult
+from .report import Comparison, Inspection, Report, SiteResult
 from .site_check import compare_site, magnitude_emission, outer_inputs, output_quantization, sites_model
 from .sites import GraphIndex, Refusal, Site, infer_static_shapes, priced
 from .weights import axis_limit_problem
@@ -34,7 +36,7 @@ from .surgery import Builder, Namer, drop_unused, op_census, splice
 from .verify import (
     CHOSEN_SIZES, ShapeChoice, _first_line, check_shape_names, compare, derive_tolerance, feed_inputs, input_shapes,
     make_inputs, nonfinite_problem, normalize_shapes, run_original, run_rewritten, run_with_taps, session,
-    shape_candidates,
+    shape_candidates, symbolic_dims_text,
 )
 
 FORMS = ("subpixel", "resize", "convtranspose")
@@ -46,13 +48,49 @@ SOURCES = ("convtranspose", "resize", "repeat", "subpixel", "zeroinsert")
 
 @dataclass
 class ConvertResult:
+    """What ``convert`` returns: the rewritten model, the report of the run, and the file written
+    (None unless ``output=`` was given)."""
+
     model: onnx.ModelProto
     report: Report
     output: Path | None = None
 
+    def to_dict(self) -> dict:
+        """The report as JSON-ready data (the model itself is not included), with the output path."""
+        return {**self.report.to_dict(), "output": None if self.output is None else str(self.output)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def graph(self):
+        """The rewritten model as an ``onnx_graphsurgeon.Graph`` (for gs pipelines)."""
+        import onnx_graphsurgeon as gs
+
+        return gs.import_onnx(self.model)
+
+
+def _is_gs_graph(model) -> bool:
+    """An onnx_graphsurgeon Graph, recognised without importing onnx_graphsurgeon."""
+    return type(model).__name__ == "Graph" and type(model).__module__.startswith("onnx_graphsurgeon")
+
+
+def _from_gs_graph(graph) -> onnx.ModelProto:
+    import onnx_graphsurgeon as gs
+
+    try:
+        return gs.export_onnx(graph, do_type_check=False)
+    except Exception as exc:
+        raise InvalidModelError(f"onnx_graphsurgeon cannot export the graph: {one_line(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
 
 def _open(model, label: str | None = None, lazy: bool = False) -> tuple[onnx.ModelProto, str, tuple[Path, bool] | None]:
-    """(model, label, (path, external data files) or None for an in-memory model)."""
+    """(model, label, (path, external data files) or None for an in-memory model).  ``model``: a path,
+    an ``onnx.ModelProto`` or an ``onnx_graphsurgeon.Graph``."""
+    if _is_gs_graph(model):
+        model = _from_gs_graph(model)
+    if not isinstance(model, (onnx.ModelProto, str, os.PathLike)):
+        raise UsageError(f"model: expected a path, an onnx.ModelProto or an onnx_graphsurgeon.Graph, got "
+                         f"{type(model).__name__}")
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)  # never mutate the caller's model
@@ -339,7 +377,17 @@ def convert(
     lazy_weights: bool = False,
     d2s_mode: str = "auto",
 ) -> ConvertResult:
-    """Rewrite every upsampling site of ``model`` (path or ModelProto) into form ``to``.
+    """Rewrite every upsampling site of ``model`` (a path, an ``onnx.ModelProto`` or an
+    ``onnx_graphsurgeon.Graph``) into form ``to``; returns a ``ConvertResult`` (``.model``, ``.report``,
+    ``.output``, ``.to_json()``, ``.graph()`` for onnx-graphsurgeon).
+
+    >>> result = convert("models/dcgan_stack.onnx", to="convtranspose")
+    >>> result.report.verification, len(result.report.rewritten)
+    ('passed', 0)
+
+    ``shapes`` maps input names to sizes, as tuples or as ``--shape`` strings (``"1x3x64x64"``,
+    ``"1,3,64,64"``, ``"[1,3,64,64]"``); symbolic dims it does not cover get sizes chosen for the
+    reference run (report.chosen_shapes).
 
     Verifies in onnxruntime unless ``verify=False`` and writes ``output`` only when given and
     verification passed.  ``only`` restricts to sites by node name, ``sources`` to sites by
@@ -848,11 +896,18 @@ def _measure(model, inputs, shapes, seed, required: bool, budget: int | None = N
             chosen = {k: tuple(v) for k, v in attempt.items() if k not in (shapes or {})}
             choice = ShapeChoice(chosen, symbols, tuple(tried))
         return feeds, reference, captured, choice
-    message = (f"symbolic dims {', '.join(symbols)} of the inputs: onnxruntime runs the original model at none of "
-               f"the sizes tried ({'; '.join(tried)}); pass --shape NAME=DIMS")
+    message = (f"{symbolic_dims_text(model, shapes, inputs)} symbolic: onnxruntime runs the original model at none "
+               f"of the sizes tried ({'; '.join(tried)}); pass --shape NAME=DIMS, e.g. --shape "
+               f"{_example_shape(model, shapes, inputs)}")
     if required:
         raise VerificationImpossible(message)
     return None, None, {}, None
+
+
+def _example_shape(model, shapes, inputs) -> str:
+    vi = next(vi for vi in feed_inputs(model) if vi.name not in (shapes or {}) and vi.name not in (inputs or {}))
+    return f"{vi.name}=" + "x".join(str(d.dim_value) if d.HasField("dim_value") else f"<{d.dim_param or '?'}>"
+                                    for d in vi.type.tensor_type.shape.dim)
 
 
 def _shape_text(attempt, shapes, inputs) -> str:
@@ -1059,9 +1114,15 @@ def _downstream_noise(model, feeds, result, noise_sites) -> dict[str, float]:
 
 
 @guard_memory
-def inspect(model, shapes: dict | None = None, memory_budget: int | None = None, lazy_weights: bool = False) -> dict:
+def inspect(model, shapes: dict | None = None, memory_budget: int | None = None,
+            lazy_weights: bool = False) -> Inspection:
     """Every site with its canonical parameters and MACs, and every refusal with its reason
-    (``lazy_weights``: read only the sites' weights from external data, as convert can)."""
+    (``lazy_weights``: read only the sites' weights from external data, as convert can).
+
+    >>> info = inspect("models/dcgan_stack.onnx")
+    >>> [(s["node"], s["exact_forms"]) for s in info.sites][:1]
+    [('deconv0', ['convtranspose', 'resize', 'subpixel'])]
+    """
     model, label, _ = _open(model, lazy=lazy_weights)
     budget = default_memory_budget() if memory_budget is None else int(memory_budget)
     shapes = normalize_shapes(shapes)
@@ -1074,11 +1135,11 @@ def inspect(model, shapes: dict | None = None, memory_budget: int | None = None,
             shapes = {**(shapes or {}), **choice.shapes}
     sites, refusals = find_sites(model, shapes, measured)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    return {
-        "model": label,
-        "chosen_shapes": None if choice is None else {k: list(v) for k, v in choice.shapes.items()},
-        "shape_choice": None if choice is None else choice.reason,
-        "sites": [
+    return Inspection(
+        model=label,
+        chosen_shapes=None if choice is None else {k: list(v) for k, v in choice.shapes.items()},
+        shape_choice=None if choice is None else choice.reason,
+        sites=[
             {"node": s.node, "source": s.source, "params": s.params(),
              "input_lengths": list(s.input_lengths),
              "output_lengths": [None if n is None else a.output_length(n) for a, n in zip(s.axes, s.input_lengths)],
@@ -1096,7 +1157,7 @@ def inspect(model, shapes: dict | None = None, memory_budget: int | None = None,
              "refused": r.reason, "notes": []}
             for r in refusals
         ],
-    }
+    )
 
 
 def checkerboard(site: Site) -> dict:
@@ -1131,7 +1192,12 @@ def exact_forms(site: Site, opset: int, budget: int | None = None) -> dict[str, 
 @guard_memory
 def verify(a, b, inputs=None, shapes=None, atol: float | None = None, rtol: float | None = None, seed: int = 0,
            memory_budget: int | None = None, time_budget: float | None = None):
-    """Compare two models in onnxruntime on the same inputs; returns the per-output checks."""
+    """Compare two models in onnxruntime on the same inputs: a ``Comparison`` (``.equivalent``,
+    ``.outputs``, ``.tolerance``; ``checks, tol = verify(a, b)`` unpacks as before).
+
+    >>> verify("models/dcgan_stack.onnx", "models/dcgan_stack.subpixel.onnx").equivalent
+    True
+    """
     _check_numbers(atol, rtol, seed)
     ma, la, _ = _open(a)
     mb, lb, _ = _open(b)
@@ -1152,7 +1218,7 @@ def verify(a, b, inputs=None, shapes=None, atol: float | None = None, rtol: floa
                                          f"{la})") from None
     dtype = next((r.dtype for r in ref.values() if np.issubdtype(r.dtype, np.floating)), np.float32)
     tol = derive_tolerance(dtype, 1 << 12, atol, rtol)
-    return compare(ref, res, tol), tol
+    return Comparison(la, lb, compare(ref, res, tol), tol)
 
 
 def _check_numbers(atol, rtol, seed) -> None:

@@ -7,7 +7,49 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from .errors import one_line
-from .verify import OutputCheck
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+    derivation: str
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    name: str
+    shape: tuple[int, ...]
+    max_abs_error: float
+    max_abs_reference: float
+    tolerance: float
+    rewritten_shape: tuple[int, ...] | None = None  # set when the shapes differ
+    #: positions where the original is inf/NaN and the rewritten model gives something else: not
+    #: counted in max_abs_error; such outputs cannot be compared (nonfinite_problem)
+    nonfinite_mismatches: int = 0
+
+    def describe(self) -> str:
+        if self.rewritten_shape is not None or math.isinf(self.max_abs_error) and self.tolerance == 0:
+            got = "missing" if self.rewritten_shape is None else list(self.rewritten_shape)
+            return f"output '{self.name}' has shape {got}, the original {list(self.shape)}"
+        return f"output '{self.name}' max abs error {self.max_abs_error:.3g} > tolerance {self.tolerance:.3g}"
+
+    @property
+    def ratio(self) -> float:
+        if self.tolerance > 0:
+            return self.max_abs_error / self.tolerance
+        return 0.0 if self.max_abs_error == 0 else math.inf
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_error <= self.tolerance and not self.nonfinite_mismatches
+
+    def to_dict(self) -> dict:
+        """JSON-ready (an infinite error, a shape mismatch, is null)."""
+        return {"name": self.name, "shape": list(self.shape), "max_abs_error": _finite(self.max_abs_error),
+                "max_abs_reference": self.max_abs_reference, "tolerance": self.tolerance,
+                "ratio": _finite(self.ratio), "ok": self.ok,
+                "rewritten_shape": None if self.rewritten_shape is None else list(self.rewritten_shape)}
 
 
 @dataclass
@@ -29,6 +71,16 @@ class SiteResult:
     tolerance: str | None = None
     timings_ms: dict | None = None  # --to fastest: median ms of each candidate form alone ("original" included)
     chosen: str | None = None  # --to fastest: the key of timings_ms that was kept (a form, or form/layout)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for key in ("max_abs_error", "max_rel_error", "ratio"):
+            if d[key] is not None:
+                d[key] = _finite(d[key])
+        return json.loads(json.dumps(d, default=_jsonable))  # numpy scalars in params become plain numbers
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
 
 
 @dataclass
@@ -70,16 +122,8 @@ class Report:
     def to_dict(self) -> dict:
         d = asdict(self)
         for key in ("outputs", "outputs_second_size"):
-            d[key] = [
-                {"name": o.name, "shape": list(o.shape), "max_abs_error": _finite(o.max_abs_error),
-                 "max_abs_reference": o.max_abs_reference, "tolerance": o.tolerance, "ratio": _finite(o.ratio),
-                 "ok": o.ok, "rewritten_shape": None if o.rewritten_shape is None else list(o.rewritten_shape)}
-                for o in getattr(self, key)
-            ]
-        for site in d["sites"]:
-            for key in ("max_abs_error", "max_rel_error", "ratio"):
-                if site[key] is not None:
-                    site[key] = _finite(site[key])
+            d[key] = [o.to_dict() for o in getattr(self, key)]
+        d["sites"] = [s.to_dict() for s in self.sites]
         d["summary"] = {"sites": len(self.sites), "rewritten": len(self.rewritten), "refused": len(self.refused)}
         return d
 
@@ -161,3 +205,56 @@ def _jsonable(value):
     if isinstance(value, float) and value != value:
         return None
     return str(value)
+
+
+@dataclass
+class Comparison:
+    """The result of ``verify(a, b)``: each output compared, under ``tolerance``.
+
+    ``checks, tol = comparison`` still unpacks (the tuple that ``verify`` returned before)."""
+
+    a: str
+    b: str
+    outputs: list[OutputCheck]
+    tolerance: Tolerance
+
+    @property
+    def equivalent(self) -> bool:
+        return bool(self.outputs) and all(o.ok for o in self.outputs)
+
+    def __iter__(self):
+        return iter((self.outputs, self.tolerance))
+
+    def to_dict(self) -> dict:
+        return {"a": self.a, "b": self.b, "equivalent": self.equivalent,
+                "tolerance": {"atol": self.tolerance.atol, "rtol": self.tolerance.rtol,
+                              "derivation": self.tolerance.derivation},
+                "outputs": [o.to_dict() for o in self.outputs]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclass
+class Inspection:
+    """The result of ``inspect(model)``: each site (canonical parameters, exact forms, MACs, or the
+    reason it is refused), and the input sizes chosen for symbolic dims.
+
+    ``inspection["sites"]`` still works (``inspect`` returned this dict before)."""
+
+    model: str
+    sites: list[dict]
+    chosen_shapes: dict[str, list[int]] | None = None
+    shape_choice: str | None = None
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self), default=_jsonable))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __getitem__(self, key: str):
+        return self.to_dict()[key] if key != "sites" else self.sites
+
+    def get(self, key: str, default=None):
+        return getattr(self, key, default)

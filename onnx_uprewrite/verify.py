@@ -23,45 +23,10 @@ from onnx import helper, numpy_helper
 from .budget import onnxruntime_allocations, run_session, tensor_bytes
 from .errors import UprewriteError, UsageError, VerificationImpossible
 from .model_io import NUMPY_RAW, external_ref, is_lazy, shell, tensor_memmap, tensor_raw
+from .report import OutputCheck, Tolerance
 from .surgery import used_names
 
 ort.set_default_logger_severity(4)  # onnxruntime's own error lines would bypass our one-line messages
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    atol: float
-    rtol: float
-    derivation: str
-
-
-@dataclass(frozen=True)
-class OutputCheck:
-    name: str
-    shape: tuple[int, ...]
-    max_abs_error: float
-    max_abs_reference: float
-    tolerance: float
-    rewritten_shape: tuple[int, ...] | None = None  # set when the shapes differ
-    #: positions where the original is inf/NaN and the rewritten model gives something else: not
-    #: counted in max_abs_error; such outputs cannot be compared (nonfinite_problem)
-    nonfinite_mismatches: int = 0
-
-    def describe(self) -> str:
-        if self.rewritten_shape is not None or math.isinf(self.max_abs_error) and self.tolerance == 0:
-            got = "missing" if self.rewritten_shape is None else list(self.rewritten_shape)
-            return f"output '{self.name}' has shape {got}, the original {list(self.shape)}"
-        return f"output '{self.name}' max abs error {self.max_abs_error:.3g} > tolerance {self.tolerance:.3g}"
-
-    @property
-    def ratio(self) -> float:
-        if self.tolerance > 0:
-            return self.max_abs_error / self.tolerance
-        return 0.0 if self.max_abs_error == 0 else math.inf
-
-    @property
-    def ok(self) -> bool:
-        return self.max_abs_error <= self.tolerance and not self.nonfinite_mismatches
 
 
 def nonfinite_problem(checks: list[OutputCheck]) -> str | None:
@@ -309,6 +274,19 @@ def shape_candidates(
         chosen = {name: tuple(values[d] if isinstance(d, str) else d for d in dims) for name, dims in layouts.items()}
         candidates.append({**shapes, **chosen})
     return candidates, tuple(roles)
+
+
+def symbolic_dims_text(model: onnx.ModelProto, shapes: dict | None = None, given: dict | None = None) -> str:
+    """``input 'x' dims 0 ('N'), 2 ('height')``: the symbolic dims no ``shapes`` / ``given`` covers."""
+    parts = []
+    for vi in feed_inputs(model):
+        if vi.name in (shapes or {}) or vi.name in (given or {}):
+            continue
+        dims = [f"{i} ('{d.dim_param}')" if d.dim_param else str(i)
+                for i, d in enumerate(vi.type.tensor_type.shape.dim) if not d.HasField("dim_value")]
+        if dims:
+            parts.append(f"input '{vi.name}' dim{'s' if len(dims) > 1 else ''} {', '.join(dims)}")
+    return "; ".join(parts)
 
 
 def check_shape_names(model: onnx.ModelProto, shapes: dict | None) -> None:

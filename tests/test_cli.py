@@ -266,9 +266,12 @@ def test_unknown_only_name_exits_2(tmp_path, model_file):
     assert_refused(tmp_path, ["convert", src, "--only", "nope"], 2, "--only", "'nope'", "up")
 
 
-def test_symbolic_input_dims_without_shape_exits_2(tmp_path, model_file, ct_model):
-    src = model_file(ct_model(input_dims=["N", 3, 5, 6]))
-    assert_refused(tmp_path, ["convert", src], 2, "input 'x'", "dimension 0", "'N'", "--shape x=")
+def test_symbolic_input_dims_no_chosen_size_runs_exits_2(tmp_path, model_file, ct_model):
+    """A symbolic channel dim: no tried size fits the weights; the message names the input, the dims and
+    the sizes tried (a symbolic batch alone is chosen and converts: test_shape_choice.py)."""
+    src = model_file(ct_model(input_dims=["N", "C", 5, 6]))
+    assert_refused(tmp_path, ["convert", src], 2, "input 'x'", "dims 0 ('N'), 1 ('C')", "x=1x64x5x6",
+                   "--shape x=")
 
 
 @pytest.mark.parametrize("value", ["1x3x5x6", "x=", "x=1xAx5x6", "x=1x-3x5x6", "=1x3"])
@@ -315,7 +318,7 @@ def test_unknown_target_form_is_a_click_usage_error(tmp_path, model_file):
 @pytest.mark.parametrize("case", ["symbolic_dim", "unknown_shape_name", "ort_cannot_run"])
 def test_input_and_runtime_errors_name_the_model(tmp_path, model_file, case, ct_model):
     if case == "symbolic_dim":
-        src, extra = model_file(ct_model(input_dims=["N", 3, 5, 6])), []
+        src, extra = model_file(ct_model(input_dims=["N", "C", 5, 6])), []
     elif case == "unknown_shape_name":
         src, extra = model_file(), ["--shape", "foo=1x3x5x6"]
     else:
@@ -398,7 +401,7 @@ def test_module_errors_have_no_traceback(tmp_path, case, ct_model):
         "garbage": None,
         "missing_arg": ct_model(),
         "dynamic_weight": two_site_model(dynamic_second=True),
-        "symbolic": ct_model(input_dims=["N", 3, 5, 6]),
+        "symbolic": ct_model(input_dims=["N", "C", 5, 6]),
     }[name]
     path = tmp_path / "model.onnx"
     path.write_bytes(b"\x00\xff garbage" * 10 if model is None else model.SerializeToString())
