@@ -19,6 +19,7 @@ import onnxruntime
 from onnx import numpy_helper
 
 from . import __version__, isolate
+from .addend import emit as emit_with_addend
 from .passes import EMITTERS, PARSERS
 from .budget import check_memory, default_memory_budget, guard_memory, weights_over_budget
 from .budget import time_budget as budget_time
@@ -43,7 +44,7 @@ FORMS = ("subpixel", "resize", "convtranspose")
 #: what --to accepts: a form, or "fastest" (per site, the fastest exact form measured in onnxruntime)
 TARGETS = FORMS + ("fastest",)
 #: source forms a site can come from (``--from``): the target forms plus Keras-style repeats
-SOURCES = ("convtranspose", "resize", "repeat", "subpixel", "zeroinsert")
+SOURCES = ("convtranspose", "resize", "repeat", "subpixel", "zeroinsert", "concat")
 
 
 @dataclass
@@ -721,6 +722,8 @@ def emit_site(site: Site, emitter, b: Builder, opset: int, budget: int | None = 
     """Emit ``site`` with ``emitter`` into ``b``, with its input layout, edge padding and re-quantization;
     returns the description of the form.  ValueError says why the form is not possible (including
     weights too big for the memory ``budget``, checked before any is computed)."""
+    if site.addend is not None:  # a split Conv: the upsampled part in this form, plus the rest (addend.py)
+        return emit_with_addend(site, lambda part: emit_site(part, emitter, b, opset, budget), b, opset)
     too_big = weights_over_budget(emitter.weight_count(site), budget)
     if too_big:
         raise ValueError(f"the {emitter.FORM} form {too_big}")

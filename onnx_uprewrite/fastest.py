@@ -46,12 +46,13 @@ def original_emission(model: onnx.ModelProto, site: Site) -> Emission:
     order = {id(n): i for i, n in enumerate(model.graph.node)}
     chosen = {id(n): n for n in model.graph.node if n.output and n.output[0] in site.replaced_outputs}
     initializers = {t.name for t in model.graph.initializer}
+    inputs = {site.input, *(site.addend.inputs if site.addend is not None else ())}  # the site reads these
     pending = True
     while pending:
         pending = False
         for name in outer_inputs(Emission(nodes=list(chosen.values()))):
             node = producer.get(name)
-            if name != site.input and name not in initializers and node is not None and id(node) not in chosen:
+            if name not in inputs and name not in initializers and node is not None and id(node) not in chosen:
                 chosen[id(node)] = node
                 pending = True
     return Emission(nodes=sorted(chosen.values(), key=lambda n: order[id(n)]))

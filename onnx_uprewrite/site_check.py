@@ -90,6 +90,7 @@ def magnitude_emission(site: Site, namer: Namer, opset: int) -> tuple[Emission, 
         site, input=abs_x, output=output, magnitude_weight=None, bias=None, phase_bias=None,
         weight=np.abs(site.weight if site.magnitude_weight is None else site.magnitude_weight).astype(site.weight.dtype),
         weight_quant=None, bias_quant=None, output_quant=None, requantize=None,
+        addend=site.addend.magnitude() if site.addend is not None else None,
     )
     from .api import emit_site
 

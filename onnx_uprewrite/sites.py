@@ -17,6 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import isolate
+from .addend import Addend
 from .errors import one_line
 from .isolate import NativeCrash
 from .model_io import tensor_array
@@ -65,6 +66,9 @@ class Site:
     # spatial input lengths at the reference size where ``input_lengths`` are symbolic: MAC counts and
     # layout choices use them (priced()), emitted graphs never do (they stay valid at every size)
     nominal_lengths: tuple[int | None, ...] | None = None
+    # a Conv split by input channels (Resize -> Concat -> Conv): the part over the other Concat inputs,
+    # emitted beside the site and added into its output (addend.py); the site is the upsampled part
+    addend: Addend | None = None
 
     @property
     def rank(self) -> int:
@@ -82,7 +86,7 @@ class Site:
     def terms_per_output(self) -> int:
         """Products summed per output value, the size that float rounding grows with."""
         taps = int(np.prod([a.kernel for a in self.axes]))  # upper bound: every tap overlaps
-        return max(1, (self.in_channels // self.group) * taps)
+        return max(1, (self.in_channels // self.group) * taps) + (self.addend.terms if self.addend else 0)
 
     def params(self) -> dict:
         return {
