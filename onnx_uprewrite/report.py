@@ -83,6 +83,11 @@ class SiteResult:
         return json.dumps(self.to_dict(), indent=2)
 
 
+#: ``schema_version`` of Report.to_dict (README, "Report schema"): bumped when a field is removed or
+#: changes meaning or type; new fields may appear without a bump
+SCHEMA_VERSION = 1
+
+
 @dataclass
 class Report:
     model: str
@@ -120,12 +125,13 @@ class Report:
         return max((o.ratio for o in self.outputs + self.outputs_second_size), default=None)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        """JSON-ready: ``json.dumps`` takes it as is (numpy numbers become plain ones)."""
+        d = {"schema_version": SCHEMA_VERSION, **asdict(self)}
         for key in ("outputs", "outputs_second_size"):
             d[key] = [o.to_dict() for o in getattr(self, key)]
         d["sites"] = [s.to_dict() for s in self.sites]
         d["summary"] = {"sites": len(self.sites), "rewritten": len(self.rewritten), "refused": len(self.refused)}
-        return d
+        return json.loads(json.dumps(d, default=_jsonable))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=_jsonable)
