@@ -636,6 +636,7 @@ class _FolderLock:
             except OSError as exc:
                 if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
                     raise
+                self.path.unlink(missing_ok=True)
                 return self  # a file system without locks (some network mounts): atomic, not serialized
             finally:
                 if fd is not None:

@@ -350,6 +350,19 @@ def test_file_size_limit(tmp_path, ct_model):
 # ----------------------------------------------------------------------------- concurrent writers
 
 
+def test_file_system_without_locks_still_saves_atomically(tmp_path, monkeypatch):
+    """flock failing with ENOLCK (some network mounts): the save goes on unserialized, no lock file."""
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(model_io.fcntl, "flock", no_locks)
+    out = tmp_path / "out.onnx"
+    for model in (OLD, NEW):
+        save_model(model, out, external=True)
+    assert pair_state(out, [NEW]) == 0 and leftovers(out) == set()
+
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_concurrent_writers_end_with_one_complete_pair(tmp_path):
     """Two processes save to one path over and over while this one reads it: every read is a whole
