@@ -330,16 +330,26 @@ def torch_dynamic_models() -> None:
             x = F.silu(self.c2(F.interpolate(x, scale_factor=2.0, mode="nearest")))
             return self.c3(F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False))
 
+    class HeadStep(nn.Module):
+        """torchvision-head style: upsample to another tensor's size (F.interpolate(size=skip.shape[2:]),
+        x2 here), then a Conv; the skip is added after."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(16, 8, 3, padding=1)
+
+        def forward(self, x, skip):
+            return self.conv(F.interpolate(x, size=skip.shape[2:], mode="nearest")) + skip
+
     class UNetStep(nn.Module):
-        """smp-style: upsample to the skip's size (F.interpolate(size=skip.shape[2:])), concat, conv."""
+        """smp-style: upsample to the skip's size, concat, conv (the Resize -> Concat -> Conv idiom)."""
 
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(24, 8, 3, padding=1)
-            self.up = nn.ConvTranspose2d(16, 16, 2, 2)
 
         def forward(self, x, skip):
-            x = F.interpolate(self.up(x), size=skip.shape[2:], mode="nearest")
+            x = F.interpolate(x, size=skip.shape[2:], mode="nearest")
             return self.conv(torch.cat([x, skip], dim=1))
 
     class Vocoder(nn.Module):
@@ -371,8 +381,11 @@ def torch_dynamic_models() -> None:
     attempt("dyn_bt_vocoder_op17", lambda: export(
         "dyn_bt_vocoder_op17", seeded(36, Vocoder), [(1, 20, 16)], 17, 36, [{0: "batch", 2: "frames"}],
         input_names=["mel"]))
+    attempt("static_head_interpolate_size_op17", lambda: export(
+        "static_head_interpolate_size_op17", seeded(37, HeadStep), [(1, 16, 8, 8), (1, 8, 16, 16)], 17, 37,
+        [{}, {}], input_names=["x", "skip"]))
     attempt("static_unet_interpolate_size_op17", lambda: export(
-        "static_unet_interpolate_size_op17", seeded(37, UNetStep), [(1, 16, 8, 8), (1, 8, 16, 16)], 17, 37,
+        "static_unet_interpolate_size_op17", seeded(41, UNetStep), [(1, 16, 8, 8), (1, 8, 16, 16)], 17, 41,
         [{}, {}], input_names=["x", "skip"]))
     attempt("dyn_bhw_decoder_dynamo_op18", lambda: export(
         "dyn_bhw_decoder_dynamo_op18", seeded(38, Decoder), [(2, 16, 8, 8)], 18, 38, bhw, dynamo=True))
