@@ -578,3 +578,131 @@ def test_quiet_still_prints_the_reason_of_each_refused_site(tmp_path):
                     "-o", tmp_path / "o.onnx", "--profile", "tidl", "-q")
     assert result.exit_code == 3
     assert "uprewrite: refused: convtranspose 'deconv': no exact form that tidl runs" in result.output
+
+
+# ----------------------------------------------------------------------------- machine output (--json)
+
+
+def _schema_tables() -> dict[str, dict[str, str]]:
+    """README's "Report schema" tables, in order: the report, a site, an output, the error object;
+    each {field: type}."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n### Report schema\n", 1)[1].split("\n## ", 1)[0]
+    tables, rows = [], None
+    for line in section.splitlines():
+        if line.startswith("| field |"):
+            rows = {}
+            tables.append(rows)
+        elif line.startswith("| `") and rows is not None:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0].strip("`")] = cells[1]
+    assert len(tables) == 4, "README 'Report schema': expected the report, site, output and error tables"
+    return dict(zip(["report", "site", "output", "error"], tables))
+
+
+def _conforms(value, types: str, tables, where: str) -> None:
+    """``value`` has one of ``types`` ("string or null", "array of site", ...), recursively."""
+    failures = []
+    for t in types.split(" or "):
+        try:
+            if _is_type(value, t.strip(), tables, where):
+                return
+        except AssertionError as exc:
+            failures.append(str(exc))
+    raise AssertionError(f"{where}: {value!r:.200} is not {types}" + "".join(f"; {f}" for f in failures))
+
+
+def _is_type(value, t: str, tables, where: str) -> bool:
+    if t == "null":
+        return value is None
+    if t in ("integer", "number"):
+        kinds = int if t == "integer" else (int, float)
+        return isinstance(value, kinds) and not isinstance(value, bool)
+    if t in ("string", "boolean", "object"):
+        return isinstance(value, {"string": str, "boolean": bool, "object": dict}[t])
+    if t.startswith("array of "):
+        if not isinstance(value, list):
+            return False
+        for i, item in enumerate(value):
+            _conforms(item, t[len("array of "):], tables, f"{where}[{i}]")
+        return True
+    assert t in tables, f"README 'Report schema': unknown type {t!r}"
+    _conforms_to_table(value, tables[t], tables, where)
+    return True
+
+
+def _conforms_to_table(value, table: dict[str, str], tables, where: str) -> None:
+    assert isinstance(value, dict), f"{where}: not an object"
+    undocumented, missing = set(value) - set(table), set(table) - set(value)
+    assert not undocumented, f"{where}: fields {sorted(undocumented)} are not in README 'Report schema'"
+    assert not missing, f"{where}: documented fields {sorted(missing)} are missing"
+    for key, types in table.items():
+        _conforms(value[key], types, tables, f"{where}.{key}")
+
+
+def test_convert_json_validates_against_the_documented_schema(tmp_path, model_file):
+    """Two runs fill every kind of field: --to fastest with a refused site (timings_ms, reasons,
+    exit 3), and symbolic dims (chosen_shapes, second_size)."""
+    tables = _schema_tables()
+    result = invoke("convert", model_file(two_site_model(dynamic_second=True)), "-o", tmp_path / "a.onnx",
+                    "--to", "fastest", "--json")
+    assert_clean_exit(result, 3)
+    report = json.loads(result.stdout)  # the whole of stdout: nothing else is printed there
+    _conforms_to_table(report, tables["report"], tables, "report")
+    assert report["schema_version"] == 1
+    assert [s["status"] for s in report["sites"]] in (["rewritten", "refused"], ["skipped", "refused"])
+    assert isinstance(report["sites"][0]["timings_ms"], dict)
+    error_line(result.stderr.replace("uprewrite: refused: ", "uprewrite: error: "), "up2")  # -q's line, alone
+
+    src = Path(__file__).resolve().parent.parent / "models" / "exported" / "torch_dynamic_hw_op17.onnx"
+    result = invoke("convert", src, "-o", tmp_path / "b.onnx", "--json")
+    assert_clean_exit(result, 0)
+    report = json.loads(result.stdout)
+    _conforms_to_table(report, tables["report"], tables, "report")
+    assert report["chosen_shapes"] and report["second_size"] and report["outputs_second_size"]
+    assert result.stderr == ""
+
+
+def test_report_dash_is_stdout_and_writes_no_file(tmp_path, model_file):
+    src = model_file()
+    result = invoke("convert", src, "-o", tmp_path / "out.onnx", "--report", "-")
+    assert_clean_exit(result, 0)
+    assert json.loads(result.stdout)["summary"] == {"sites": 1, "rewritten": 1, "refused": 0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "out.onnx"]
+
+
+def _assert_json_error(result, code: int, file, *needles: str) -> dict:
+    """stdout is exactly the documented error object; stderr still its one line."""
+    tables = _schema_tables()
+    assert_clean_exit(result, code)
+    obj = json.loads(result.stdout)
+    _conforms_to_table(obj, tables["error"], tables, "error")
+    assert obj["exit_code"] == code and obj["file"] == (None if file is None else str(file))
+    line = error_line(result.stderr, *needles, single=code != 1)
+    assert line == f"uprewrite: error: {obj['error']}"
+    return obj
+
+
+def test_json_failure_of_each_command_prints_the_error_object(tmp_path, model_file):
+    src, missing = model_file(), tmp_path / "nope.onnx"
+    _assert_json_error(invoke("convert", missing, "--json"), 2, missing, "nope.onnx")
+    _assert_json_error(invoke("convert", src, "-o", tmp_path / "no" / "o.onnx", "--json"), 2, tmp_path / "no" / "o.onnx")
+    _assert_json_error(invoke("inspect", missing, "--json"), 2, missing)
+    _assert_json_error(invoke("verify", src, missing, "--json"), 2, missing)
+    _assert_json_error(invoke("check", src, "--profile", "nosuch", "--json"), 2, "nosuch", "--profile nosuch")
+    assert invoke("convert", missing).stdout == ""  # without --json, nothing on stdout
+
+
+def test_json_verification_failure_carries_the_report(tmp_path, model_file, corrupt_emitter):
+    tables = _schema_tables()
+    obj = _assert_json_error(invoke("convert", model_file(), "--json"), 1, tmp_path / "model.onnx", "failed per site")
+    _conforms_to_table(obj["report"], tables["report"], tables, "report")
+    assert obj["report"]["verified"] is False and obj["report"]["written"] == []
+
+
+def test_json_click_usage_error_in_the_real_entry_point(tmp_path, model_file):
+    src = model_file()
+    result = run_module("convert", src, "--to", "bogus", "--json", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    obj = json.loads(result.stdout)
+    assert obj["exit_code"] == 2 and "bogus" in obj["error"] and obj["file"] is None
