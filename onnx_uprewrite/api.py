@@ -626,7 +626,7 @@ EMISSION_HOOKS: list = []
 #: per-site verification runs up to this many sites (replacement and magnitude) in one onnxruntime
 #: session, with at most this many bytes of their weights: creating a session costs a few ms, which
 #: dominated with two sessions a site (488 MB, 240 sites: 480 sessions, 1.2 s)
-SITES_PER_SESSION = 16
+SITES_PER_SESSION = 64
 SESSION_WEIGHT_BYTES = 64 << 20
 
 
