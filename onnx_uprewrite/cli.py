@@ -21,7 +21,7 @@ from . import api, isolate
 from ._entry import wants_json
 from .budget import parse_size
 from .errors import UprewriteError, UsageError, one_line
-from .profile import check_model, load_profile
+from .profile import builtin_names, check_model, load_profile
 from .sites import infer_static_shapes
 from .report import _finite, _jsonable
 from .verify import parse_shape_option
@@ -78,30 +78,62 @@ def _size(text: str | None) -> int | None:
         raise UsageError(f"--memory-budget {exc}") from None
 
 
-MEMORY_BUDGET = click.option(
-    "--memory-budget", metavar="SIZE",
-    help="Refuse verification estimated to need more memory, e.g. 4G [default: half of physical memory].")
-TIME_BUDGET = click.option(
-    "--time-budget", type=click.FloatRange(min=0), metavar="SECONDS",
-    help="Stop verification (exit 2, nothing written) after this many seconds of onnxruntime runs.")
+def _memory_budget(what: str):
+    return click.option("--memory-budget", metavar="SIZE",
+                        help=f"{what} when estimated to need more memory than SIZE, e.g. 512M, 4G "
+                             "[default: half of physical memory].")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="onnx-uprewrite")
+def _time_budget(what: str):
+    return click.option("--time-budget", type=click.FloatRange(min=0), metavar="SECONDS",
+                        help=f"{what} after this many seconds of onnxruntime runs.")
+
+
+def _complete_profile(ctx, param, incomplete: str):
+    """Shell completion of --profile: built-in names (any case), then files."""
+    from click.shell_completion import CompletionItem
+
+    names = [CompletionItem(n) for n in builtin_names() if n.startswith(incomplete.lower())]
+    return names + [CompletionItem(incomplete, type="file")]
+
+
+def _epilog(examples: list[tuple[str, str]], codes: list[tuple[str, str]]) -> str:
+    """Two examples and the exit codes, laid out as written (click's \\b: no rewrapping)."""
+    lines = ["\b", "Examples:"] + [line for e, why in examples for line in (f"  {e}", f"      {why}")]
+    lines += ["", "\b", "Exit codes:"] + [f"  {c:<8} {meaning}" for c, meaning in codes]
+    return "\n".join(lines)
+
+
+INTERRUPTED = ("130/143", "interrupted (SIGINT/SIGTERM); no partial output left")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=_epilog([("uprewrite convert decoder.onnx", "every upsampling site to sub-pixel, verified"),
+                             ("uprewrite inspect decoder.onnx", "the sites, their exact forms, refusals")],
+                            [("0", "success"), ("1", "verification failed / models differ / target cannot run"),
+                             ("2", "usage error, invalid model, verification impossible"),
+                             ("3", "convert: written, some sites refused"), INTERRUPTED]))
+@click.version_option(None, "-V", "--version", package_name="onnx-uprewrite")
 def cli() -> None:
     """Rewrite ONNX upsampling layers between their exact equivalent forms, verified in onnxruntime."""
 
 
-@cli.command()
+@cli.command(epilog=_epilog(
+    [("uprewrite convert decoder.onnx", "writes decoder.subpixel.onnx, verified"),
+     ("uprewrite convert decoder.onnx --profile tidl --json > report.json", "only what TIDL cannot run")],
+    [("0", "written; every selected site rewritten (or none to rewrite)"),
+     ("1", "verification failed; nothing written"),
+     ("2", "usage error, invalid model, verification impossible or over budget; nothing written"),
+     ("3", "written and verified, but some sites refused (reasons on stderr)"), INTERRUPTED]))
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file [default: <stem>.<form>.onnx beside MODEL].")
 @click.option("--to", "to", default=None, type=click.Choice(api.TARGETS),
               help="Target form [default: subpixel]; 'fastest': per site, the exact form (or the original) that "
                    "runs fastest in onnxruntime on the site's real input.")
-@click.option("--profile", "profile", metavar="NAME|FILE",
+@click.option("--profile", "profile", metavar="NAME|FILE", shell_complete=_complete_profile,
               help="Target accelerator: rewrite only the sites it cannot run, each into the cheapest exact form "
                    "it runs, and check the result (built-in: tidl, ethos-u, rknn, kl520, kl720, ax650, vitis-dpu, "
-                   "dla, cv18xx; or a JSON/TOML file).")
+                   "dla, cv18xx, any case; or a JSON/TOML file).")
 @click.option("--d2s-mode", "d2s_mode", type=click.Choice(["auto", "transpose", "CRD", "DCR"]), default="auto", show_default=True,
               help="Layout of the sub-pixel form. auto: one Conv per output phase where that saves MACs, then "
               "DepthToSpace (2-D square strides) or single-axis Transposes; transpose: Transposes everywhere "
@@ -126,8 +158,8 @@ def cli() -> None:
                    '{"error", "exit_code", "file", "report"} there too.')
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the random verification inputs.")
-@MEMORY_BUDGET
-@TIME_BUDGET
+@_memory_budget("Refuse verification")
+@_time_budget("Stop verification (exit 2, nothing written)")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only (and the reason of each refused site).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def convert(model, output, to, profile, d2s_mode, provider, only, sources, inputs_file, shape, atol, rtol, no_verify, report_file,
@@ -141,7 +173,7 @@ def convert(model, output, to, profile, d2s_mode, provider, only, sources, input
             raise UsageError("--to and --profile exclude each other: a profile picks each site's form")
         to = to or "subpixel"
         if output is None:
-            suffix = Path(profile).stem if profile else to
+            suffix = (profile.lower() if profile.lower() in builtin_names() else Path(profile).stem) if profile else to
             output = model.with_name(f"{model.name[:-5] if model.name.endswith('.onnx') else model.name}.{suffix}.onnx")
         result = api.convert(
             model, to=to, output=output, only=list(only) or None, sources=list(sources) or None, inputs=_load_npz(inputs_file),
@@ -222,11 +254,15 @@ def _write_report(path: Path, text: str) -> None:
         click.echo(f"uprewrite: warning: cannot write report {path}: {exc.strerror or exc}", err=True)
 
 
-@cli.command()
+@cli.command(epilog=_epilog(
+    [("uprewrite inspect decoder.onnx", "a table: sites, parameters, exact forms and MACs, refusals"),
+     ("uprewrite inspect decoder.onnx --shape x=1x3x256x256 --json", "the same as JSON, at that size")],
+    [("0", "listed (refused sites too)"), ("2", "usage error, unreadable or invalid model"), INTERRUPTED]))
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("--shape", "shape", multiple=True, metavar="NAME=DIMS", help="Shape of a graph input.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@MEMORY_BUDGET
+@click.option("--json", "as_json", is_flag=True,
+              help='Print the sites as JSON on stdout; a failure prints {"error", "exit_code", "file", "report"}.')
+@_memory_budget("Skip the onnxruntime run that measures site shapes (onnx shape inference gives them then)")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def inspect(model, shape, as_json, memory_budget, debug):
     """List the upsampling sites of MODEL, their parameters, and the reasons for refusals."""
@@ -280,17 +316,23 @@ def _dims(values) -> str:
     return "x".join(str(v) for v in values)
 
 
-@cli.command()
+@cli.command(epilog=_epilog(
+    [("uprewrite verify decoder.onnx decoder.subpixel.onnx", "same outputs within the derived tolerance?"),
+     ("uprewrite verify a.onnx b.onnx --inputs feeds.npz --atol 1e-5 --json", "on your inputs, as JSON")],
+    [("0", "equivalent within tolerance"), ("1", "they differ (each output's error and tolerance printed)"),
+     ("2", "usage error, unreadable model, onnxruntime cannot run one of them, over budget"), INTERRUPTED]))
 @click.argument("a", type=click.Path(dir_okay=True, path_type=Path))
 @click.argument("b", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("--inputs", "inputs_file", type=click.Path(), help=".npz with one array per graph input.")
 @click.option("--shape", "shape", multiple=True, metavar="NAME=DIMS", help="Shape of a graph input.")
-@click.option("--atol", type=float)
-@click.option("--rtol", type=float)
+@click.option("--atol", type=float, help="Absolute tolerance [default: 0].")
+@click.option("--rtol", type=float,
+              help="Tolerance relative to max|output of A| [default: 8*eps*sqrt(4096), eps of the output dtype].")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the random inputs.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@MEMORY_BUDGET
-@TIME_BUDGET
+@click.option("--json", "as_json", is_flag=True,
+              help='Print the comparison as JSON on stdout; a failure prints {"error", "exit_code", "file", "report"}.')
+@_memory_budget("Refuse the comparison")
+@_time_budget("Stop comparing (exit 2)")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def verify(a, b, inputs_file, shape, atol, rtol, seed, as_json, memory_budget, time_budget, debug):
     """Compare models A and B in onnxruntime on the same inputs (exit 1 when they differ)."""
@@ -318,10 +360,16 @@ def verify(a, b, inputs_file, shape, atol, rtol, seed, as_json, memory_budget, t
     sys.exit(EXIT_OK if all(c.ok for c in checks) else EXIT_VERIFY_FAILED)
 
 
-@cli.command()
+@cli.command(epilog=_epilog(
+    [("uprewrite check decoder.onnx --profile tidl", "does TIDL run every upsampling node?"),
+     ("uprewrite check decoder.onnx --profile my_npu.json --json", "your own profile, as JSON")],
+    [("0", "the target runs every upsampling node"), ("1", "it does not (each node and the reason printed)"),
+     ("2", "usage error (unknown profile), unreadable or invalid model"), INTERRUPTED]))
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
-@click.option("--profile", "profile", required=True, metavar="NAME|FILE", help="Built-in profile name or file.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--profile", "profile", required=True, metavar="NAME|FILE", shell_complete=_complete_profile,
+              help="Built-in profile name (any case: tidl, ethos-u, rknn, ...) or a JSON/TOML profile file.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print the verdict as JSON on stdout; a failure prints {"error", "exit_code", "file", "report"}.')
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def check(model, profile, as_json, debug):
     """Check that the target of --profile runs every upsampling node of MODEL (exit 1 when not)."""

@@ -76,8 +76,8 @@ def builtin_names() -> list[str]:
 def load_profile(spec: str | Path) -> Profile:
     """A built-in profile by name, or a JSON/TOML file; UsageError says what is wrong with it."""
     path = Path(spec)
-    if not path.suffix and (BUILTIN_DIR / f"{spec}.json").is_file():
-        path = BUILTIN_DIR / f"{spec}.json"
+    if not path.suffix and (BUILTIN_DIR / f"{str(spec).lower()}.json").is_file():  # names in any case
+        path = BUILTIN_DIR / f"{str(spec).lower()}.json"
     if not path.is_file():
         raise UsageError(f"--profile {spec}: no such file and no built-in profile of that name "
                          f"(built-in: {', '.join(builtin_names())})")

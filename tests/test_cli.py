@@ -706,3 +706,50 @@ def test_json_click_usage_error_in_the_real_entry_point(tmp_path, model_file):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     obj = json.loads(result.stdout)
     assert obj["exit_code"] == 2 and "bogus" in obj["error"] and obj["file"] is None
+
+
+# ----------------------------------------------------------------------------- --help
+
+
+def test_every_option_has_help_and_every_command_examples_and_exit_codes():
+    import click
+    from onnx_uprewrite.cli import cli
+
+    for name, command in cli.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help and param.help.strip(), f"{name} {param.opts[0]} has no help"
+        result = invoke(name, "--help")
+        assert_clean_exit(result, 0)
+        epilog = result.stdout.split("Examples:", 1)[1]
+        examples, codes = epilog.split("Exit codes:")
+        assert len([ln for ln in examples.splitlines() if ln.strip().startswith(f"uprewrite {name} ")]) == 2, name
+        assert {"0", "2", "130/143"} <= {ln.split()[0] for ln in codes.splitlines() if ln.strip()}, name
+    inspect_help = " ".join(invoke("inspect", "--help").stdout.split())
+    assert "measures site shapes" in inspect_help and "half of physical memory" in inspect_help
+    assert "verification" not in inspect_help.split("--memory-budget")[1].split("--debug")[0]
+    assert "nothing written" not in " ".join(invoke("verify", "--help").stdout.split())
+
+
+@pytest.mark.parametrize("flag", ["-V", "--version"])
+def test_version_flag(flag):
+    from onnx_uprewrite import __version__
+
+    result = invoke(flag)
+    assert_clean_exit(result, 0)
+    assert __version__ in result.stdout
+
+
+def test_profile_names_in_any_case_and_their_completion(tmp_path, model_file):
+    from click.testing import CliRunner
+    from onnx_uprewrite.cli import cli
+
+    src = model_file()
+    result = invoke("check", src, "--profile", "TIDL")
+    assert result.exit_code in (0, 1), result.output
+    assert "tidl" in result.stdout.lower()
+    assert_clean_exit(invoke("convert", src, "--profile", "Ethos-U", "-q"), 0)
+    assert (tmp_path / "model.ethos-u.onnx").is_file()
+    env = {"_UPREWRITE_COMPLETE": "bash_complete", "COMP_WORDS": "uprewrite check m --profile E", "COMP_CWORD": "4"}
+    completed = CliRunner().invoke(cli, [], prog_name="uprewrite", env=env)
+    assert completed.stdout.splitlines() == ["plain,ethos-u", "file,E"]  # names, then files
