@@ -173,9 +173,11 @@ def _pick_for_profile(model, site, namer, prof, shapes, opset, budget, refusals)
 
 def _fastest_candidates(site):
     """``(label, emitter)`` timed by --to fastest: each other form, and the sub-pixel form in the
-    layouts whose speed differs in onnxruntime (also for sub-pixel sources: a re-layout)."""
+    layouts whose speed differs in onnxruntime (also for sub-pixel sources: a re-layout; and for resize
+    sources whose pointwise Conv the resize form runs before the upsampling)."""
     sub = EMITTERS["subpixel"]
-    out = [(f, e) for f, e in sorted(EMITTERS.items()) if f not in (site.source, "subpixel")]
+    out = [(f, e) for f, e in sorted(EMITTERS.items()) if f not in (site.source, "subpixel")
+           or f == "resize" and e.commutes(site)]
     return out + [("subpixel", sub.AUTO), ("subpixel/transpose", sub.TRANSPOSE), ("subpixel/CRD", sub.CRD),
                   ("subpixel/one Conv, transpose", sub.ONE_CONV_TRANSPOSE)]
 

@@ -136,6 +136,13 @@ def _conv_pads(site: Site, kernel, dilations) -> tuple[list[int], list[int], lis
     return pads_begin, pads_end, crops
 
 
+def commutes(site: Site) -> bool:
+    """Whether this form of ``site`` runs its Conv before the upsampling (``_commutes``): then it differs
+    from a Resize + Conv source, and --to fastest times it for those too."""
+    plan = _plan(site)
+    return _commutes(plan, *_conv_pads(site, plan.weight.shape[2:], plan.dilations)[:2])
+
+
 def _commutes(plan: _ConvPlan, pads_begin, pads_end) -> bool:
     """A box-factored 1x1 Conv without pads: ``Conv1x1(up(x)) = up(Conv1x1(x))``, exact for any group
     (each output reads one position), with s^d fewer MACs.  Pads would put zeros (bias) between

@@ -193,3 +193,23 @@ def test_pointwise_with_per_phase_bias():
     assert [n.op_type for n in emission.nodes][:2] == ["Conv", "Resize"] and "per-phase bias" in text
     x = rng.standard_normal((1, 2, 4, 4)).astype(np.float32)
     check_site(site, x, run_model(emit_model([site], [[1, 2, 4, 4]], 17, to_resize), {"x0": x})["y0"])
+
+
+def test_fastest_times_the_commuted_form_of_a_resize_source():
+    import onnx_uprewrite as up
+
+    rng = np.random.default_rng(8)
+    inits = [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "sc"),
+             numpy_helper.from_array(rng.standard_normal((16, 16, 1, 1)).astype(np.float32), "W")]
+    nodes = [helper.make_node("Resize", ["x", "", "sc"], ["u"], name="up", mode="nearest",
+                              coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+             helper.make_node("Conv", ["u", "W"], ["y"], name="conv")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 16, 16, 16])],
+                              [helper.make_tensor_value_info("y", 1, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    result = up.convert(model, to="fastest")
+    [site] = result.report.sites
+    assert result.report.verification == "passed" and "resize" in site.timings_ms, site.timings_ms
+    if site.chosen == "resize":
+        assert [n.op_type for n in result.model.graph.node] == ["Conv", "Resize"]
+        assert site.macs_after * 4 == site.macs_before
