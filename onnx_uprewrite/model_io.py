@@ -558,6 +558,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool =
         raise UsageError(f"{path}: output folder {parent} does not exist")
     if path.is_dir():
         raise UsageError(f"{path}: output is a directory; give a file name")
+    if path.name == LOCK_NAME or path.name.startswith(TEMP_PREFIX):
+        raise UsageError(f"{path}: names {LOCK_NAME} and {TEMP_PREFIX}* are uprewrite's own temporary files; "
+                         "choose another output name")
     external = external or any(is_lazy(t) for t in model.graph.initializer) or _likely_over_inline_limit(model)
     keep = {_resolved(Path(p)) for p in keep} | INPUT_FILES | {_resolved(Path(_external_span(t)[0]))
                                                                for t in model.graph.initializer if is_lazy(t)}
