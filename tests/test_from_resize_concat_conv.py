@@ -268,3 +268,25 @@ def test_opset_6_refuses_the_form():
     site = find_sites(decoder_step(17))[0][0]
     forms = api.exact_forms(site, 6)
     assert all(f.startswith("not possible") for f in forms.values()), forms
+
+
+def test_edge_clamped_nearest_before_a_pointwise_conv_folds_with_edge_padding():
+    model = decoder_step(17, kernel=1, coordinate_transformation_mode="asymmetric", nearest_mode="ceil")
+    for to in TARGETS:
+        result = api.convert(model, to=to)
+        assert result.report.sites[0].status == "rewritten" and "Pad" in _ops(result.model), _ops(result.model)
+        assert _assert_same(model, result.model, 7) <= 1
+
+
+def test_symbolic_lengths_verified_at_two_sizes():
+    model = decoder_step(13, skips=(2, 3), position=1)
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        for i, sym in ((0, "N"), (2, f"H_{vi.name}"), (3, f"W_{vi.name}")):
+            dims[i].dim_param = sym
+    shapes = {"x": (1, 4, 5, 4), "skip0": (1, 2, 10, 8), "skip1": (1, 3, 10, 8)}
+    for to in TARGETS:
+        result = api.convert(model, to=to, shapes=shapes)
+        report = result.report
+        assert report.verification == "passed" and report.sites[0].status == "rewritten"
+        assert report.second_size == {"x": [2, 4, 10, 8], "skip0": [2, 2, 20, 16], "skip1": [2, 3, 20, 16]}
