@@ -137,16 +137,18 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
     rest = [i for i in range(len(concat.input)) if i != position]
     own = ranges[position]
     v_a = weight[:, own[0]:own[1]]
-    v_b = np.concatenate([weight[:, ranges[i][0]:ranges[i][1]] for i in rest], axis=1)
-    if not np.all(np.isfinite(v_b)):
-        return refuse("the Conv weight has non-finite values (inf/NaN)")
-    addend = Addend(
-        inputs=tuple(concat.input[i] for i in rest),
-        channels=tuple(ranges[i] for i in rest),
-        weight=np.ascontiguousarray(v_b),
-        pads=geo.pads_begin + geo.pads_end,
-        dilations=geo.dilations,
-    )
+    addend = None  # a Concat of the upsampled tensor alone is a copy: the site is all of the Conv
+    if rest:
+        v_b = np.concatenate([weight[:, ranges[i][0]:ranges[i][1]] for i in rest], axis=1)
+        if not np.all(np.isfinite(v_b)):
+            return refuse("the Conv weight has non-finite values (inf/NaN)")
+        addend = Addend(
+            inputs=tuple(concat.input[i] for i in rest),
+            channels=tuple(ranges[i] for i in rest),
+            weight=np.ascontiguousarray(v_b),
+            pads=geo.pads_begin + geo.pads_end,
+            dilations=geo.dilations,
+        )
     return _site(node, index, resize, interp, consts, concat, v_a, own, w_chain + b_chain, bias, geo, addend)
 
 
@@ -161,7 +163,7 @@ def _site(node, index, resize, interp, consts, concat, v_a, own, chains, bias, g
     c_up = [None if n is None else n * a.stride for n, a in zip(lengths, interp)]
     out = None if None in c_up else [n + b + e - (k - 1) * d for n, b, e, k, d in
                                      zip(c_up, geo.pads_begin, geo.pads_end, geo.kernel, geo.dilations)]
-    rest_macs = addend.macs(out)
+    rest_macs = addend.macs(out) if addend is not None else 0
     source_macs = None if out is None else int(v_a.size * np.prod(out))
     return Site(
         node=node.name or node.output[0],
@@ -180,8 +182,9 @@ def _site(node, index, resize, interp, consts, concat, v_a, own, chains, bias, g
         pre_pad=pre_pad,
         source_macs=source_macs,
         addend=addend,
-        notes=(f"Conv split by input channels: channels [{own[0]}, {own[1]}) read the upsampling (the site); "
-               f"a Conv over the other {len(addend.inputs)} Concat input(s) ("
-               f"{'?' if rest_macs is None else f'{rest_macs:,}'} MACs, the same in every form) is added; "
-               "MACs count the upsampled part",),
+        notes=() if addend is None else (
+            f"Conv split by input channels: channels [{own[0]}, {own[1]}) read the upsampling (the site); "
+            f"a Conv over the other {len(addend.inputs)} Concat input(s) ("
+            f"{'?' if rest_macs is None else f'{rest_macs:,}'} MACs, the same in every form) is added; "
+            "MACs count the upsampled part",),
     )

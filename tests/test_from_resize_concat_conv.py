@@ -290,3 +290,12 @@ def test_symbolic_lengths_verified_at_two_sizes():
         report = result.report
         assert report.verification == "passed" and report.sites[0].status == "rewritten"
         assert report.second_size == {"x": [2, 4, 10, 8], "skip0": [2, 2, 20, 16], "skip1": [2, 3, 20, 16]}
+
+
+def test_a_concat_of_the_upsampled_tensor_alone_is_a_plain_site():
+    model = decoder_step(17, skips=())
+    [site], _ = find_sites(model)
+    assert site.addend is None and not site.notes
+    result = api.convert(model, to="subpixel")
+    assert _ops(result.model) == ["Conv", "DepthToSpace", "Slice"]
+    assert _assert_same(model, result.model, 4 * 9) <= 1
