@@ -264,10 +264,10 @@ def find_sites(
                 break
         for attr in node.attribute:
             for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                refusals.extend(_subgraph_refusals(g, f"a subgraph of {node.op_type} '{node.name}'"))
+                refusals.extend(_subgraph_refusals(g, f"a subgraph of {node.op_type} '{node.name}'", model))
     for function in model.functions:
         body = onnx.helper.make_graph(list(function.node), function.name, [], [])
-        refusals.extend(_subgraph_refusals(body, f"model-local function '{function.domain}.{function.name}'"))
+        refusals.extend(_subgraph_refusals(body, f"model-local function '{function.domain}.{function.name}'", model))
     return sites, refusals
 
 
@@ -343,19 +343,61 @@ def _check_weight_origin(site: Site, index: GraphIndex) -> Site | Refusal:
     return site
 
 
-def _subgraph_refusals(graph: onnx.GraphProto, where: str) -> list[Refusal]:
-    """Upsampling nodes inside a subgraph or function body: left alone, each with the reason."""
-    found = []
-    for node in graph.node:
-        for parser in PARSERS:
-            if parser.matches(node, None):
-                name = node.name or node.output[0]
-                found.append(Refusal(name, parser.SOURCE, f"{node.op_type} '{name}': inside {where}; "
-                                     "subgraphs and functions are not rewritten (left unchanged)"))
+#: op types that identify an upsampling site wherever they are: in a subgraph they are refused by
+#: name even where no parser can read them there (outer-scope weights)
+UPSAMPLING_OPS = frozenset({"ConvTranspose", "Resize", "Upsample", "DepthToSpace"})
+
+
+def _subgraph_refusals(graph: onnx.GraphProto, where: str, model: onnx.ModelProto | None = None) -> list[Refusal]:
+    """Upsampling nodes inside a subgraph or function body: left alone, each with the reason.  Every
+    parser looks at the subgraph through its own GraphIndex (a Resize -> Conv in an If branch is found
+    as in the main graph); an upsampling op no parser reads there is refused by name too."""
+    index = _subgraph_index(graph, model)
+    nodes = list(graph.node)
+    matched = {}  # position -> source (positions: protobuf wrappers have no stable identity)
+    for i, n in enumerate(nodes):
+        matched[i] = next((p.SOURCE for p in PARSERS if _matches_quietly(p, n, index)), None)
+    read_by_sites = {t for i, n in enumerate(nodes) if matched[i] for t in n.input}  # the Resize of a Resize -> Conv
+    found, named = [], set()
+    for i, node in enumerate(nodes):
+        name = node.name or (node.output[0] if node.output else node.op_type)
+        source = matched[i]
+        if source is None and node.op_type in UPSAMPLING_OPS and node.domain in ("", "ai.onnx") \
+                and not read_by_sites.intersection(node.output):
+            source = "subpixel" if node.op_type == "DepthToSpace" else \
+                "convtranspose" if node.op_type == "ConvTranspose" else "resize"
+        if source is not None and name not in named:
+            named.add(name)
+            found.append(Refusal(name, source, f"{node.op_type} '{name}': inside {where}; "
+                                 "subgraphs and functions are not rewritten (left unchanged)"))
         for attr in node.attribute:
             for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                found.extend(_subgraph_refusals(g, where))
+                found.extend(_subgraph_refusals(g, where, model))
     return found
+
+
+def _subgraph_index(graph: onnx.GraphProto, model: onnx.ModelProto | None) -> GraphIndex | None:
+    """A GraphIndex of ``graph`` alone (the outer model's opsets), or None where it cannot be built."""
+    sub = onnx.ModelProto()
+    if model is not None:
+        sub.ir_version = model.ir_version
+        sub.opset_import.extend(model.opset_import)
+    sub.graph.node.extend(graph.node)
+    sub.graph.input.extend(graph.input)
+    sub.graph.output.extend(graph.output)
+    sub.graph.value_info.extend(graph.value_info)
+    sub.graph.initializer.extend(graph.initializer)
+    try:
+        return GraphIndex(sub)
+    except Exception:
+        return None
+
+
+def _matches_quietly(parser, node, index) -> bool:
+    try:
+        return bool(parser.matches(node, index))
+    except Exception:  # outer-scope tensors the subgraph's index cannot see
+        return False
 
 
 @guard_memory

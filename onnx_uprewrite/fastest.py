@@ -42,9 +42,10 @@ class Choice:
 def original_emission(model: onnx.ModelProto, site: Site) -> Emission:
     """The nodes the rewrite of ``site`` removes, plus the constant producers they read (Constant,
     DequantizeLinear of a weight, ...), in graph order."""
-    producer = {o: n for n in model.graph.node for o in n.output if o}
-    order = {id(n): i for i, n in enumerate(model.graph.node)}
-    chosen = {id(n): n for n in model.graph.node if n.output and n.output[0] in site.replaced_outputs}
+    nodes = list(model.graph.node)  # held: a protobuf wrapper's id() is only stable while it lives
+    producer = {o: n for n in nodes for o in n.output if o}
+    order = {id(n): i for i, n in enumerate(nodes)}
+    chosen = {id(n): n for n in nodes if n.output and n.output[0] in site.replaced_outputs}
     initializers = {t.name for t in model.graph.initializer}
     inputs = {site.input, *(site.addend.inputs if site.addend is not None else ())}  # the site reads these
     pending = True

@@ -109,8 +109,27 @@ def resize_read_by_subgraph_model():
     return _model(nodes, [X, COND], ["y", "z"], [scales, numpy_helper.from_array(conv_w, "CW")])
 
 
+def resize_conv_if_model():
+    """Resize -> Conv and Conv -> DepthToSpace inside If branches (weights in the branch and outer):
+    refused by name like a ConvTranspose there (only the ConvTranspose parser used to see subgraphs)."""
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    w_sub = numpy_helper.from_array(RNG.standard_normal((8, 2, 3, 3)).astype(np.float32), "W_sub")
+    then = _branch("then", [helper.make_node("Resize", ["h", "", "scales"], ["r"], name="inner_resize",
+                                             mode="nearest"),
+                            helper.make_node("Conv", ["r", "W_inner"], ["t"], name="inner_conv", pads=[1, 1, 1, 1])],
+                   "t", [scales, numpy_helper.from_array(W_INNER, "W_inner")])
+    other = _branch("else", [helper.make_node("Conv", ["h", "W_sub"], ["s"], name="sub_conv", pads=[1, 1, 1, 1]),
+                             helper.make_node("DepthToSpace", ["s"], ["e"], name="inner_d2s", blocksize=2,
+                                              mode="CRD")], "e")
+    nodes = [_convtranspose("x", "h", "up"), helper.make_node("If", ["c"], ["y"], name="branch",
+                                                               then_branch=then, else_branch=other)]
+    return _model(nodes, [X, COND], ["y"], [numpy_helper.from_array(W, "W"), w_sub])
+
+
 CASES = {
     "if": (if_model, {"inner": "a subgraph of If 'branch'", "inner_outer_weight": "a subgraph of If 'branch'"}),
+    "if_resize_conv": (resize_conv_if_model, {"inner_conv": "a subgraph of If 'branch'",
+                                              "inner_d2s": "a subgraph of If 'branch'"}),
     "loop": (loop_model, {"in_loop": "a subgraph of Loop 'loop'"}),
     "scan": (scan_model, {"in_scan": "a subgraph of Scan 'scan'"}),
     "function": (function_model, {"in_function": "model-local function 'local.Up'"}),
