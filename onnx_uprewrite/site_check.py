@@ -101,17 +101,6 @@ def magnitude_emission(site: Site, namer: Namer, opset: int) -> tuple[Emission, 
     return b.emission, output
 
 
-def magnitude_model(site: Site, x: np.ndarray, model: onnx.ModelProto, opset: int) -> onnx.ModelProto | None:
-    """``|W| * |x|`` of the site (without bias) as a ConvTranspose model with output "magnitude", or
-    None when the ConvTranspose form cannot express it."""
-    found = magnitude_emission(site, Namer(onnx.ModelProto()), opset)
-    if found is None:
-        return None
-    emission, output = found
-    emission.nodes.append(helper.make_node("Identity", [output], ["magnitude"]))
-    return site_model(model, emission, {site.input: x}, "magnitude")
-
-
 def bias_magnitude(site: Site) -> float:
     values = [np.abs(v).max() for v in (site.bias, site.phase_bias) if v is not None and np.size(v)]
     return float(max(values)) if values else 0.0

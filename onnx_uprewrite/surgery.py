@@ -29,7 +29,6 @@ class Emission:
 
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     initializers: list[onnx.TensorProto] = field(default_factory=list)
-    form: str = ""  # which target form was emitted, e.g. "subpixel(DepthToSpace CRD)"
 
 
 class Namer:

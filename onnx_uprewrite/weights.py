@@ -338,15 +338,6 @@ def phase_reference(x: np.ndarray, weight, bias, axes: tuple[Axis, ...], group: 
     return y
 
 
-def nearest_conv_weight(conv_weight: np.ndarray, group: int, strides, dilations) -> np.ndarray:
-    """Conv weight ``V [Cout, Cin/g, Kc...]`` after nearest x``s`` upsampling -> ConvTranspose weight.
-
-    ``W = box_s ⊛ dilate_dc(flip V)`` per axis with in/out channels swapped per group, of length
-    ``K = (Kc-1)*dc + s`` (the taps of W that read the same low-resolution pixel are summed).
-    """
-    return upsample_conv_weight(conv_weight, group, [(1.0,) * s for s in strides], dilations)
-
-
 def upsample_conv_weight(conv_weight: np.ndarray, group: int, taps, dilations) -> np.ndarray:
     """Conv weight ``V`` after an upsampling with per-axis (depthwise, separable) kernel ``taps``.
 
@@ -385,16 +376,6 @@ def upsample_conv_axis(up: Axis, kernel: int, dilation: int, pad_begin: int, pad
     """
     span = (kernel - 1) * dilation
     return Axis(up.stride, 1, up.kernel + span, up.crop_begin - pad_begin + span, up.extension + pad_begin + pad_end - span)
-
-
-def nearest_conv_axis(stride: int, kernel: int, dilation: int, pad_begin: int, pad_end: int) -> Axis:
-    """Geometry of Resize(nearest, s) + stride-1 Conv(Kc, dc, pads) as a transposed convolution.
-
-    The Conv reads the upsampled signal at ``o + j*dc - Pb``; with the flipped kernel this is a
-    transposed convolution cropped at ``pb = (Kc-1)*dc - Pb``, output ``s*L + Pb + Pe - (Kc-1)*dc``.
-    """
-    span = (kernel - 1) * dilation
-    return Axis(stride, 1, span + stride, span - pad_begin, pad_begin + pad_end - span)
 
 
 # ---------------------------------------------------------------------------------------------
