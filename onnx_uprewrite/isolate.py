@@ -64,18 +64,23 @@ def _raise_once(signum, frame):
     raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
 
 
+_owned: list[bool] = []  # raise_on_signals ran: this process is the CLI's and its signals are ours
+
+
 def raise_on_signals() -> None:
     """SIGINT raises KeyboardInterrupt and SIGTERM :class:`Terminated`, once: a second signal (Ctrl-C
     reaches the supervised child from the terminal and again through its parent) must not cut the
     cleanup of the first short."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, _raise_once)
+    _owned.append(True)
 
 
 def hold_signals() -> None:
     """Defer SIGINT and SIGTERM to the end of the process (which discards them): from here the run
-    completes, so the output appears whole and the exit status says what was written."""
-    if threading.current_thread() is threading.main_thread():
+    completes, so the output appears whole and the exit status says what was written.  Only in the
+    CLI's own process (raise_on_signals ran): a caller's process (click's test runner) keeps its mask."""
+    if _owned and threading.current_thread() is threading.main_thread():
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
@@ -296,7 +301,7 @@ def supervise(run: Callable[[], int], what: str = "onnx/onnxruntime",
             signal.signal(signum, forward)
         pid = os.fork()
         if pid == 0:
-            _child(run, parent_pid, err_r, err_w, temp_r, temp_w)  # never returns
+            _child(run, parent_pid, err_r, err_w, temp_r, temp_w, on_error)  # never returns
         child.append(pid)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
@@ -350,7 +355,7 @@ def stop_message(signum: int) -> str:
     return f"{what}; no partial output left"
 
 
-def _child(run, parent_pid: int, err_r: int, err_w: int, temp_r: int, temp_w: int) -> None:
+def _child(run, parent_pid: int, err_r: int, err_w: int, temp_r: int, temp_w: int, on_error=None) -> None:
     """The supervised child: set up (SIGINT and SIGTERM still blocked, as supervise forked it), run,
     and leave through os._exit whatever happens (a normal interpreter exit would run onnxruntime's
     exit handlers, copied from a multi-threaded parent)."""
@@ -377,6 +382,8 @@ def _child(run, parent_pid: int, err_r: int, err_w: int, temp_r: int, temp_w: in
     except (KeyboardInterrupt, Terminated):  # before run() could catch it, or escaping it
         status = 128 + (_raised[0] if _raised else signal.SIGINT)
         _say(f"uprewrite: {stop_message(status - 128)}\n")
+        if on_error is not None:
+            on_error(stop_message(status - 128), status, None)
     except BaseException:  # noqa: BLE001 - --debug re-raises: show it as the parent would
         try:
             traceback.print_exc()
