@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import onnx
 import onnxruntime as ort
@@ -417,6 +418,23 @@ def _slow_model(tmp_path, ct_model):
     return path
 
 
+def _wait_for_handlers(pid: int, timeout: float = 10.0) -> None:
+    """Until the process catches SIGTERM (``_entry``'s first statement; Python installs no handler of
+    its own for it): a signal before that, while the interpreter starts, gets Python's defaults,
+    which no code of ours can change (tens of ms on a loaded machine)."""
+    status = Path(f"/proc/{pid}/status")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            caught = next(int(ln.split()[1], 16) for ln in status.read_text().splitlines() if ln.startswith("SigCgt:"))
+        except (OSError, StopIteration):
+            time.sleep(0.2)  # no /proc: give the interpreter time to start
+            return
+        if caught >> (signal.SIGTERM - 1) & 1:
+            return
+        time.sleep(0.002)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_run_leaves_no_partial_output(tmp_path, ct_model, sig, code):
@@ -428,6 +446,7 @@ def test_interrupted_run_leaves_no_partial_output(tmp_path, ct_model, sig, code)
     for delay in (0.05, 0.3, 1.0, 3.0):  # the first ones land in the imports of onnx/onnxruntime
         proc = subprocess.Popen([sys.executable, "-m", "onnx_uprewrite", "convert", src, "-o", tmp_path / "out.onnx"],
                                 cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_for_handlers(proc.pid)
         time.sleep(delay)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
