@@ -299,3 +299,15 @@ def test_a_concat_of_the_upsampled_tensor_alone_is_a_plain_site():
     result = api.convert(model, to="subpixel")
     assert _ops(result.model) == ["Conv", "DepthToSpace", "Slice"]
     assert _assert_same(model, result.model, 4 * 9) <= 1
+
+
+def test_per_site_tolerance_counts_the_skip_part():
+    # skip values 1e4x the upsampled ones: the rounding of the split sum is that of |W_b|*|skip|, which
+    # the per-site magnitude model must include (else the tolerance of |W_a|*|up(x)| alone is far too tight)
+    model = decoder_step(17, cx=8, skips=(64,), cout=16, hw=(8, 8))
+    feeds = _feeds(model)
+    feeds["skip0"] *= 1e4
+    result = api.convert(model, to="subpixel", inputs=feeds)
+    [site] = result.report.sites
+    assert result.report.verification == "passed" and site.ratio <= 1
+    assert site.max_abs_error > 0  # the sum was reordered: a real rounding difference was judged
