@@ -31,7 +31,8 @@ from .errors import (InvalidModelError, ResourceLimit, UprewriteError, UsageErro
 from .model_io import check_data_file, has_external_data, load_model, output_files, save_model, validate_model
 from .report import Comparison, Inspection, Report, SiteResult
 from .site_check import compare_site, magnitude_emission, outer_inputs, output_quantization, sites_model
-from .sites import GraphIndex, Refusal, Site, infer_static_shapes, priced
+from .shapes import infer_static_shapes
+from .sites import GraphIndex, Refusal, Site, priced
 from .weights import axis_limit_problem
 from .surgery import Builder, Namer, drop_unused, op_census, splice
 from .verify import (

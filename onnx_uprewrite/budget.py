@@ -19,11 +19,10 @@ import re
 import threading
 import time
 
-import numpy as np
 import onnx
-from onnx import helper
 
 from .errors import ResourceLimit
+from .model_io import check_resize_ranks, tensor_bytes, weight_bytes  # noqa: F401 (byte counting lives in model_io)
 
 #: default memory budget: this fraction of physical memory
 DEFAULT_MEMORY_FRACTION = 0.5
@@ -63,25 +62,6 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def tensor_bytes(elem_type: int, dims) -> int | None:
-    """Bytes of a tensor of ``dims`` (None when a dim is unknown or the type has no fixed size)."""
-    if any(d is None or d < 0 for d in dims) or elem_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
-        return None
-    try:
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
-    except (KeyError, TypeError, ValueError):
-        return None
-    return math.prod(int(d) for d in dims) * itemsize
-
-
-def weight_bytes(model: onnx.ModelProto) -> int:
-    total = 0
-    for t in model.graph.initializer:
-        n = tensor_bytes(t.data_type, list(t.dims))
-        total += n if n is not None else t.ByteSize()
-    return total
-
-
 def check_memory(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], kept: set[str],
                  budget: int | None, what: str, compared: bool = False) -> None:
     """Raise ResourceLimit when one run of ``model`` on inputs of ``input_shapes`` (keeping the
@@ -89,8 +69,7 @@ def check_memory(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
     InvalidModelError for shapes that would crash onnxruntime (model_io.check_resize_ranks).
     ``compared``: the outputs are then also compared with another run's, which holds that run's
     outputs and three float64 working copies of each (verify.compare)."""
-    from .model_io import check_resize_ranks
-    from .sites import infer_static_typed
+    from .shapes import infer_static_typed
 
     typed = infer_static_typed(model, input_shapes)
     check_resize_ranks(model, typed)  # onnxruntime would abort the process on them

@@ -22,7 +22,7 @@ from ._entry import wants_json
 from .budget import parse_size
 from .errors import UprewriteError, UsageError, one_line
 from .profile import builtin_names, check_model, load_profile
-from .sites import infer_static_shapes
+from .shapes import infer_static_shapes
 from .report import _finite, _jsonable
 from .verify import parse_shape_option
 

@@ -397,8 +397,6 @@ def _check_acyclic(graph: onnx.GraphProto, available: set[str], label: str) -> N
 def _likely_over_inline_limit(model: onnx.ModelProto) -> bool:
     """Whether the model may not serialize inline (protobuf's 2 GiB): its weights' bytes from their
     shapes (cheap), and ByteSize only near the limit."""
-    from .budget import weight_bytes
-
     weights = weight_bytes(model)
     if weights > INLINE_LIMIT:
         return True
@@ -785,3 +783,27 @@ def _cause(exc: OSError, path: Path) -> str:
     if named is not None and exc.errno == errno.ENAMETOOLONG:
         text += f" ({os.path.basename(os.fsdecode(named))})"
     return text
+
+
+# ---------------------------------------------------------------------------------------------
+# byte counting (budget.py and verify.py read it; it reads graphs only)
+
+
+def tensor_bytes(elem_type: int, dims) -> int | None:
+    """Bytes of a tensor of ``dims`` (None when a dim is unknown or the type has no fixed size)."""
+    if any(d is None or d < 0 for d in dims) or elem_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    return math.prod(int(d) for d in dims) * itemsize
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers, from their shapes (no data is read)."""
+    total = 0
+    for t in model.graph.initializer:
+        n = tensor_bytes(t.data_type, list(t.dims))
+        total += n if n is not None else t.ByteSize()
+    return total

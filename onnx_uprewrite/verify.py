@@ -20,9 +20,9 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from .budget import onnxruntime_allocations, run_session, tensor_bytes
+from .budget import onnxruntime_allocations, run_session
 from .errors import UprewriteError, UsageError, VerificationImpossible
-from .model_io import NUMPY_RAW, external_ref, is_lazy, shell, tensor_memmap, tensor_raw
+from .model_io import NUMPY_RAW, external_ref, is_lazy, shell, tensor_bytes, tensor_memmap, tensor_raw
 from .report import OutputCheck, Tolerance
 from .surgery import used_names
 

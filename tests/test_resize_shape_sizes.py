@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 import onnx_uprewrite as up
 from onnx_uprewrite.api import TARGETS, find_sites
 from onnx_uprewrite.shape_arith import Affine, evaluate
-from onnx_uprewrite.sites import GraphIndex, infer_static_shapes
+from onnx_uprewrite.shapes import infer_static_shapes
+from onnx_uprewrite.sites import GraphIndex
 from onnx_uprewrite.verify import session
 
 EPS32 = float(np.finfo(np.float32).eps)
