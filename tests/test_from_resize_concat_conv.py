@@ -311,3 +311,51 @@ def test_per_site_tolerance_counts_the_skip_part():
     [site] = result.report.sites
     assert result.report.verification == "passed" and site.ratio <= 1
     assert site.max_abs_error > 0  # the sum was reordered: a real rounding difference was judged
+
+
+def _random_step(seed):
+    """A random Resize(nearest, asymmetric floor) -> Concat -> Conv of rank 1-3: per-axis scales 1-3,
+    kernel 1-4, dilation 1-2, explicit asymmetric pads or auto_pad, 0-2 other inputs anywhere."""
+    rng = np.random.default_rng(seed)
+    rank = int(rng.choice([1, 2, 2, 3]))
+    scales = [int(v) for v in rng.integers(1, 4, rank)]
+    lengths = [int(v) for v in rng.integers(2, 5 if rank < 3 else 4, rank)]
+    kernel = [int(v) for v in rng.integers(1, 5, rank)]
+    attrs = {"dilations": [int(v) for v in rng.integers(1, 3, rank)]}
+    if rng.random() < 0.2:
+        attrs = {"auto_pad": str(rng.choice(["SAME_UPPER", "SAME_LOWER"]))}
+    else:
+        attrs["pads"] = [int(v) for v in rng.integers(0, 3, 2 * rank)]
+    up_len = [n * s for n, s in zip(lengths, scales)]
+    pads = attrs.get("pads", [0] * 2 * rank)
+    d = attrs.get("dilations", [1] * rank)
+    if "pads" in attrs and any(u + pads[a] + pads[rank + a] - (k - 1) * d[a] < 1
+                               for a, (u, k) in enumerate(zip(up_len, kernel))):
+        attrs["pads"] = [(k - 1) * dd for k, dd in zip(kernel, d)] * 2
+    cx, cout = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+    others = [int(v) for v in rng.integers(1, 5, int(rng.integers(0, 3)))]
+    position = int(rng.integers(0, len(others) + 1))
+    inits = [numpy_helper.from_array(np.array([1, 1, *scales], np.float32), "sc")]
+    nodes = [helper.make_node("Resize", ["x", "", "sc"], ["u"], name="up", mode="nearest",
+                              coordinate_transformation_mode="asymmetric", nearest_mode="floor")]
+    cat = [f"s{i}" for i in range(len(others))]
+    cat.insert(position, "u")
+    nodes.append(helper.make_node("Concat", cat, ["c"], name="cat", axis=1))
+    w = rng.standard_normal((cout, cx + sum(others), *kernel)).astype(np.float32)
+    inits += [numpy_helper.from_array(w, "W"), numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), "B")]
+    nodes.append(helper.make_node("Conv", ["c", "W", "B"], ["y"], name="conv", **attrs))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, cx, *lengths])]
+    inputs += [helper.make_tensor_value_info(f"s{i}", TensorProto.FLOAT, [2, c, *up_len]) for i, c in enumerate(others)]
+    graph = helper.make_graph(nodes, "step", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return model, (cx + sum(others)) * math.prod(kernel)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_steps_every_target(seed):
+    model, terms = _random_step(seed)
+    for to in TARGETS:
+        result = api.convert(model, to=to)
+        assert result.report.verification == "passed"
+        assert [s.status for s in result.report.sites] == ["rewritten"], result.report.sites
+        assert _assert_same(model, result.model, terms) <= 1
