@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .emit import emit_site
 from .passes import EMITTERS
 from .sites import Site
 from .surgery import Builder, Emission, Namer
@@ -92,8 +93,6 @@ def magnitude_emission(site: Site, namer: Namer, opset: int) -> tuple[Emission, 
         weight_quant=None, bias_quant=None, output_quant=None, requantize=None,
         addend=site.addend.magnitude() if site.addend is not None else None,
     )
-    from .api import emit_site
-
     try:
         emit_site(target, EMITTERS["convtranspose"], b, opset)
     except ValueError:
