@@ -26,11 +26,14 @@ original kernel.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, replace
 
 import numpy as np
 from onnx import NodeProto
 
+from onnx_uprewrite import shape_arith
+from onnx_uprewrite.shape_arith import Unknown
 from onnx_uprewrite.sites import (
     ConvGeometry, GraphIndex, NotConstant, Refusal, Site, attributes, conv_weights, text,
 )
@@ -53,6 +56,7 @@ class _Shuffle:
     consts: tuple[str, ...]  # shape constants read by the nodes
     problem: str | None = None
     channel_map: np.ndarray | None = None  # [C, S] Conv channel of (c, phase), when not given by ``order``
+    notes: tuple[str, ...] = ()
 
     def channels(self, c_conv: int) -> np.ndarray:
         """``channel_map[c, phase]``: the Conv channel that depth-to-space sends to channel c, phase."""
@@ -127,28 +131,43 @@ def _phase_convs(index: GraphIndex, concat: NodeProto) -> tuple[NodeProto, ...] 
     return convs
 
 
-#: the longest Reshape (Transpose Reshape)* chain read as a depth-to-space: a 3-D one as
-#: single-axis moves (our emitter's Transposes) is 7 nodes
-MAX_CHAIN = 7
+#: ops a depth-to-space chain is written with: regroupings of the row-major order, and Transposes
+_REGROUP = ("Reshape", "Unsqueeze", "Squeeze", "Flatten")
+_CHAIN_OPS = _REGROUP + ("Transpose",)
+#: the longest chain read as a depth-to-space: a 3-D one as single-axis moves (our emitter's
+#: Transposes) is 7 nodes, PyTorch's opset-9 PixelShuffle (Unsqueeze ... Squeeze) 6
+MAX_CHAIN = 9
+
+
+def _chain_op(index: GraphIndex, name: str) -> NodeProto | None:
+    node = index.producer.get(name)
+    if node is not None and node.op_type in _CHAIN_OPS and node.domain in ("", "ai.onnx") and node.input \
+            and node.input[0]:
+        return node
+    return None
+
+
 def _chain(node: NodeProto, index: GraphIndex | None):
     """``(Conv, depth-to-space nodes, Q/DQ nodes, their (scale, zero point))`` when ``node`` ends a
-    depth-to-space fed by a Conv."""
+    depth-to-space fed by a Conv: a DepthToSpace, or a chain of Reshape / Unsqueeze / Squeeze /
+    Flatten / Transpose nodes that starts and ends with a regrouping and moves axes in between."""
     if index is None or node.domain not in ("", "ai.onnx") or not node.input:
         return None
     if node.op_type == "DepthToSpace":
         found = _conv_before(index, node.input[0])
         return (found[0], (node,), found[1], found[2]) if found is not None else None
-    if node.op_type == "Reshape":
-        nodes, cur = (node,), node
-        while len(nodes) + 2 <= MAX_CHAIN:
-            transpose = _op(index, cur.input[0], "Transpose")
-            split = transpose and _op(index, transpose.input[0], "Reshape")
-            if split is None:
+    if node.op_type in _REGROUP and node.input[0]:
+        nodes = (node,)
+        while len(nodes) < MAX_CHAIN:
+            prev = _chain_op(index, nodes[0].input[0])
+            if prev is None:
                 return None
-            nodes, cur = (split, transpose) + nodes, split
-            found = _conv_before(index, split.input[0])
-            if found is not None:
-                return (found[0], nodes, found[1], found[2])
+            nodes = (prev,) + nodes
+            if prev.op_type in _REGROUP:
+                found = _conv_before(index, prev.input[0])
+                if found is not None:
+                    moved = any(n.op_type == "Transpose" for n in nodes)
+                    return (found[0], nodes, found[1], found[2]) if moved else None
     return None
 
 
@@ -177,8 +196,7 @@ def _traced_shuffle(conv, nodes: tuple[NodeProto, ...], index: GraphIndex, rank:
     """A longer Reshape/Transpose chain (single-axis moves, our emitter's): run it on the indices of
     the Conv output and read the channel map off the result, which must be a depth-to-space
     ``y[n, c, ..., q*s + r, ...] = x[n, channel_map[c, r], ..., q, ...]``."""
-    consts = tuple(t for n in nodes if n.op_type == "Reshape" and len(n.input) > 1
-                   for t in index.shape_computation(n.input[1]))
+    consts = _chain_consts(nodes, index)
     shapes = [_shape(index, nodes[0].input[0])] + [_shape(index, n.output[0]) for n in nodes]
     if any(s is None or None in s for s in shapes):
         return _Shuffle(conv, nodes, None, None, consts,
@@ -204,7 +222,7 @@ def _traced_shuffle(conv, nodes: tuple[NodeProto, ...], index: GraphIndex, rank:
                         f"as a pixel shuffle at every input size ({batch_problem})")
     t = np.arange(math.prod(conv_shape), dtype=np.int64).reshape(conv_shape)
     for n, shape in zip(nodes, shapes[1:]):
-        if n.op_type == "Reshape":
+        if n.op_type != "Transpose":  # Reshape, Unsqueeze, Squeeze, Flatten: the measured shape
             if math.prod(shape) != t.size:
                 return _Shuffle(conv, nodes, None, None, consts, problem)
             t = t.reshape([int(v) for v in shape])
@@ -271,12 +289,354 @@ def _batch_problem(nodes: tuple[NodeProto, ...], shapes, index: GraphIndex, trac
 
 
 def _shuffle(conv, nodes: tuple[NodeProto, ...], index: GraphIndex, rank: int) -> _Shuffle:
+    """The depth-to-space ``nodes`` perform, or why they are not read as one.  A chain is traced
+    symbolically (_SymbolicTrace), which proves it for every input size; where it cannot follow a
+    computed shape and the Conv output's shape is static, the shapes measured at that one size decide."""
     if len(nodes) == 1:
         return _depth_to_space(conv, nodes, rank)
-    found = _pixel_shuffle(conv, nodes, index, rank) if len(nodes) == 3 else None
+    consts = _chain_consts(nodes, index)
+    try:
+        strides, channel_map, notes = _SymbolicTrace(index, nodes, rank).depth_to_space()
+        return _Shuffle(conv, nodes, strides, None, consts, channel_map=channel_map, notes=notes)
+    except _NotAShuffle as exc:
+        return _Shuffle(conv, nodes, None, None, consts, f"the chain is not a pixel shuffle ({exc})")
+    except _Unproven as exc:
+        static = index.static_shapes.get(nodes[0].input[0])
+        if static is None or None in static:
+            return _Shuffle(conv, nodes, None, None, consts, "the chain cannot be read as a pixel shuffle at every "
+                            f"input size: {exc}")
+    found = _pixel_shuffle(conv, nodes, index, rank) if [n.op_type for n in nodes] == RTR else None
     if found is None or (found.problem or "").endswith("is not a pixel shuffle"):
         found = _traced_shuffle(conv, nodes, index, rank)
     return found
+
+
+RTR = ["Reshape", "Transpose", "Reshape"]
+
+
+def _chain_text(nodes: tuple[NodeProto, ...]) -> str:
+    return "-".join(n.op_type for n in nodes)
+
+
+def _chain_consts(nodes: tuple[NodeProto, ...], index: GraphIndex) -> tuple[str, ...]:
+    """The shape and axes inputs of the chain's nodes, with their small computations (drop candidates)."""
+    return tuple(t for n in nodes if n.op_type in ("Reshape", "Unsqueeze", "Squeeze") and len(n.input) > 1
+                 and n.input[1] for t in index.shape_computation(n.input[1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# symbolic trace of a Reshape / Unsqueeze / Squeeze / Flatten / Transpose chain
+
+
+class _NotAShuffle(Exception):
+    """The chain is traced and is another rearrangement than a depth-to-space."""
+
+
+class _Unproven(Exception):
+    """The trace cannot follow the chain at every input size (the reason names the node)."""
+
+
+#: ``(origin axis of the chain input, length or symbol name, stride)``: a run of the origin axis'
+#: index, ``index = Σ digit·stride`` over its pieces; a symbolic length is never split
+_Piece = tuple
+
+
+class _SymbolicTrace:
+    """Follows the chain on the axes of its input ``[N, K, L...]``, each tensor axis a list of pieces
+    of input axes in row-major order.  Static lengths are numbers (split as the chain needs); the
+    others are symbols (N, H, W, ...), so a Reshape reads them as a 0 (copy), a -1 (what the others
+    leave, when that is a product of whole pieces) or a length computed from the shapes of the
+    chain's tensors (shape_arith).  A constant Reshape that fixes a symbolic length (the only one
+    left unmatched) pins it: the original runs at that length only.  What the trace cannot follow
+    at every size raises _Unproven; a traced chain that ends as another rearrangement, _NotAShuffle."""
+
+    def __init__(self, index: GraphIndex, nodes: tuple[NodeProto, ...], rank: int):
+        self.index, self.nodes, self.rank = index, nodes, rank
+        name = nodes[0].input[0]
+        shape = index.static_shapes.get(name)
+        if shape is None or len(shape) != rank + 2:
+            shape = (None,) * (rank + 2)
+        if shape[1] is None:
+            raise _Unproven(f"the channel count of '{name}' is unknown")
+        spatial = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}.get(rank, tuple(f"L{i}" for i in range(rank)))
+        self.names = ("N", None) + spatial
+        self.full = [int(n) if n is not None else self.names[a] for a, n in enumerate(shape)]
+        self.tensors = {name: [self._whole(a) for a in range(rank + 2)]}
+        self.pins: dict[str, int] = {}
+
+    def _whole(self, origin: int) -> list:
+        size = self.full[origin]
+        return [] if size == 1 else [(origin, size, 1)]
+
+    # sizes: (sorted symbol names, known factor)
+    @staticmethod
+    def _size(axis) -> tuple[tuple[str, ...], int]:
+        syms = tuple(sorted(p[1] for p in axis if isinstance(p[1], str)))
+        return syms, math.prod(p[1] for p in axis if not isinstance(p[1], str))
+
+    @staticmethod
+    def _text(size) -> str:
+        syms, known = size
+        return "·".join(([str(known)] if known != 1 or not syms else []) + list(syms))
+
+    def _shape_text(self, axes) -> str:
+        return "[" + ", ".join(self._text(self._size(a)) for a in axes) + "]"
+
+    def depth_to_space(self):
+        """``(strides, channel_map, notes)`` when the chain is a depth-to-space of its input."""
+        axes = self.tensors[self.nodes[0].input[0]]
+        for node in self.nodes:
+            what = f"{node.op_type} '{node.name or node.output[0]}'"
+            axes = getattr(self, "_" + node.op_type.lower())(node, axes, what)
+            self.tensors[node.output[0]] = axes
+        notes = tuple(f"{_chain_text(self.nodes)} fixes {sym} = {v}: the original runs at that length only"
+                      for sym, v in self.pins.items())
+        return self._read(axes) + (notes,)
+
+    # one method per op: the axes of the output
+    def _transpose(self, node, axes, what):
+        perm = [int(p) for p in attributes(node).get("perm", range(len(axes) - 1, -1, -1))]
+        if sorted(perm) != list(range(len(axes))):
+            raise _NotAShuffle(f"{what} perm={perm} does not fit a rank-{len(axes)} tensor")
+        return [axes[p] for p in perm]
+
+    def _axes_of(self, node, what) -> list[int] | None:
+        if len(node.input) > 1 and node.input[1]:
+            try:
+                value, _ = self.index.constant(node.input[1])
+            except NotConstant as exc:
+                raise _Unproven(f"{what} axes are computed at run time ({exc})") from None
+            return [int(v) for v in np.asarray(value).ravel()]
+        found = attributes(node).get("axes")
+        return None if found is None else [int(v) for v in found]
+
+    def _unsqueeze(self, node, axes, what):
+        new = self._axes_of(node, what) or []
+        rank = len(axes) + len(new)
+        at = sorted({a % rank for a in new if -rank <= a < rank})
+        if not new or len(at) != len(new):
+            raise _NotAShuffle(f"{what} axes {new} do not fit a rank-{len(axes)} tensor")
+        out = list(axes)
+        for a in at:
+            out.insert(a, [])
+        return out
+
+    def _squeeze(self, node, axes, what):
+        gone = self._axes_of(node, what)
+        if gone is None:
+            unsure = [a for a, ax in enumerate(axes) if ax and self._size(ax)[1] == 1]
+            if unsure:
+                raise _Unproven(f"{what} has no axes: whether it removes axis {unsure[0]} "
+                                f"({self._text(self._size(axes[unsure[0]]))}) depends on the input size")
+            return [ax for ax in axes if ax]
+        if not all(-len(axes) <= a < len(axes) for a in gone):
+            raise _NotAShuffle(f"{what} axes {gone} do not fit a rank-{len(axes)} tensor")
+        gone = {a % len(axes) for a in gone}
+        for a in sorted(gone):
+            if axes[a]:
+                raise _Unproven(f"{what} removes axis {a}, of length {self._text(self._size(axes[a]))}")
+        return [ax for a, ax in enumerate(axes) if a not in gone]
+
+    def _flatten(self, node, axes, what):
+        axis = int(attributes(node).get("axis", 1))
+        if not -len(axes) <= axis <= len(axes):
+            raise _NotAShuffle(f"{what} axis={axis} does not fit a rank-{len(axes)} tensor")
+        axis += len(axes) if axis < 0 else 0
+        return [[p for ax in axes[:axis] for p in ax], [p for ax in axes[axis:] for p in ax]]
+
+    def _reshape(self, node, axes, what):
+        attrs = attributes(node)
+        entries = self._reshape_entries(node, what)
+        what += " shape [" + ", ".join(str(e) if isinstance(e, int) else self._text(e) for e in entries) + "]"
+        targets = []
+        for i, e in enumerate(entries):
+            if isinstance(e, tuple):
+                targets.append(e)
+            elif e == 0:
+                if int(attrs.get("allowzero", 0)):
+                    raise _NotAShuffle(f"{what} has a zero length (allowzero=1)")
+                if i >= len(axes):
+                    raise _NotAShuffle(f"{what} copies axis {i} of a rank-{len(axes)} tensor")
+                targets.append(self._size(axes[i]))
+            elif e == -1:
+                targets.append(None)
+            elif e > 0:
+                targets.append(((), e))
+            else:
+                raise _NotAShuffle(f"{what} has the entry {e}")
+        total = self._size([p for ax in axes for p in ax])
+        if targets.count(None) > 1:
+            raise _NotAShuffle(f"{what} has more than one -1")
+        if None in targets:
+            rest = self._product(t for t in targets if t is not None)
+            left = _without(total[0], rest[0])
+            if left is None or total[1] % rest[1]:
+                raise _Unproven(f"{what}: the -1 is {self._text(total)} / {self._text(rest)}, not a product of "
+                                "the input's lengths at every input size")
+            targets[targets.index(None)] = (left, total[1] // rest[1])
+        else:
+            self._balance(total, self._product(targets), what)
+            axes = self.tensors[node.input[0]]  # pins applied
+            targets = [(tuple(sorted(s for s in syms if s not in self.pins)),
+                        known * math.prod(self.pins[s] for s in syms if s in self.pins)) for syms, known in targets]
+        return self._regroup(axes, targets, what)
+
+    @staticmethod
+    def _product(sizes) -> tuple[tuple[str, ...], int]:
+        syms, known = [], 1
+        for s, k in sizes:
+            syms += s
+            known *= k
+        return tuple(sorted(syms)), known
+
+    def _reshape_entries(self, node, what) -> list:
+        """Each entry: an int (0 and -1 as Reshape reads them), or ``(symbols, known)`` for a length
+        computed from a chain tensor's shape."""
+        if len(node.input) < 2 or not node.input[1]:  # Reshape-1: a shape attribute
+            return [int(v) for v in attributes(node).get("shape", [])]
+        try:
+            computed = shape_arith.evaluate(self.index, node.input[1])
+        except NotConstant as exc:
+            raise _Unproven(f"{what} takes a shape that cannot be followed ({exc})") from None
+        if computed.values.ndim != 1:
+            raise _NotAShuffle(f"{what} takes a shape of rank {computed.values.ndim}")
+        entries = []
+        for v in computed.flat():
+            if isinstance(v, Unknown):
+                raise _Unproven(f"{what} takes a shape computed at run time ({v.reason})")
+            if v.is_const and v.const.denominator == 1:
+                entries.append(int(v.const))
+                continue
+            if v.const or len(v.terms) != 1 or v.terms[0][1].denominator != 1 or v.terms[0][1] < 1:
+                raise _Unproven(f"{what} takes a length computed as {v.describe()}")
+            (tensor, axis), coef = v.terms[0]
+            axes = self.tensors.get(tensor)
+            if axes is None or axis >= len(axes):
+                raise _Unproven(f"{what} takes a length of '{tensor}', which is not in the chain")
+            syms, known = self._size(axes[axis])
+            entries.append((syms, known * int(coef)))
+        return entries
+
+    def _balance(self, total, out, what) -> None:
+        """A Reshape without -1 must keep the element count: lengths fixed by it are pinned."""
+        left_in = tuple((Counter(total[0]) - Counter(out[0])).elements())
+        left_out = tuple((Counter(out[0]) - Counter(total[0])).elements())
+        mismatch = f"{what} holds {self._text(out)} elements where the input has {self._text(total)}"
+        if left_out:
+            raise _Unproven(mismatch)
+        if not left_in:
+            if total[1] != out[1]:
+                raise _NotAShuffle(mismatch)
+            return
+        if out[1] % total[1]:
+            raise _NotAShuffle(mismatch)
+        ratio, distinct = out[1] // total[1], sorted(set(left_in))
+        if ratio == 1:
+            pins = {s: 1 for s in distinct}
+        elif len(distinct) == 1:
+            root = round(ratio ** (1 / len(left_in)))
+            root = next((r for r in (root - 1, root, root + 1) if r > 0 and r ** len(left_in) == ratio), None)
+            if root is None:
+                raise _NotAShuffle(mismatch)
+            pins = {distinct[0]: root}
+        else:
+            raise _Unproven(f"{mismatch}: it fixes only the product {self._text((tuple(left_in), 1))}")
+        self.pins.update(pins)
+        for name, axes in self.tensors.items():
+            self.tensors[name] = [[q for p in ax for q in self._pinned(p)] for ax in axes]
+        for origin, size in enumerate(self.full):
+            if size in pins:
+                self.full[origin] = pins[size]
+
+    def _pinned(self, piece) -> list:
+        origin, size, stride = piece
+        if isinstance(size, str) and size in self.pins:
+            return [] if self.pins[size] == 1 else [(origin, self.pins[size], stride)]
+        return [piece]
+
+    def _regroup(self, axes, targets, what) -> list:
+        """Row-major regrouping of the pieces into axes of the target sizes; a number piece is split
+        where an axis boundary falls inside it."""
+        pending = [p for ax in axes for p in ax]
+        regroup = f"{what} reads {self._shape_text(axes)} as [{', '.join(self._text(t) for t in targets)}]"
+        out = []
+        for syms, known in targets:
+            need, axis = list(syms), []
+            while need or known > 1:
+                if not pending:
+                    raise _NotAShuffle(f"{what}: the lengths do not add up")
+                origin, size, stride = pending.pop(0)
+                if isinstance(size, str):
+                    if size not in need:
+                        raise _Unproven(f"{regroup}, which moves {size} into another axis at other sizes")
+                    need.remove(size)
+                    axis.append((origin, size, stride))
+                elif known % size == 0:
+                    known //= size
+                    axis.append((origin, size, stride))
+                elif not need and size % known == 0:
+                    axis.append((origin, known, stride * (size // known)))
+                    pending.insert(0, (origin, size // known, stride))
+                    known = 1
+                else:
+                    raise _Unproven(f"{regroup}, which splits a length {size} unevenly")
+            out.append(axis)
+        if pending:
+            raise _NotAShuffle(f"{what}: the lengths do not add up")
+        return out
+
+    def _read(self, axes):
+        """``(strides, channel_map)`` when ``axes`` are ``[N, C, L0*s0, ...]`` with each output axis the
+        whole input axis (outer) then pieces of the channels (the phase); _NotAShuffle otherwise."""
+        rank = self.rank
+        shown = self._shape_text(axes)
+        if len(axes) != rank + 2:
+            raise _NotAShuffle(f"it ends as {shown}, rank {len(axes)}")
+        merged = [_merged(ax) for ax in axes]
+        if merged[0] != self._whole(0):
+            raise _NotAShuffle(f"it ends as {shown}, and axis 0 is not the batch")
+        if any(p[0] != 1 for p in merged[1]):
+            raise _NotAShuffle(f"it ends as {shown}, and axis 1 is not made of channels only")
+        phases = []
+        for i in range(rank):
+            whole = self._whole(2 + i)
+            ax = merged[2 + i]
+            if ax[:len(whole)] != whole or any(p[0] != 1 for p in ax[len(whole):]):
+                raise _NotAShuffle(f"it ends as {shown}, and axis {2 + i} is not spatial axis {i} "
+                                   "followed by channel phases")
+            phases.append(ax[len(whole):])
+        strides = tuple(math.prod(p[1] for p in ph) for ph in phases)
+        parts = [merged[1]] + phases
+        channels = math.prod(p[1] for p in merged[1])
+        grid = np.zeros([channels, *strides], np.int64)
+        for i, pieces in enumerate(parts):
+            digits = np.zeros([1], np.int64)
+            for _, size, stride in pieces:
+                digits = (digits[:, None] + stride * np.arange(size)[None, :]).ravel()
+            grid += digits.reshape([-1 if j == i else 1 for j in range(rank + 1)])
+        return strides, grid.reshape(channels, -1)
+
+
+def _merged(axis: list) -> list:
+    """Adjacent pieces of one origin that together are one run of its index, as one piece."""
+    out = []
+    for piece in axis:
+        if out and out[-1][0] == piece[0] and not isinstance(piece[1], str) and not isinstance(out[-1][1], str) \
+                and out[-1][2] == piece[1] * piece[2]:
+            out[-1] = (piece[0], out[-1][1] * piece[1], piece[2])
+        else:
+            out.append(piece)
+    return out
+
+
+def _without(syms: tuple[str, ...], remove: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The multiset ``syms`` less ``remove``; None when ``remove`` is not part of it."""
+    left = list(syms)
+    for s in remove:
+        if s not in left:
+            return None
+        left.remove(s)
+    return tuple(left)
 
 
 def _depth_to_space(conv, nodes: tuple[NodeProto, ...], rank: int) -> _Shuffle:
@@ -552,32 +912,50 @@ def _shape_readers(tensor: str, nodes: tuple[NodeProto, ...], index: GraphIndex)
 
 
 def _longer_chain_ends(node: NodeProto, index: GraphIndex) -> list[NodeProto]:
-    """The Reshapes that would end a longer chain through ``node`` (its output read only by a
-    Transpose read only by a Reshape, repeated)."""
+    """The regroupings that would end a longer chain through ``node`` (its output read only by a
+    chain op, repeated)."""
     ends, cur = [], node
-    while len(ends) < MAX_CHAIN // 2:
+    for _ in range(MAX_CHAIN):
         readers = index.consumers.get(cur.output[0], [])
-        if len(readers) != 1 or cur.output[0] in index.graph_outputs or readers[0].op_type != "Transpose":
+        if len(readers) != 1 or cur.output[0] in index.graph_outputs or readers[0].op_type not in _CHAIN_OPS \
+                or readers[0].domain not in ("", "ai.onnx") or readers[0].input[0] != cur.output[0]:
             break
-        after = index.consumers.get(readers[0].output[0], [])
-        if len(after) != 1 or readers[0].output[0] in index.graph_outputs or after[0].op_type != "Reshape" \
-                or after[0].input[0] != readers[0].output[0]:
-            break
-        cur = after[0]
-        ends.append(cur)
+        cur = readers[0]
+        if cur.op_type in _REGROUP and _chain(cur, index) is not None:
+            ends.append(cur)
     return ends
+
+
+def _conv_rank(start: _Start, index: GraphIndex) -> int | None:
+    shape = index.static_shapes.get(start.output)
+    if shape is not None:
+        return len(shape) - 2
+    try:
+        return index.constant(start.convs[0].input[1])[0].ndim - 2
+    except NotConstant:
+        return None
+
+
+def _is_shuffle(start: _Start, nodes: tuple[NodeProto, ...], index: GraphIndex) -> bool:
+    rank = _conv_rank(start, index)
+    return rank is not None and _shuffle(start, nodes, index, rank).problem is None
 
 
 def _ends_a_longer_shuffle(node: NodeProto, index: GraphIndex) -> bool:
     """Whether ``node`` is inside a longer depth-to-space chain (which the chain's last node parses)."""
     for end in _longer_chain_ends(node, index):
-        chain = _chain(end, index)
-        if chain is not None:
-            start, nodes = chain[0], chain[1]
-            shape = _shape(index, start.output)
-            if shape is not None and _shuffle(start, nodes, index, len(shape) - 2).problem is None:
-                return True
+        start, nodes = _chain(end, index)[:2]
+        if _is_shuffle(start, nodes, index):
+            return True
     return False
+
+
+def _ends_after_a_shuffle(node: NodeProto, index: GraphIndex) -> bool:
+    """Whether a shorter chain within ``node``'s is a depth-to-space (that one is the site; what
+    follows it is another rearrangement, not part of it)."""
+    start, nodes = _chain(node, index)[:2]
+    return any(nodes[k - 1].op_type in _REGROUP and any(n.op_type == "Transpose" for n in nodes[:k])
+               and _is_shuffle(start, nodes[:k], index) for k in range(2, len(nodes)))
 
 
 def _start_weights(start: _Start, index: GraphIndex):
@@ -604,13 +982,16 @@ def _start_weights(start: _Start, index: GraphIndex):
 
 
 def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal | None:
-    """The site ending at ``node``; None where ``node`` is inside a longer Reshape-Transpose chain that
-    is a depth-to-space, or that is not one (its last node then says why, once)."""
-    longer = node.op_type == "Reshape" and _longer_chain_ends(node, index)
+    """The site ending at ``node``; None where ``node`` is inside a longer chain that is a
+    depth-to-space, or that is not one (its last node then says why, once), and where a chain that
+    is not one continues a shorter one that is (that one is the site)."""
+    longer = node.op_type in _REGROUP and _longer_chain_ends(node, index)
     if longer and _ends_a_longer_shuffle(node, index):
         return None
     result = _parse(node, index)
-    return None if longer and isinstance(result, Refusal) else result
+    if isinstance(result, Refusal) and (longer or len(_chain(node, index)[1]) > 3 and _ends_after_a_shuffle(node, index)):
+        return None
+    return result
 
 
 def _parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
@@ -621,7 +1002,7 @@ def _parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
     what = f"{len(head.convs)} Convs + Concat '{head.concat.name}'" if head.concat is not None else f"Conv '{cname}'"
     if head.crop is not None:
         what += f" + {head.crop.op_type} '{head.crop.name or head.crop.output[0]}'"
-    label = f"{what} + {'DepthToSpace' if len(nodes) == 1 else 'Reshape-Transpose-Reshape'} '{name}'"
+    label = f"{what} + {_chain_text(nodes)} '{name}'"
 
     def refuse(reason: str) -> Refusal:
         return Refusal(name, SOURCE, f"{label}: {reason}")
@@ -681,9 +1062,9 @@ def _parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
     source_macs = None if None in q else source_taps * math.prod(q)
     if weight_quant is None:  # integer weights keep their layout: trimming is value-dependent
         w, axes, phase_bias = _trim_zero_borders(w, axes, phase_bias)
-    notes = ()
+    notes = shuffle.notes
     if group != geo.group:
-        notes = (f"the depth-to-space order mixes Conv groups: dense ConvTranspose kernel (group 1, was {geo.group})",)
+        notes += (f"the depth-to-space order mixes Conv groups: dense ConvTranspose kernel (group 1, was {geo.group})",)
     return Site(
         node=name,
         source=SOURCE,

@@ -599,19 +599,22 @@ def test_reshape_transpose_reshape_that_is_not_a_pixel_shuffle_is_never_rewritte
         assert _ops(result.model) == _ops(model)
 
 
-def test_reshape_transpose_reshape_needs_shapes():
-    """Symbolic input and nothing to measure with: refused with a reason, never guessed."""
+def test_constant_shapes_on_symbolic_lengths_pin_them_or_are_refused():
+    """Constant Reshape shapes on a symbolic input: where they fix one symbolic length (H = 3 here),
+    the original runs at that length only and the chain is read there (with a note); where they fix
+    only a product (N*H = 3: at N=3, H=1 the batch would be mixed into H), refused, never guessed."""
     model = _rtr_model([0, 1, 4, 2, 5, 3])
     model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
     result = up.convert(model, to="convtranspose", verify=False)
-    (refusal,) = result.report.refused
-    assert "known tensor shapes" in refusal.reason
-    assert _ops(result.model) == _ops(model)
-    # measured at a --shape, the chain is a pixel shuffle there; but its constant shapes pin the batch
-    # to 1 and H to 3, so at N=3, H=1 the original runs too, mixing the batch into H: refused
+    (site,) = result.report.sites
+    assert site.status == "rewritten" and any("fixes H = 3" in n for n in site.notes), site.notes
+    assert _ops(result.model) == ["ConvTranspose"]
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
     result = up.convert(model, to="convtranspose", shapes={"x": (1, 2, 3, 4)})
     (refusal,) = result.report.refused
-    assert "at this size only" in refusal.reason and "does not copy the batch" in refusal.reason
+    assert "at every input size" in refusal.reason and "Reshape 'split'" in refusal.reason, refusal.reason
+    assert "H·N" in refusal.reason and _ops(result.model) == _ops(model)
+    # copying the batch (0) leaves H the only length the constants fix
     model.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.array([0, 2, 2, 2, 3, 4], np.int64), "split"))
     model.graph.initializer[2].CopyFrom(numpy_helper.from_array(np.array([0, 2, 6, 8], np.int64), "merge"))
     result = up.convert(model, to="convtranspose", shapes={"x": (1, 2, 3, 4)})
