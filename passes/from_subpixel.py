@@ -7,8 +7,15 @@ V[channel(c, r), ci, j]`` (DESIGN.md R2).  Depth-to-space comes as
 - ``DepthToSpace`` in DCR (the default when ``mode`` is absent) or CRD mode, or
 - the pixel shuffle of older exporters, ``Reshape -> Transpose -> Reshape`` of any rank, with the
   channel axis split as ``(C, s0, s1, ...)``, ``(s0, s1, ..., C)`` or any other order that the
-  Transpose interleaves into ``[N, C, Q0, s0, Q1, s1, ...]``.  The split is read from the shapes
-  onnxruntime measured for the intermediate tensors, so constant and computed shape inputs both work.
+  Transpose interleaves into ``[N, C, Q0, s0, Q1, s1, ...]``, and longer chains of Reshape,
+  Unsqueeze, Squeeze, Flatten and Transpose (PyTorch's opset-9 PixelShuffle is
+  ``Unsqueeze -> Reshape[0,-1,r,r,0,0] -> Transpose -> Reshape[0,0,-1,1,0,0] -> Reshape[0,0,0,0,-1,1]
+  -> Squeeze``; our emitter's single-axis moves).  A chain is traced symbolically (_SymbolicTrace):
+  every axis is a list of pieces of the Conv output's axes, symbolic lengths stay whole, a 0 copies
+  an axis, a -1 takes what the others leave, a shape computed from the chain's own tensors
+  (Shape -> Gather -> Mul -> Concat) is followed; the chain is read only where this proves it a
+  depth-to-space at every input size, and refused naming the node where the proof stops.  A model
+  with static shapes falls back to the shapes onnxruntime measured when a shape cannot be followed.
 
 A ``Slice`` of the spatial axes that follows (the crop our own sub-pixel emitter writes) is folded
 into the crop.  So is a crop between the Conv and the depth-to-space (Real-CUGAN's fast variant:
@@ -296,7 +303,7 @@ def _shuffle(conv, nodes: tuple[NodeProto, ...], index: GraphIndex, rank: int) -
         return _depth_to_space(conv, nodes, rank)
     consts = _chain_consts(nodes, index)
     try:
-        strides, channel_map, notes = _SymbolicTrace(index, nodes, rank).depth_to_space()
+        strides, channel_map, notes = _SymbolicTrace(index, conv, nodes, rank).depth_to_space()
         return _Shuffle(conv, nodes, strides, None, consts, channel_map=channel_map, notes=notes)
     except _NotAShuffle as exc:
         return _Shuffle(conv, nodes, None, None, consts, f"the chain is not a pixel shuffle ({exc})")
@@ -350,14 +357,17 @@ class _SymbolicTrace:
     left unmatched) pins it: the original runs at that length only.  What the trace cannot follow
     at every size raises _Unproven; a traced chain that ends as another rearrangement, _NotAShuffle."""
 
-    def __init__(self, index: GraphIndex, nodes: tuple[NodeProto, ...], rank: int):
+    def __init__(self, index: GraphIndex, start: _Start, nodes: tuple[NodeProto, ...], rank: int):
         self.index, self.nodes, self.rank = index, nodes, rank
         name = nodes[0].input[0]
         shape = index.static_shapes.get(name)
         if shape is None or len(shape) != rank + 2:
             shape = (None,) * (rank + 2)
         if shape[1] is None:
-            raise _Unproven(f"the channel count of '{name}' is unknown")
+            try:
+                shape = (shape[0], sum(index.constant(c.input[1])[0].shape[0] for c in start.convs)) + tuple(shape[2:])
+            except (NotConstant, IndexError):
+                raise _Unproven(f"the channel count of '{name}' is unknown") from None
         spatial = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}.get(rank, tuple(f"L{i}" for i in range(rank)))
         self.names = ("N", None) + spatial
         self.full = [int(n) if n is not None else self.names[a] for a, n in enumerate(shape)]
@@ -374,10 +384,10 @@ class _SymbolicTrace:
         syms = tuple(sorted(p[1] for p in axis if isinstance(p[1], str)))
         return syms, math.prod(p[1] for p in axis if not isinstance(p[1], str))
 
-    @staticmethod
-    def _text(size) -> str:
+    def _text(self, size) -> str:
         syms, known = size
-        return "·".join(([str(known)] if known != 1 or not syms else []) + list(syms))
+        syms = sorted(syms, key=lambda s: (s not in self.names, self.names.index(s) if s in self.names else 0, s))
+        return "·".join(([str(known)] if known != 1 or not syms else []) + syms)
 
     def _shape_text(self, axes) -> str:
         return "[" + ", ".join(self._text(self._size(a)) for a in axes) + "]"
@@ -471,8 +481,8 @@ class _SymbolicTrace:
             rest = self._product(t for t in targets if t is not None)
             left = _without(total[0], rest[0])
             if left is None or total[1] % rest[1]:
-                raise _Unproven(f"{what}: the -1 is {self._text(total)} / {self._text(rest)}, not a product of "
-                                "the input's lengths at every input size")
+                raise _Unproven(f"{what}: the -1 is ({self._text(total)}) / ({self._text(rest)}), not a product "
+                                "of the input's lengths")
             targets[targets.index(None)] = (left, total[1] // rest[1])
         else:
             self._balance(total, self._product(targets), what)

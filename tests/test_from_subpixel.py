@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,12 +20,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_uprewrite as up
 from onnx_uprewrite.api import _measure, find_sites
-from onnx_uprewrite.verify import session
+from onnx_uprewrite.verify import run_rewritten, session
 from sweep import batch_model, random_config
 
 EPS32 = float(np.finfo(np.float32).eps)
 INT64_MAX = int(np.iinfo(np.int64).max)
-IR = {9: 4, 11: 6, 13: 8, 17: 8}
+IR = {9: 4, 11: 6, 13: 8, 17: 8, 18: 8}
 OPSETS = (9, 11, 13, 17)
 BATCHES = 11
 PER_BATCH = 100  # 11 * 100 = 1,100 sites, each rewritten to two targets
@@ -613,7 +614,7 @@ def test_constant_shapes_on_symbolic_lengths_pin_them_or_are_refused():
     result = up.convert(model, to="convtranspose", shapes={"x": (1, 2, 3, 4)})
     (refusal,) = result.report.refused
     assert "at every input size" in refusal.reason and "Reshape 'split'" in refusal.reason, refusal.reason
-    assert "H·N" in refusal.reason and _ops(result.model) == _ops(model)
+    assert "the product N·H" in refusal.reason and _ops(result.model) == _ops(model)
     # copying the batch (0) leaves H the only length the constants fix
     model.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.array([0, 2, 2, 2, 3, 4], np.int64), "split"))
     model.graph.initializer[2].CopyFrom(numpy_helper.from_array(np.array([0, 2, 6, 8], np.int64), "merge"))
@@ -1091,3 +1092,216 @@ def test_conv_output_read_besides_the_crop_is_refused():
     model.graph.output.append(helper.make_tensor_value_info("r", 1, None))
     (site,) = up.convert(model, to="convtranspose", verify=False).report.sites
     assert site.status == "refused" and "'c' is also read elsewhere" in site.reason
+
+
+# ----------------------------------------------------------------------------------------------
+# pixel shuffles as other exporters write them (Unsqueeze / Squeeze / Flatten, 0 and -1, computed
+# shapes), on symbolic inputs: read only where the chain is a depth-to-space at every input size
+
+EXPORTED = Path(__file__).resolve().parent.parent / "models" / "exported"
+CHAIN_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten"}
+
+
+@pytest.mark.parametrize("to", ["subpixel", "convtranspose", "resize", "fastest"])
+def test_torchscript_opset9_pixel_shuffle_with_dynamic_axes_converts(to):
+    """PyTorch's TorchScript export of nn.PixelShuffle(2) at opset 9 with dynamic batch/height/width:
+    Conv -> Unsqueeze(2, 3) -> Reshape[0,-1,2,2,0,0] -> Transpose -> Reshape[0,0,-1,1,0,0] ->
+    Reshape[0,0,0,0,-1,1] -> Squeeze(3, 5), one sub-pixel site, verified at two sizes."""
+    stem = "dyn_bhw_espcn_op9"
+    original = onnx.load(str(EXPORTED / f"{stem}.onnx"))
+    result = up.convert(EXPORTED / f"{stem}.onnx", to=to)
+    report = result.report
+    assert report.verified and report.chosen_shapes and not report.refused, [s.reason for s in report.refused]
+    (site,) = report.sites
+    assert site.source == "subpixel" and site.node == "/3/Squeeze"
+    if to == "subpixel":
+        assert site.status == "skipped" and "already in form" in site.reason
+        assert _ops(result.model) == _ops(original)
+    else:
+        assert site.status == "rewritten" and report.outputs_second_size
+        assert not CHAIN_OPS & set(_ops(result.model)), _ops(result.model)
+    assert [[d.dim_param for d in i.type.tensor_type.shape.dim] for i in result.model.graph.input] == \
+        [[d.dim_param for d in i.type.tensor_type.shape.dim] for i in original.graph.input]
+    data = np.load(EXPORTED / f"{stem}.npz")
+    got = run_rewritten(result.model, {k: data[k] for k in data.files if not k.startswith("out:")})
+    for key in (k for k in data.files if k.startswith("out:")):
+        ref = data[key]
+        tol = 8 * EPS32 * math.sqrt(3 * 3 * 32) * max(1.0, float(np.abs(ref).max()))
+        assert float(np.abs(got[key[4:]] - ref).max()) <= tol, key
+
+
+def _axes_node(op, x, out, axes, opset, name, inits):
+    """Unsqueeze/Squeeze with ``axes`` as an attribute (opset < 13) or an input."""
+    if opset < 13:
+        return helper.make_node(op, [x], [out], name=name, axes=axes)
+    inits.append(_const(f"{name}_axes", np.array(axes, np.int64)))
+    return helper.make_node(op, [x, f"{name}_axes"], [out], name=name)
+
+
+def _reshape(x, out, shape, name, inits):
+    inits.append(_const(f"{name}_shape", np.array(shape, np.int64)))
+    return helper.make_node("Reshape", [x, f"{name}_shape"], [out], name=name)
+
+
+def _torch_op9_shuffle(r: int, order: str, opset: int, perm=None, negative=False, c=2, cin=3, seed=0,
+                       squeeze_axes=True):
+    """x [N, cin, H, W] -> Conv 3x3 p1 (c*r*r outputs, per-phase bias) -> PixelShuffle(r) spelled as
+    the opset-9 TorchScript exporter writes it; ``order`` CRD (PyTorch: [0,-1,r,r,0,0]) or DCR
+    ([0,r,r,-1,0,0], TF's depth_to_space order); ``perm`` overrides the Transpose (near misses)."""
+    rng = np.random.default_rng(seed)
+    inits = [_const("w", rng.standard_normal((c * r * r, cin, 3, 3)).astype(np.float32)),
+             _const("b", rng.standard_normal(c * r * r).astype(np.float32))]
+    split, default = ([0, -1, r, r, 0, 0], [0, 1, 4, 2, 5, 3]) if order == "CRD" else ([0, r, r, -1, 0, 0], [0, 3, 4, 1, 5, 2])
+    unsq, sq = ([-4, -3], [-3, -1]) if negative else ([2, 3], [3, 5])
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             _axes_node("Unsqueeze", "c", "u", unsq, opset, "unsqueeze", inits),
+             _reshape("u", "r1", split, "split", inits),
+             helper.make_node("Transpose", ["r1"], ["t"], name="perm", perm=perm or default),
+             _reshape("t", "r2", [0, 0, -1, 1, 0, 0], "merge_h", inits),
+             _reshape("r2", "r3", [0, 0, 0, 0, -1, 1], "merge_w", inits)]
+    if squeeze_axes:
+        nodes.append(_axes_node("Squeeze", "r3", "y", sq, opset, "squeeze", inits))
+    else:
+        nodes.append(helper.make_node("Squeeze", ["r3"], ["y"], name="squeeze"))
+    return _graph(nodes, ("N", cin, "H", "W"), inits, opset=opset)
+
+
+def _matches_at(model, result, shapes, terms):
+    """The rewritten model equals the original at each input shape (symbolic dims kept)."""
+    rng = np.random.default_rng(7)
+    for shape in shapes:
+        x = {"x": rng.standard_normal(shape).astype(np.float32)}
+        want, got = _run(model, x)["y"], _run(result.model, x)["y"]
+        assert got.shape == want.shape
+        tol = 8 * EPS32 * math.sqrt(terms) * max(1.0, float(np.abs(want).max()))
+        assert float(np.abs(got.astype(np.float64) - want).max()) <= tol, shape
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13, 18])
+@pytest.mark.parametrize("r, order", [(2, "CRD"), (3, "CRD"), (2, "DCR"), (3, "DCR")])
+def test_unsqueeze_reshape_squeeze_pixel_shuffle_is_the_r2_kernel_at_every_size(r, order, opset):
+    model = _torch_op9_shuffle(r, order, opset, negative=opset >= 11 and r == 3)
+    for to in ("convtranspose", "resize"):
+        result = up.convert(model, to=to)
+        report = result.report
+        assert report.verified and report.outputs_second_size and not report.refused, \
+            [s.reason for s in report.refused]
+        (site,) = report.sites
+        assert site.node == "squeeze" and site.status == "rewritten"
+        assert not CHAIN_OPS & set(_ops(result.model)), _ops(result.model)
+        _matches_at(model, result, [(1, 3, 5, 7), (3, 3, 2, 1), (2, 3, 9, 4)], 3 * 9 * r * r)
+        if to == "convtranspose":
+            node = next(n for n in result.model.graph.node if n.op_type == "ConvTranspose")
+            assert _attrs(node)["strides"] == [r, r]
+            want = _expected_kernel(_init(model, "w"), 1, (r, r), (1, 1), ("c", 0, 1) if order == "CRD" else (0, 1, "c"))
+            np.testing.assert_array_equal(_init(result.model, node.input[1]), want)
+
+
+def test_one_dimensional_unsqueeze_pixel_shuffle():
+    """Conv1d (c*r outputs) -> Unsqueeze(2) -> Reshape[0,-1,r,0] -> Transpose -> Reshape[0,0,-1]."""
+    rng = np.random.default_rng(1)
+    r, c = 3, 2
+    inits = [_const("w", rng.standard_normal((c * r, 4, 5)).astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[2, 2]),
+             _axes_node("Unsqueeze", "c", "u", [2], 13, "unsqueeze", inits),
+             _reshape("u", "r1", [0, -1, r, 0], "split", inits),
+             helper.make_node("Transpose", ["r1"], ["t"], name="perm", perm=[0, 1, 3, 2]),
+             _reshape("t", "y", [0, 0, -1], "merge", inits)]
+    model = _graph(nodes, ("N", 4, "L"), inits, opset=13)
+    result = up.convert(model, to="convtranspose")
+    assert result.report.verified and result.report.outputs_second_size and not result.report.refused
+    assert _ops(result.model) == ["ConvTranspose"]
+    node = result.model.graph.node[0]
+    assert _attrs(node)["strides"] == [r]
+    np.testing.assert_array_equal(_init(result.model, node.input[1]), _expected_kernel(_init(model, "w"), 1, (r,), (1,), ("c", 0)))
+    _matches_at(model, result, [(1, 4, 6), (2, 4, 1), (3, 4, 11)], 4 * 5 * r)
+
+
+def test_shapes_computed_from_the_conv_output_and_a_flatten_are_followed():
+    """``x.view(n, c, 2, 2, h, w).permute(...).flatten(1).view(n, c, 2*h, 2*w)`` with the sizes read off
+    the tensor: Shape -> Gather -> Mul -> Concat shapes, and a Flatten in the chain."""
+    rng = np.random.default_rng(2)
+    c = 3
+    inits = [_const("w", rng.standard_normal((4 * c, 2, 3, 3)).astype(np.float32)),
+             _const("i0", np.array([0], np.int64)), _const("i2", np.array([2], np.int64)),
+             _const("i3", np.array([3], np.int64)), _const("two", np.array([2], np.int64)),
+             _const("head", np.array([c, 2, 2], np.int64)), _const("ch", np.array([c], np.int64))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Shape", ["c"], ["shape"], name="shape"),
+             *[helper.make_node("Gather", ["shape", f"i{a}"], [f"d{a}"], name=f"dim{a}", axis=0) for a in (0, 2, 3)],
+             helper.make_node("Concat", ["d0", "head", "d2", "d3"], ["s1"], name="s1", axis=0),
+             helper.make_node("Mul", ["d2", "two"], ["h2"], name="h2"), helper.make_node("Mul", ["d3", "two"], ["w2"], name="w2"),
+             helper.make_node("Concat", ["d0", "ch", "h2", "w2"], ["s2"], name="s2", axis=0),
+             helper.make_node("Reshape", ["c", "s1"], ["r1"], name="split"),
+             helper.make_node("Transpose", ["r1"], ["t"], name="perm", perm=[0, 1, 4, 2, 5, 3]),
+             helper.make_node("Flatten", ["t"], ["f"], name="flat", axis=1),
+             helper.make_node("Reshape", ["f", "s2"], ["y"], name="merge")]
+    model = _graph(nodes, ("N", 2, "H", "W"), inits, opset=13)
+    result = up.convert(model, to="convtranspose")
+    assert result.report.verified and not result.report.refused, [s.reason for s in result.report.refused]
+    assert _ops(result.model) == ["ConvTranspose"]  # the shape computation went with the site
+    np.testing.assert_array_equal(_init(result.model, result.model.graph.node[0].input[1]),
+                                  _expected_kernel(_init(model, "w"), 1, (2, 2), (1, 1), ("c", 0, 1)))
+    _matches_at(model, result, [(1, 2, 3, 5), (2, 2, 6, 1)], 2 * 9 * 4)
+
+
+@pytest.mark.parametrize("perm, why", [
+    ([0, 1, 2, 4, 3, 5], "axis 2 is not spatial axis 0"),  # tiles the phases: blocks, not interleaved
+    ([0, 1, 5, 2, 4, 3], "axis 2 is not spatial axis 0"),  # H and W swapped
+    ([0, 1, 4, 3, 5, 2], None),  # the phases swapped: still a depth-to-space (channel order (c, 1, 0))
+])
+def test_near_miss_opset9_chain_is_refused_with_the_reason(perm, why):
+    model = _torch_op9_shuffle(2, "CRD", 9, perm=perm)
+    result = up.convert(model, to="convtranspose")
+    assert result.report.verified
+    (site,) = result.report.sites
+    if why is None:
+        assert site.status == "rewritten" and "ConvTranspose" in _ops(result.model)
+        assert not CHAIN_OPS & set(_ops(result.model)), _ops(result.model)
+        return
+    assert site.status == "refused" and "'squeeze'" in site.reason and "is not a pixel shuffle" in site.reason \
+        and why in site.reason, site.reason
+    assert "\n" not in site.reason and _ops(result.model) == _ops(model)
+
+
+@pytest.mark.parametrize("change, why", [
+    # -1 = H*W/8: a whole number of elements only at some sizes, and the split moves with them
+    (lambda m: _set_shape(m, "split_shape", [0, -1, 2, 2, 8, 0]), "Reshape 'split'"),
+    # no axes: at N = 1 it would also remove the batch
+    (lambda m: _drop_squeeze_axes(m), "Squeeze 'squeeze' has no axes"),
+    # [4, -1, ...] puts the batch after 4 channel groups: a pixel shuffle at N = 1 only
+    (lambda m: _set_shape(m, "split_shape", [2, -1, 2, 2, 0, 0]), "Reshape 'split'"),
+])
+def test_chain_that_cannot_be_proven_at_every_size_is_refused_naming_the_node(change, why):
+    model = _torch_op9_shuffle(2, "CRD", 13)
+    change(model)
+    result = up.convert(model, to="convtranspose", verify=False, shapes={"x": (2, 3, 4, 4)})
+    (site,) = result.report.sites
+    assert site.status == "refused" and "at every input size" in site.reason and why in site.reason, site.reason
+    assert _ops(result.model) == _ops(model)
+
+
+def _set_shape(model, name, values):
+    init = next(t for t in model.graph.initializer if t.name == name)
+    init.CopyFrom(numpy_helper.from_array(np.array(values, np.int64), name))
+
+
+def _drop_squeeze_axes(model):
+    node = next(n for n in model.graph.node if n.name == "squeeze")
+    del node.input[1:]
+
+
+def test_a_reshape_after_the_pixel_shuffle_is_not_part_of_the_site():
+    """PixelShuffle then a flatten for a classifier head: the shuffle is the site, the chain through the
+    flatten is another rearrangement and raises no refusal of its own."""
+    model = _torch_op9_shuffle(2, "CRD", 13)
+    inits = []
+    model.graph.node[-1].output[0] = "z"
+    model.graph.node.append(_reshape("z", "y", [0, -1], "flatten", inits))
+    model.graph.initializer.extend(inits)
+    result = up.convert(model, to="convtranspose")
+    assert result.report.verified and not result.report.refused, [s.reason for s in result.report.refused]
+    (site,) = result.report.sites
+    assert site.node == "squeeze" and site.status == "rewritten"
+    ops = _ops(result.model)
+    assert ops[0] == "ConvTranspose" and ops[-1] == "Reshape" and ops.count("Reshape") == 1, ops
