@@ -134,7 +134,7 @@ def cli() -> None:
               help="Target accelerator: rewrite only the sites it cannot run, each into the cheapest exact form "
                    "it runs, and check the result (built-in: tidl, ethos-u, rknn, kl520, kl720, ax650, vitis-dpu, "
                    "dla, cv18xx, any case; or a JSON/TOML file).")
-@click.option("--d2s-mode", "d2s_mode", type=click.Choice(["auto", "transpose", "CRD", "DCR"]), default="auto", show_default=True,
+@click.option("--d2s-mode", "d2s_mode", type=click.Choice(list(api.SUBPIXEL_LAYOUTS)), default="auto", show_default=True,
               help="Layout of the sub-pixel form. auto: one Conv per output phase where that saves MACs, then "
               "DepthToSpace (2-D square strides) or single-axis Transposes; transpose: Transposes everywhere "
               "(fastest in onnxruntime); CRD: one Conv + DepthToSpace CRD (PixelShuffle's order); DCR: "
@@ -414,8 +414,7 @@ def _main() -> None:
             _json_error(exc.format_message(), EXIT_ERROR)
         exc.show()
         sys.exit(EXIT_ERROR)
-    except SystemExit:  # the command finished: a signal from now on must not change its status
-        isolate.hold_signals()
+    except SystemExit:
         raise
     except KeyboardInterrupt:
         _stop(isolate.stop_message(signal.SIGINT), EXIT_INTERRUPTED)
@@ -428,6 +427,9 @@ def _main() -> None:
             click.echo(f"uprewrite: internal error: {type(exc).__name__}: {exc}", err=True)
             raise
         _stop(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug)", EXIT_ERROR)
+    finally:  # the command has ended: a signal from now on must not change its status
+        isolate.finished = True  # first, and no call before it (a call lets a pending handler run)
+        isolate.ignore_signals()
 
 
 def _stop(message: str, code: int) -> None:

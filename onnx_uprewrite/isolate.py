@@ -52,13 +52,24 @@ class Terminated(BaseException):
 
 #: the first SIGINT/SIGTERM raised by raise_on_signals (later ones are ignored: cleanup must finish)
 _raised: list[int] = []
-#: set when the process is leaving (the supervised child's final flush): signals then change nothing
-_leaving = False
+#: signals that came while hold_signals was on
+_held: list[int] = []
+_holding = False
+#: set (by a plain store: no call, so no signal handler can run before it) once the command has
+#: ended; a signal handled after that changes nothing
+finished = False
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _raise_once(signum, frame):
-    if _raised or _leaving:
+    # Python runs this in the main thread whichever thread the kernel gave the signal to (an
+    # onnxruntime worker, say): a flag defers it for the whole process, a signal mask would not
+    if finished:
+        return
+    if _holding:
+        _held.append(signum)
+        return
+    if _raised:
         return
     _raised.append(signum)
     raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
@@ -77,16 +88,26 @@ def raise_on_signals() -> None:
 
 
 def hold_signals() -> None:
-    """Defer SIGINT and SIGTERM to the end of the process (which discards them): from here the run
-    completes, so the output appears whole and the exit status says what was written.  Only in the
-    CLI's own process (raise_on_signals ran): a caller's process (click's test runner) keeps its mask."""
-    if _owned and threading.current_thread() is threading.main_thread():
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    """From now on SIGINT and SIGTERM are only noted (:func:`held_signals`): the run completes, so the
+    output appears whole and the exit status says what was written.  Only in the CLI's own process
+    (raise_on_signals ran): a caller's process (click's test runner) keeps its handlers."""
+    global _holding
+    if _owned:
+        _holding = True
 
 
 def held_signals() -> set[int]:
-    """The signals :func:`hold_signals` deferred so far."""
-    return set(signal.sigpending()) & set(STOP_SIGNALS)
+    """The signals that came while :func:`hold_signals` was on."""
+    return set(_held)
+
+
+def ignore_signals() -> None:
+    """SIGINT and SIGTERM ignored for the rest of the process, in the CLI's own process: the command
+    has ended and its status stands (Python's finalization would restore the default action of
+    signals that have a Python handler, and a late one would then kill the process)."""
+    if _owned and threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def can_fork() -> bool:
@@ -359,7 +380,7 @@ def _child(run, parent_pid: int, err_r: int, err_w: int, temp_r: int, temp_w: in
     """The supervised child: set up (SIGINT and SIGTERM still blocked, as supervise forked it), run,
     and leave through os._exit whatever happens (a normal interpreter exit would run onnxruntime's
     exit handlers, copied from a multi-threaded parent)."""
-    global _SUPERVISED, _leaving
+    global _SUPERVISED, finished
     _SUPERVISED = True
     status = 1
     try:
@@ -390,7 +411,7 @@ def _child(run, parent_pid: int, err_r: int, err_w: int, temp_r: int, temp_w: in
         except BaseException:  # noqa: BLE001 - nowhere to print
             pass
     finally:
-        _leaving = True  # first: a signal handled from here on changes nothing
+        finished = True  # first: a signal handled from here on changes nothing
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
