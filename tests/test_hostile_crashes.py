@@ -9,6 +9,7 @@ Everything here is real: the crashes are onnx's and onnxruntime's own.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -50,6 +51,11 @@ def test_an_onnxruntime_crash_is_one_error_line(tmp_path):
                       "nothing was written")
     assert "terminate called" in line  # onnxruntime's own last words, kept on the one line
     assert tree(tmp_path) == before  # no output, no temp folder, input unchanged
+
+    result = run_module("convert", src, "-o", tmp_path / "out.onnx", "--json", cwd=tmp_path)
+    assert result.returncode == 2
+    assert json.loads(result.stdout) == {"error": line[len("uprewrite: error: "):], "exit_code": 2,
+                                         "file": str(src), "report": None}
 
 
 def test_crash_in_the_child_removes_its_announced_temp_folders(tmp_path):
