@@ -1305,3 +1305,75 @@ def test_a_reshape_after_the_pixel_shuffle_is_not_part_of_the_site():
     assert site.node == "squeeze" and site.status == "rewritten"
     ops = _ops(result.model)
     assert ops[0] == "ConvTranspose" and ops[-1] == "Reshape" and ops.count("Reshape") == 1, ops
+
+
+def _random_chain(rng: random.Random, nrng: np.random.Generator):
+    """A 2-D pixel shuffle of a symbolic [N, 2, H, W] input spelled at random the ways exporters do
+    (Unsqueeze + Reshape with 0 / -1, split order of the channel axis, merges by [0,0,-1,1,0,0] then
+    [0,0,0,0,-1,1] + Squeeze or [0,0,0,-1]), its Transpose perm corrupted at times.  Returns
+    (model, whether the perm was corrupted, description)."""
+    opset = rng.choice([9, 11, 13, 17])
+    strides, c = (rng.randint(1, 3), rng.randint(1, 3)), rng.randint(1, 3)
+    order = ["c", 0, 1]
+    rng.shuffle(order)
+    k = c * strides[0] * strides[1]
+    inits = [_const("w", nrng.standard_normal((k, 2, 3, 3)).astype(np.float32))]
+    head = [c if f == "c" else strides[f] for f in order]
+    minus = rng.randrange(len(head) + 1)  # a -1 among the head dims, or none
+    split = [0] + [-1 if i == minus else v for i, v in enumerate(head)] + [0, 0]
+    perm = [0, 1 + order.index("c"), 4, 1 + order.index(0), 5, 1 + order.index(1)]
+    corrupt = rng.random() < 0.35
+    if corrupt:
+        i, j = rng.sample(range(1, 6), 2)
+        perm[i], perm[j] = perm[j], perm[i]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             _axes_node("Unsqueeze", "c", "u", [2, 3], opset, "unsqueeze", inits),
+             _reshape("u", "r1", split, "split", inits),
+             helper.make_node("Transpose", ["r1"], ["t"], name="perm", perm=perm)]
+    merge = rng.choice(["torch", "flat", "copy"])
+    if merge == "torch":
+        nodes += [_reshape("t", "r2", [0, 0, -1, 1, 0, 0], "merge_h", inits),
+                  _reshape("r2", "r3", [0, 0, 0, 0, -1, 1], "merge_w", inits),
+                  _axes_node("Squeeze", "r3", "y", [3, 5], opset, "end", inits)]
+    elif merge == "flat":
+        nodes += [_reshape("t", "r2", [0, 0, -1, 1, 0, 0], "merge_h", inits), _reshape("r2", "y", [0, 0, 0, -1], "end", inits)]
+    else:  # [0, 0, -1, 0, 0] copies the phase s0 as axis 3, not W: a near miss unless the strides are 1
+        nodes += [_reshape("t", "r2", [0, 0, -1, 0, 0], "merge_h", inits), _reshape("r2", "y", [0, 0, 0, -1], "end", inits)]
+        corrupt = True
+    model = _graph(nodes, ("N", 2, "H", "W"), inits, opset=opset)
+    return model, corrupt, f"opset {opset} strides {strides} c {c} order {order} split {split} perm {perm} merge {merge}"
+
+
+def test_random_chain_spellings_are_read_exactly_or_refused():
+    """40 random spellings: the uncorrupted ones are sites, every site equals the original at three
+    input sizes (batch and lengths changed), every refusal names the chain's last node."""
+    rng, nrng = random.Random(11), np.random.default_rng(11)
+    counts = {"site": 0, "refused": 0, "corrupt site": 0}
+    worst = 0.0
+    for _ in range(40):
+        model, corrupt, what = _random_chain(rng, nrng)
+        try:
+            session(model)
+            _run(model, {"x": np.zeros((1, 2, 3, 4), np.float32)})
+        except Exception:  # a corrupted perm the original cannot run with
+            continue
+        (site,) = up.convert(model, to="convtranspose", verify=False).report.sites
+        if site.status == "refused":
+            assert corrupt, (what, site.reason)
+            assert "'end'" in site.reason and "pixel shuffle" in site.reason, (what, site.reason)
+            counts["refused"] += 1
+            continue
+        counts["corrupt site" if corrupt else "site"] += 1
+        result = up.convert(model, to="convtranspose", verify=False)
+        assert "ConvTranspose" in _ops(result.model)
+        xrng = np.random.default_rng(3)
+        for shape in [(1, 2, 3, 4), (2, 2, 5, 1), (3, 2, 2, 7)]:
+            x = {"x": xrng.standard_normal(shape).astype(np.float32)}
+            want, got = _run(model, x)["y"], _run(result.model, x)["y"]
+            assert got.shape == want.shape, what
+            tol = 8 * EPS32 * math.sqrt(2 * 9) * max(1.0, float(np.abs(want).max()))
+            err = float(np.abs(got.astype(np.float64) - want).max())
+            worst = max(worst, err / tol)
+            assert err <= tol, (what, shape)
+    print(f"\nrandom chain spellings: {counts}; worst error/tolerance {worst:.3f}")
+    assert counts["site"] >= 15 and counts["refused"] >= 3, counts
