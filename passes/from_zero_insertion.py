@@ -17,7 +17,8 @@ comes as
   Site source ``zeroinsert``.
 
 A zero ``Pad`` right before the Conv adds to its pads; a ``Slice`` or a cropping (negative) ``Pad``
-after it folds into the crop.  Anything else (another mask, a Resize that is not plain
+after it folds into the crop, and then an ``Add`` of a constant repeating with the stride (the
+per-phase bias to_resize writes, or a per-channel bias) into the bias.  Anything else (another mask, a Resize that is not plain
 replication, pads on a non-unit axis, a mask that would broadcast the activation) is refused
 with the reason.
 """
