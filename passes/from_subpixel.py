@@ -368,6 +368,8 @@ class _SymbolicTrace:
                 shape = (shape[0], sum(index.constant(c.input[1])[0].shape[0] for c in start.convs)) + tuple(shape[2:])
             except (NotConstant, IndexError):
                 raise _Unproven(f"the channel count of '{name}' is unknown") from None
+        if any(n is not None and n < 1 for n in shape):
+            raise _Unproven(f"'{name}' has shape {list(shape)}: an empty tensor")
         spatial = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}.get(rank, tuple(f"L{i}" for i in range(rank)))
         self.names = ("N", None) + spatial
         self.full = [int(n) if n is not None else self.names[a] for a, n in enumerate(shape)]
@@ -999,7 +1001,7 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal | None:
     if longer and _ends_a_longer_shuffle(node, index):
         return None
     result = _parse(node, index)
-    if isinstance(result, Refusal) and (longer or len(_chain(node, index)[1]) > 3 and _ends_after_a_shuffle(node, index)):
+    if isinstance(result, Refusal) and (longer or _ends_after_a_shuffle(node, index)):
         return None
     return result
 
