@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
-from sweep import EPS32, Config, batch_model, run_model
+from sweep import EPS32, Config, batch_model, random_config, run_model
 
 from onnx_uprewrite.api import convert, find_sites
 from onnx_uprewrite.surgery import PERIODIC_CONSTANT_MAX
@@ -25,7 +25,8 @@ def sweep_stats():
     stats = {"sites": 0, "worst": 0.0, "worst_err": 0.0, "worst_tol": 0.0}
     yield stats
     if stats["sites"]:
-        print(f"\nzero-insertion round trips: {stats['sites']} sites x 2 targets, worst error/tolerance "
+        print(f"\nzero-insertion round trips: {stats['sites']} masked sites read back -> convtranspose and "
+              f"-> subpixel, worst error/tolerance "
               f"{stats['worst']:.3f} ({stats['worst_err']:.2e} vs {stats['worst_tol']:.2e})")
 
 
@@ -88,6 +89,25 @@ def test_masked_form_round_trips(batch, opset, sweep_stats):
         assert op in ops and not ops & {"Resize", "Upsample", "Mul", "Tile"}, ops
         _check_outputs(ref, run_model(back.model, feeds), configs, sweep_stats)
     sweep_stats["sites"] += len(configs)
+
+
+@pytest.mark.parametrize("batch", [0, 1])
+def test_random_configs_round_trip(batch, sweep_stats):
+    """sweep.random_config: ranks 1-3, strides 1-4 (unequal too), auto_pad, output_shape, symbolic
+    lengths (masks built by Tile at run time); the masked sites read back."""
+    rng = random.Random(700 + batch)
+    configs = [random_config(rng) for _ in range(2 * PER_BATCH)]
+    model, feeds, _ = batch_model(configs, 17, 700 + batch)
+    ref = run_model(model, feeds)
+    masked = convert(model, to="resize", inputs=feeds)
+    n_masked = sum("phase mask" in s.form for s in masked.report.sites)
+    assert n_masked >= PER_BATCH
+    for to in ("convtranspose", "subpixel"):
+        back = convert(masked.model, to=to, inputs=feeds)
+        assert [s.status for s in back.report.sites] == ["rewritten"] * len(configs)
+        assert sum(s.source == "resize" for s in back.report.sites) == len(configs)
+        _check_outputs(ref, run_model(back.model, feeds), configs, sweep_stats)
+    sweep_stats["sites"] += n_masked
 
 
 def test_tiled_mask_reads_back():
