@@ -1,0 +1,383 @@
+"""Real architectures at full size (random weights): conversion cost, exactness and latency (issue 20).
+
+Needs an optional environment with the models' own libraries (never in CI; nothing is downloaded at
+run time: every model is built from code or a config with random weights):
+
+    python3 -m venv /tmp/realenv
+    /tmp/realenv/bin/pip install torch==2.13.0 torchvision diffusers segmentation-models-pytorch \\
+        ultralytics spandrel onnx onnxruntime onnxscript
+    /tmp/realenv/bin/pip install -e .
+    /tmp/realenv/bin/python benchmarks/bench_real.py [--only NAME ...] [--to FORM ...] [--seconds 40] [--out /tmp/uprewrite_real]
+
+Models (NAME, input):
+  sd-vae-dec   diffusers AutoencoderKL decoder (128/256/512/512 channels), latent 1x4x32x32 -> 1x3x256x256
+  unet-r34     segmentation_models_pytorch Unet(resnet34), 1x3x256x256
+  unetpp-r34   segmentation_models_pytorch UnetPlusPlus(resnet34), 1x3x256x256
+  linknet-r34  segmentation_models_pytorch Linknet(resnet34), 1x3x256x256
+  yolov8n-seg  ultralytics SegmentationModel("yolov8n-seg.yaml"), 1x3x320x320
+  esrgan-x4    spandrel RRDBNet (64 filters, 23 blocks, x4), 1x3x64x64 -> 1x3x256x256
+  lraspp-mnv3  torchvision lraspp_mobilenet_v3_large, 1x3x256x256 (bilinear F.interpolate(size=...))
+  fcn-r50      torchvision fcn_resnet50, 1x3x256x256
+
+Each model is exported (in a child process, so torch stays out of the timed one) with the
+TorchScript exporter at opset 17, static shapes, and again with a dynamic batch dim; exports are
+cached in --out.  Then, one model at a time:
+
+- ``uprewrite convert --to T`` for every target, each in its own process: wall time, and peak RSS
+  from ``os.wait4`` (the process and the children it reaped, like ``/usr/bin/time -v``); the
+  report gives the verification, the worst error / tolerance over the outputs and sites rewritten
+  / refused.  The dynamic-batch copy is converted with --dyn-to (default fastest).
+- one plain onnxruntime session + run of the original in a child: the floor to compare with.
+- latency: the original and every rewritten model that changed, interleaved (A B C ... A B C ...)
+  in one process after a warm-up, at 1 thread and at all threads (onnxruntime's default); the
+  ratio is the rewritten median over the original's (below 1: faster).  Compare within one run.
+
+The refusal reasons are printed after the table, grouped, and the full JSON reports stay in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+OPSET = 17
+TARGETS = ("subpixel", "resize", "convtranspose", "fastest")
+HERE = Path(__file__).resolve().parent
+
+
+# ---- model builders (run only in the export child: they import torch and the model libraries) ----
+
+def _sd_vae_decoder():
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=256,
+                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+
+    class Decoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, z):
+            return self.vae.decode(z).sample
+
+    return Decoder(), (1, 4, 32, 32)
+
+
+def _smp(arch):
+    def build():
+        import segmentation_models_pytorch as smp
+
+        return getattr(smp, arch)(encoder_name="resnet34", encoder_weights=None, classes=1), (1, 3, 256, 256)
+    return build
+
+
+def _yolov8n_seg():
+    from ultralytics.nn.modules import Detect
+    from ultralytics.nn.tasks import SegmentationModel
+
+    model = SegmentationModel("yolov8n-seg.yaml", verbose=False)
+    for m in model.modules():
+        if isinstance(m, Detect):  # what ultralytics' own exporter sets: the inference outputs only
+            m.export, m.format = True, "onnx"
+    return model, (1, 3, 320, 320)
+
+
+def _esrgan_x4():
+    from spandrel.architectures.ESRGAN import ESRGAN as RRDBNet
+
+    return RRDBNet(in_nc=3, out_nc=3, num_filters=64, num_blocks=23, scale=4), (1, 3, 64, 64)
+
+
+def _torchvision(name):
+    def build():
+        import torch
+        from torchvision.models import segmentation
+
+        net = getattr(segmentation, name)(weights=None, weights_backbone=None)
+
+        class Out(torch.nn.Module):  # the dict of outputs -> its "out" tensor
+            def __init__(self):
+                super().__init__()
+                self.net = net
+
+            def forward(self, x):
+                return self.net(x)["out"]
+
+        return Out(), (1, 3, 256, 256)
+    return build
+
+
+MODELS = {
+    "sd-vae-dec": _sd_vae_decoder,
+    "unet-r34": _smp("Unet"),
+    "unetpp-r34": _smp("UnetPlusPlus"),
+    "linknet-r34": _smp("Linknet"),
+    "yolov8n-seg": _yolov8n_seg,
+    "esrgan-x4": _esrgan_x4,
+    "lraspp-mnv3": _torchvision("lraspp_mobilenet_v3_large"),
+    "fcn-r50": _torchvision("fcn_resnet50"),
+}
+
+
+def _torchvision_importable() -> None:
+    """PyPI's torchvision wheels are built against CUDA torch: beside the CPU torch their C ops do not
+    load, and ``import torchvision`` (which ultralytics, timm, spandrel and diffusers do) then fails
+    registering fake kernels of torchvision::nms and ::qnms.  No model here runs those ops: define
+    their schemas so that the import succeeds."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None:
+        return
+    try:
+        torch.ops.load_library(next(Path(spec.origin).parent.glob("_C*.so")))
+        return
+    except (OSError, StopIteration):
+        pass
+    lib = torch.library.Library("torchvision", "DEF")
+    for op in ("nms", "qnms"):
+        lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _torchvision_importable.lib = lib  # a Library unregisters its ops when collected
+
+
+def export(name: str, out: Path) -> None:
+    """Export MODELS[name] twice: static shapes and a dynamic batch dim (TorchScript exporter)."""
+    import torch
+
+    _torchvision_importable()
+    torch.manual_seed(0)
+    module, shape = MODELS[name]()
+    module.eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        y = module(x)
+    n_out = len(y) if isinstance(y, (tuple, list)) else 1
+    outputs = [f"y{i}" for i in range(n_out)]
+    for path, dynamic in ((out / f"{name}.onnx", None),
+                          (out / f"{name}_dyn.onnx", {n: {0: "batch"} for n in ["x", *outputs]})):
+        with torch.no_grad():
+            torch.onnx.export(module, (x,), str(path), dynamo=False, opset_version=OPSET, input_names=["x"],
+                              output_names=outputs, dynamic_axes=dynamic)
+
+
+# ---- measurements in child processes ----
+
+def _child(argv: list[str]) -> tuple[int, float, float]:
+    """Run argv; return its exit code, wall seconds and peak RSS in GB (it and the children it reaped)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, wall, usage.ru_maxrss * 1024 / 1e9
+
+
+def convert(model: Path, to: str, out: Path) -> dict:
+    stem = model.stem
+    output, report = out / f"{stem}.{to}.onnx", out / f"{stem}.{to}.report.json"
+    output.unlink(missing_ok=True)
+    report.unlink(missing_ok=True)
+    cli = Path(sys.executable).parent / "uprewrite"
+    rc, wall, rss = _child([str(cli), "convert", str(model), "--to", to, "-o", str(output), "--report", str(report)])
+    rep = json.loads(report.read_text()) if report.exists() else {}
+    return dict(to=to, rc=rc, wall=wall, rss=rss, report=rep, output=output if output.exists() else None)
+
+
+_PLAIN = """
+import sys, numpy as np, onnxruntime as ort
+s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+rng = np.random.default_rng(0)
+feeds = {i.name: rng.standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32)
+         for i in s.get_inputs()}
+s.run(None, feeds)
+"""
+
+
+def plain_run(model: Path) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB) of one plain onnxruntime session + run (imports included)."""
+    rc, wall, rss = _child([sys.executable, "-c", _PLAIN, str(model)])
+    if rc:
+        raise RuntimeError(f"plain onnxruntime run of {model} failed (exit {rc})")
+    return wall, rss
+
+
+# ---- latency, interleaved in this process ----
+
+def latencies(paths: list[Path], threads: int, seconds: float) -> tuple[list[float], int]:
+    """Median seconds per run of each model, interleaved, and the number of runs (chosen to fill
+    about ``seconds``)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from bench_latency import interleaved
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads  # 0: onnxruntime's default, all physical cores
+    opts.inter_op_num_threads = 1 if threads == 1 else 0
+    sessions = [ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for p in paths]
+    rng = np.random.default_rng(1)
+    feeds = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in sessions[0].get_inputs()}
+    t = time.perf_counter()
+    for s in sessions:
+        s.run(None, feeds)
+    once = (time.perf_counter() - t) / len(sessions)
+    runs = max(5, min(40, int(seconds / (once * len(sessions)))))
+    medians = interleaved(sessions, feeds, runs)
+    del sessions
+    return medians, runs
+
+
+# ---- report digest ----
+
+def worst_ratio(report: dict) -> str:
+    """Worst error / tolerance over the outputs (both sizes when a second was checked)."""
+    checks = report.get("outputs", []) + report.get("outputs_second_size", [])
+    ratios = [c["max_abs_error"] / c["tolerance"] for c in checks if c.get("tolerance")]
+    return f"{max(ratios):.3f}" if ratios else "-"
+
+
+def short(reason: str, width: int = 150) -> str:
+    return textwrap.shorten(reason, width, placeholder=" ...")
+
+
+def site_counts(report: dict) -> tuple[int, int, int]:
+    status = Counter(s["status"] for s in report.get("sites", []))
+    return status["rewritten"], status["refused"], status["skipped"]
+
+
+def chosen(report: dict) -> str:
+    forms = Counter(s.get("chosen") or s.get("target") for s in report.get("sites", []) if s["status"] == "rewritten")
+    return " ".join(f"{f} x{n}" for f, n in sorted(forms.items())) or "-"
+
+
+def site_macs(report: dict) -> str:
+    """GMACs of the rewritten sites before -> after."""
+    sites = [s for s in report.get("sites", []) if s["status"] == "rewritten" and s.get("macs_before")]
+    if not sites:
+        return "-"
+    return (f"{sum(s['macs_before'] for s in sites) / 1e9:.2f}->"
+            f"{sum(s['macs_after'] or 0 for s in sites) / 1e9:.2f}")
+
+
+def model_macs(path: Path) -> int | None:
+    """MACs of every Conv and ConvTranspose (bench_decoders.conv_macs), None where shapes are unknown."""
+    import onnx
+
+    from bench_decoders import conv_macs
+
+    try:
+        return conv_macs(onnx.load(str(path)))
+    except (KeyError, onnx.shape_inference.InferenceError):
+        return None
+
+
+HEADER = (f"{'model':12s} {'--to':16s} {'verified':8s} {'err/tol':>7s} {'rw/ref/skip':>11s} {'conv s':>6s} "
+          f"{'conv GB':>7s} {'lat 1t':>6s} {'lat all':>7s} {'MACs':>5s} {'site GMACs':>11s}  forms")
+
+
+def row(name: str, to: str, res: dict, lat=("-", "-"), mac_ratio: str = "-") -> str:
+    rep = res["report"]
+    verified = rep.get("verification", f"exit {res['rc']}")
+    counts = "/".join(map(str, site_counts(rep)))
+    return (f"{name:12s} {to:16s} {verified:8s} {worst_ratio(rep):>7s} {counts:>11s} {res['wall']:6.1f} "
+            f"{res['rss']:7.2f} {lat[0]:>6s} {lat[1]:>7s} {mac_ratio:>5s} {site_macs(rep):>11s}  {chosen(rep)}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="*", default=[], help="these models (default: all)")
+    parser.add_argument("--to", nargs="*", default=list(TARGETS), help="targets of the static export")
+    parser.add_argument("--dyn-to", nargs="*", default=["fastest"], help="targets of the dynamic-batch export")
+    parser.add_argument("--seconds", type=float, default=40.0, help="latency budget per model and thread setting")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/uprewrite_real"))
+    parser.add_argument("--reexport", action="store_true", help="export again even when cached")
+    parser.add_argument("--export", help=argparse.SUPPRESS)  # the child: export this model and exit
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.export:
+        export(args.export, args.out)
+        return
+
+    import onnxruntime as ort
+
+    import onnx_uprewrite
+
+    print(f"{time.strftime('%Y-%m-%d')}, onnxruntime {ort.__version__}, onnx-uprewrite {onnx_uprewrite.__version__}, "
+          f"{_versions()}, {os.cpu_count()} CPUs")
+    lines, refusals = [HEADER], Counter()
+    for name in args.only or MODELS:
+        static, dyn = args.out / f"{name}.onnx", args.out / f"{name}_dyn.onnx"
+        if args.reexport or not (static.exists() and dyn.exists()):
+            t = time.perf_counter()
+            rc = subprocess.run([sys.executable, __file__, "--export", name, "--out", str(args.out)]).returncode
+            if rc:
+                lines.append(f"{name:13s} export failed (exit {rc})")
+                print(lines[-1], flush=True)
+                continue
+            print(f"# {name}: exported in {time.perf_counter() - t:.0f} s", flush=True)
+        plain_s, plain_gb = plain_run(static)
+        lines.append(f"{name:12s} {'(plain ort run)':16s} {'':8s} {'':>7s} {'':>11s} {plain_s:6.1f} {plain_gb:7.2f}"
+                     f"   ({static.stat().st_size / 1e6:.0f} MB model)")
+        print(lines[-1], flush=True)
+        results = [convert(static, to, args.out) for to in args.to]
+        changed = [r for r in results if r["output"] and site_counts(r["report"])[0]]
+        lat = {}
+        if changed:
+            for threads in (1, 0):
+                medians, runs = latencies([static] + [r["output"] for r in changed], threads, args.seconds)
+                for r, m in zip(changed, medians[1:]):
+                    lat.setdefault(r["to"], []).append(f"{m / medians[0]:.2f}")
+                print(f"# {name}: original {medians[0] * 1e3:.0f} ms at {threads or 'all'} thread(s), "
+                      f"median of {runs}", flush=True)
+        base = model_macs(static)
+        for r in results:
+            after = model_macs(r["output"]) if r in changed else None
+            ratio = f"{after / base:.2f}" if base and after else "-"
+            unchanged = ("same", "same") if r["output"] else ("-", "-")
+            lines.append(row(name, r["to"], r, lat.get(r["to"], unchanged), ratio))
+            print(lines[-1], flush=True)
+        for to in args.dyn_to:
+            r = convert(dyn, to, args.out)
+            results.append(r)
+            lines.append(row(name, f"{to} (dyn N)", r))
+            print(lines[-1], flush=True)
+        for r in results:
+            for s in r["report"].get("sites", []):
+                if s["status"] == "refused":
+                    refusals[(name, short(s.get("reason") or ""))] += 1
+            if not r["report"]:
+                refusals[(name, f"--to {r['to']}: exit {r['rc']}, no report")] += 1
+    print("\n" + "\n".join(lines))
+    if refusals:
+        print("\nrefused sites (model: count over all conversions, reason):")
+        for (name, reason), n in sorted(refusals.items()):
+            print(f"  {name}: {n}x {reason}")
+
+
+def _versions() -> str:
+    from importlib import metadata
+
+    found = []
+    for pkg in ("torch", "diffusers", "segmentation-models-pytorch", "ultralytics", "spandrel", "torchvision"):
+        try:
+            found.append(f"{pkg} {metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(found)
+
+
+if __name__ == "__main__":
+    main()
