@@ -12,12 +12,22 @@ Schema (every key but ``name`` optional; an op absent from ``ops`` is run withou
                          "output_shape": false, "groups": "1" | "depthwise" | "1_or_depthwise" | "any"},
        "Resize": {"supported": true, "modes": ["nearest", "linear"], "scales": [2, 4], "max_scale": 8},
        "DepthToSpace": {"supported": true, "modes": ["DCR"], "blocksizes": [2, 4, 8]},
-       "Conv": {"supported": true, "max_kernel": 7, "strides": [1, 2], "dilation": true, "groups": "any"}},
+       "Conv": {"supported": true, "max_kernel": 7, "strides": [1, 2], "dilation": true, "groups": "any"},
+       "Reshape": {"max_rank": 5}, "Transpose": {"max_rank": 5}},
      "notes": ["..."]}
 
 Lists are the allowed per-axis values (null or absent: any); ``max_*`` are inclusive bounds;
 ``dilation`` / ``output_padding`` / ``output_shape`` false forbid a non-default value.  Resize
-covers Upsample too; ``scales`` are the spatial factors (integers).
+covers Upsample too; ``scales`` are the spatial factors (integers).  ``ranks`` (ConvTranspose, Conv,
+Resize) are the allowed numbers of spatial axes (1, 2, 3); ``max_rank`` (Reshape, Transpose) bounds
+the tensor rank, batch included.  Reshape and Transpose are checked only when a profile limits them.
+
+Placement: every op may say what the target does with an instance that breaks its limits (or with
+any instance, when ``supported`` is false), ``"violation"``: ``"rejected"`` (the default: the compiler
+refuses the model), ``"cpu"`` (it compiles, but the op falls back to the host CPU: off the NPU) or
+``"wrong"`` (it compiles and runs, but computes wrong values: measured, benchmarks/compilers).  A
+Violation carries that ``kind``; a CPU fallback is a violation too, since the point of a profile is
+to keep every upsampling op on the accelerator.
 """
 
 from __future__ import annotations
@@ -37,13 +47,20 @@ from .model_io import tensor_array
 
 BUILTIN_DIR = Path(__file__).with_name("profiles")
 CHECKED_OPS = ("ConvTranspose", "Resize", "Upsample", "DepthToSpace")
+#: checked only when a profile limits them (the sub-pixel form's Reshape -> Transpose -> Reshape)
+LAYOUT_OPS = ("Reshape", "Transpose")
+#: what a target does with an op it cannot run as the profile's limits say
+KINDS = ("rejected", "cpu", "wrong")
+_KIND_TEXT = {"rejected": "", "cpu": "CPU fallback: ", "wrong": "wrong values: "}
 
 _OP_KEYS = {
     "ConvTranspose": {"supported", "strides", "square_stride", "kernels", "max_kernel", "max_pad", "dilation",
-                      "output_padding", "output_shape", "groups"},
-    "Resize": {"supported", "modes", "scales", "max_scale"},
-    "DepthToSpace": {"supported", "modes", "blocksizes"},
-    "Conv": {"supported", "max_kernel", "strides", "kernels", "max_pad", "dilation", "groups"},
+                      "output_padding", "output_shape", "groups", "ranks", "violation"},
+    "Resize": {"supported", "modes", "scales", "max_scale", "ranks", "violation"},
+    "DepthToSpace": {"supported", "modes", "blocksizes", "violation"},
+    "Conv": {"supported", "max_kernel", "strides", "kernels", "max_pad", "dilation", "groups", "ranks", "violation"},
+    "Reshape": {"supported", "max_rank", "violation"},
+    "Transpose": {"supported", "max_rank", "violation"},
 }
 _GROUPS = ("1", "depthwise", "1_or_depthwise", "any")
 
@@ -58,12 +75,17 @@ class Profile:
     def limits(self, op: str) -> dict | None:
         return self.ops.get("Resize" if op == "Upsample" else op)
 
+    def kind(self, op: str) -> str:
+        """What the target does with an ``op`` it cannot run as the limits say (KINDS)."""
+        return (self.limits(op) or {}).get("violation") or "rejected"
+
 
 @dataclass(frozen=True)
 class Violation:
     node: str
     op: str
     reason: str
+    kind: str = "rejected"  # KINDS: "cpu" is a CPU fallback, "wrong" a measured miscompilation
 
     def __str__(self) -> str:
         return f"{self.op} '{self.node}': {self.reason}"
@@ -129,11 +151,14 @@ def _check_value(where, op, key, value):
     if key in ("supported", "square_stride", "dilation", "output_padding", "output_shape"):
         if not isinstance(value, bool):
             fail("true or false")
-    elif key in ("strides", "kernels", "scales", "blocksizes"):
+    elif key == "violation":
+        if value not in KINDS:
+            fail(" / ".join(KINDS))
+    elif key in ("strides", "kernels", "scales", "blocksizes", "ranks"):
         if not (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
                                                 for v in value)):
             fail("a list of positive integers or null")
-    elif key in ("max_kernel", "max_pad", "max_scale"):
+    elif key in ("max_kernel", "max_pad", "max_scale", "max_rank"):
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
             fail("a non-negative integer or null")
     elif key == "modes":
@@ -159,20 +184,44 @@ def _text(v):
 def node_problems(node: onnx.NodeProto, profile: Profile, constants: dict[str, np.ndarray],
                   shapes: dict[str, tuple] | None = None) -> list[str]:
     """Why ``profile``'s target cannot run ``node`` (empty: it can).  ``constants`` holds the values
-    of constant inputs (weights, Resize scales); ``shapes`` known tensor shapes."""
+    of constant inputs (weights, Resize scales); ``shapes`` known tensor shapes.  Reasons of an op
+    whose violation kind is not "rejected" start with "CPU fallback: " or "wrong values: "."""
     limits = profile.limits(node.op_type)
     if limits is None or node.domain not in ("", "ai.onnx"):
         return []
+    prefix = _KIND_TEXT[profile.kind(node.op_type)]
     if limits.get("supported") is False:
-        return [f"{profile.name} does not run {node.op_type}"]
+        return [f"{prefix}{profile.name} does not run {node.op_type}"]
     check = {"ConvTranspose": _conv_problems, "Conv": _conv_problems, "Resize": _resize_problems,
-             "Upsample": _resize_problems, "DepthToSpace": _d2s_problems}.get(node.op_type)
+             "Upsample": _resize_problems, "DepthToSpace": _d2s_problems, "Reshape": _layout_problems,
+             "Transpose": _layout_problems}.get(node.op_type)
     if check is None:
         return []
     try:
-        return check(node, _attrs(node), limits, constants, shapes or {})
+        return [prefix + why for why in check(node, _attrs(node), limits, constants, shapes or {})]
     except Exception as exc:  # noqa: BLE001 - attributes of unexpected types, missing inputs: not checkable
         return [f"cannot be checked ({type(exc).__name__}: {one_line(str(exc))[:120]})"]
+
+
+def _rank_problems(what: str, rank: int | None, limits) -> list[str]:
+    allowed = limits.get("ranks")
+    if allowed is None or rank is None or rank in allowed:
+        return []
+    return [f"{rank}-D {what} (spatial ranks allowed: {allowed})"]
+
+
+def _layout_problems(node, a, limits, constants, shapes):
+    """Reshape / Transpose: the tensor rank, from ``perm``, the constant target shape or ``shapes``."""
+    if limits.get("max_rank") is None:
+        return []
+    if node.op_type == "Transpose":
+        rank = len(a["perm"]) if "perm" in a else len(shapes.get(node.input[0]) or ()) or None
+    else:
+        target = constants.get(node.input[1]) if len(node.input) > 1 else None
+        rank = int(target.size) if target is not None else len(shapes.get(node.output[0]) or ()) or None
+    if rank is None:
+        return ["its rank is not known, so it cannot be checked"]
+    return [f"rank {rank} over {limits['max_rank']}"] if rank > limits["max_rank"] else []
 
 
 def _allowed(what, values, allowed):
@@ -188,6 +237,7 @@ def _conv_problems(node, a, limits, constants, shapes):
     kernel = a.get("kernel_shape") or (list(w.shape[2:]) if w is not None else None)
     rank = len(kernel) if kernel else (len(w.shape) - 2 if w is not None else None)
     strides = a.get("strides") or ([1] * rank if rank else [])
+    out += _rank_problems(node.op_type, rank, limits)
     for why in (_allowed("strides", strides, limits.get("strides")),
                 _allowed("kernel", kernel or [], limits.get("kernels"))):
         if why:
@@ -235,6 +285,7 @@ def _resize_problems(node, a, limits, constants, shapes):
             out.append("its scales are not constant, so they cannot be checked")
         return out
     spatial = scales[2:]
+    out += _rank_problems("Resize", len(spatial), limits)
     if not all(math.isfinite(s) for s in spatial):
         out.append(f"scales {spatial} are not finite")
         return out
@@ -328,6 +379,9 @@ def check_model(model: onnx.ModelProto, profile: Profile, shapes: dict | None = 
     """Every upsampling node of ``model``'s main graph (upsampling_nodes) that ``profile``'s target
     cannot run, with why."""
     nodes = upsampling_nodes(model)
+    layout = [op for op in LAYOUT_OPS if profile.limits(op) is not None]
+    if layout:  # Reshape/Transpose: only where a profile limits them (then all of them)
+        nodes += [n for n in model.graph.node if n.op_type in layout]
     wanted = {i for n in nodes for i in n.input}
     chain = [n for n in model.graph.node if n.op_type in ("DequantizeLinear", "Identity", "Cast")]
     wanted |= {n.input[0] for n in chain if n.input and n.output and n.output[0] in wanted}
@@ -335,5 +389,6 @@ def check_model(model: onnx.ModelProto, profile: Profile, shapes: dict | None = 
     found = []
     for node in nodes:
         for why in node_problems(node, profile, constants, shapes):
-            found.append(Violation(node.name or node.output[0], node.op_type, why))
+            kind = profile.kind(node.op_type) if not why.startswith("cannot be checked") else "rejected"
+            found.append(Violation(node.name or node.output[0], node.op_type, why, kind))
     return found
