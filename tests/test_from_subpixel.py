@@ -622,6 +622,18 @@ def test_constant_shapes_on_symbolic_lengths_pin_them_or_are_refused():
     assert result.report.verified and _ops(result.model) == ["ConvTranspose"]
 
 
+def test_a_chain_that_is_a_pixel_shuffle_at_the_measured_size_only_is_refused():
+    """[0, 2, 2, 2, 3, -1] splits H as 3 and leaves W to the -1: a pixel shuffle at H=3, W=4, where it
+    was measured, and a different rearrangement at H=6 (the measured shapes alone cannot tell)."""
+    model = _rtr_model([0, 1, 4, 2, 5, 3], split=[0, 2, 2, 2, 3, -1], merge=[0, 2, -1, 8])
+    for axis, name in ((0, "N"), (2, "H"), (3, "W")):
+        model.graph.input[0].type.tensor_type.shape.dim[axis].dim_param = name
+    result = up.convert(model, to="convtranspose", shapes={"x": (1, 2, 3, 4)})
+    (site,) = result.report.sites
+    assert site.status == "refused" and "at every input size" in site.reason, site.reason
+    assert "Reshape 'split' shape [0, 2, 2, 2, 3, -1]" in site.reason and _ops(result.model) == _ops(model)
+
+
 def _symbolic_subpixel():
     """Our own sub-pixel form of a 2-D k(4, 3) s(2, 3) ConvTranspose on a symbolic [N, 4, H, W]
     input: Shape(conv output) -> Gather -> Concat builds the Reshape shapes at run time."""
