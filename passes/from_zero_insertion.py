@@ -11,10 +11,11 @@ comes as
   replication ``x[o // s]``, times a constant 0/1 mask keeping exactly one phase per period: a
   constant, or one period ``Tile``d [-> ``Slice``] as ``Builder.periodic`` writes it.  Site source
   ``resize`` (it is in that form: ``--to resize`` leaves it);
-- ``Unsqueeze`` (or a ``Reshape`` inserting unit axes) -> ``Pad`` (zeros, on those unit axes) ->
+- ``Unsqueeze`` (or a ``Reshape`` inserting unit axes) -> ``Pad`` (zeros, on those unit axes) or
+  ``Concat`` with zero tensors (``torch.stack([x, zeros])``: constants or ``ConstantOfShape`` 0) ->
   ``Reshape`` merging each padded axis into the axis before it, all axes at once or chained per
-  axis (any run of Reshape/Unsqueeze/Squeeze/Flatten and zero Pads, read from the measured shapes).
-  Site source ``zeroinsert``.
+  axis (any run of Reshape/Unsqueeze/Squeeze/Flatten and such pads, read from the measured
+  shapes).  Site source ``zeroinsert``.
 
 A zero ``Pad`` right before the Conv adds to its pads; a ``Slice`` or a cropping (negative) ``Pad``
 after it folds into the crop, and then an ``Add`` of a constant repeating with the stride (the
@@ -29,7 +30,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import NodeProto
+from onnx import NodeProto, numpy_helper
 
 from onnx_uprewrite.sites import GraphIndex, NotConstant, Refusal, Site, attributes, conv_weights, text
 from onnx_uprewrite.surgery import INT64_MAX
@@ -41,6 +42,7 @@ from .from_subpixel import _apply_crop, _trailing_slice
 SOURCE = "zeroinsert"
 MASKED = "resize"  # the masked Resize spelling is the tool's resize form
 RESHAPES = ("Reshape", "Unsqueeze", "Squeeze", "Flatten")
+PADS = ("Pad", "Concat")  # a Concat with zero tensors pads too (torch.stack([x, zeros]))
 #: the longest Reshape/Pad run read as zero insertion (per-axis chains of 3-D sites: 9 nodes)
 MAX_CHAIN = 12
 
@@ -254,27 +256,71 @@ def _chain(tensor: str, index: GraphIndex) -> tuple[str, list[NodeProto]] | None
     first input), when it has a Pad and ends in a Reshape-like op; else None."""
     nodes: list[NodeProto] = []
     while len(nodes) < MAX_CHAIN:
-        node = _op(index, tensor, "Pad", *RESHAPES)
-        if node is None:
+        node = _op(index, tensor, *PADS, *RESHAPES)
+        feed = node and _feed(node, index)
+        if feed is None:
             break
         nodes.append(node)
-        tensor = node.input[0]
+        tensor = feed
     nodes.reverse()
-    pads = [i for i, n in enumerate(nodes) if n.op_type == "Pad"]
-    if not pads or nodes[-1].op_type == "Pad":
+    if not any(n.op_type in PADS for n in nodes) or nodes[-1].op_type in PADS:
         return None
-    return nodes[0].input[0], nodes
+    return tensor, nodes
+
+
+def _feed(node: NodeProto, index: GraphIndex) -> str | None:
+    """The activation a run node reads: its first input, or the one input of a Concat that is not zeros."""
+    if node.op_type != "Concat":
+        return node.input[0] if node.input else None
+    live = [t for t in node.input if not _is_zeros(t, index)]
+    return live[0] if len(live) == 1 and len(node.input) > 1 else None
+
+
+def _is_zeros(name: str, index: GraphIndex) -> bool:
+    """A tensor of zeros: ``ConstantOfShape`` with value 0 (``torch.zeros_like``), or a zero constant."""
+    node = _op(index, name, "ConstantOfShape")
+    if node is not None:
+        value = attributes(node).get("value")
+        return value is None or not np.any(numpy_helper.to_array(value))
+    try:
+        values, _ = index.constant(name)
+    except NotConstant:
+        return False
+    return values.size > 0 and not np.any(values)
+
+
+def _insertion_pads(node: NodeProto, index: GraphIndex, us: tuple[int, ...]) -> tuple[list[int], tuple[str, ...]]:
+    """Begins and ends of zeros a Pad, or a Concat with zero tensors, puts around its input of shape
+    ``us``; _Refuse says why not."""
+    if node.op_type == "Pad":
+        return _zero_pads(node, index, len(us))
+    axis = int(attributes(node).get("axis", 0)) % len(us)
+    feed = _feed(node, index)
+    pads, tensors, before = [0] * (2 * len(us)), [], True
+    for t in node.input:
+        if t == feed and before:
+            before = False
+            continue
+        shape = _shape(index, t)
+        if shape is None and t in index.initializers:
+            shape = tuple(index.initializers[t].dims)
+        if shape is None or len(shape) != len(us):
+            raise _Refuse(f"Concat '{_name(node)}': the shape of zeros '{t}' is unknown")
+        pads[axis if before else len(us) + axis] += shape[axis]
+        tensors += [t, *index.shape_computation(t)]
+    return pads, tuple(tensors)
 
 
 def _start(x: str, nodes: list[NodeProto], index: GraphIndex, full_rank: int) -> tuple[str, list[NodeProto]]:
     """Move the start of the run to the last tensor of the activation's rank before the first Pad."""
-    first_pad = next(i for i, n in enumerate(nodes) if n.op_type == "Pad")
+    first_pad = next(i for i, n in enumerate(nodes) if n.op_type in PADS)
     for i in range(first_pad, -1, -1):
-        tensor = nodes[i].input[0] if i < len(nodes) else x
+        tensor = _feed(nodes[i], index)
         shape = _shape(index, tensor)
         if shape is not None and len(shape) == full_rank:
             return tensor, nodes[i:]
-    raise _Refuse(f"no tensor of rank {full_rank} with a known shape before Pad '{_name(nodes[first_pad])}' "
+    raise _Refuse(f"no tensor of rank {full_rank} with a known shape before {nodes[first_pad].op_type} "
+                  f"'{_name(nodes[first_pad])}' "
                   "(pass --shape, or let verification run)")
 
 
@@ -311,27 +357,28 @@ def _padded(last: NodeProto, index: GraphIndex, rank: int) -> _Insertion:
     tensors: list[str] = []
     for node in nodes:
         tensors.append(node.output[0])
-        if node.op_type != "Pad":
+        if node.op_type not in PADS:
             if len(node.input) > 1 and node.op_type == "Reshape":
                 tensors += index.shape_computation(node.input[1])
             elif len(node.input) > 1 and node.input[1]:
                 tensors.append(node.input[1])  # Unsqueeze/Squeeze axes
             continue
-        us = _shape(index, node.input[0])
+        what = f"{node.op_type} '{_name(node)}'"
+        feed = _feed(node, index)
+        us = _shape(index, feed)
         if us is None:
-            raise _Refuse(f"{label}: the shape of '{node.input[0]}' is unknown (pass --shape, or let verification run)")
-        pads, consts = _zero_pads(node, index, len(us))
+            raise _Refuse(f"{label}: the shape of '{feed}' is unknown (pass --shape, or let verification run)")
+        pads, consts = _insertion_pads(node, index, us)
         tensors += consts
         if any(p < 0 for p in pads):
-            raise _Refuse(f"{label}: Pad '{_name(node)}' has negative pads {pads} (a crop drops samples)")
+            raise _Refuse(f"{label}: {what} has negative pads {pads} (a crop drops samples)")
         padded = [pads[j] + pads[len(us) + j] > 0 for j in range(len(us))]
         if any(p and n != 1 for p, n in zip(padded, us)):
-            raise _Refuse(f"{label}: Pad '{_name(node)}' pads an axis longer than 1 of {list(us)} (zero padding, "
-                          "not insertion)")
+            raise _Refuse(f"{label}: {what} pads an axis longer than 1 of {list(us)} (zero padding, not insertion)")
         groups = _group(shape, us, padded)
         if groups is None:
-            raise _Refuse(f"{label}: the reshape of {list(shape)} to {list(us)} before Pad '{_name(node)}' only "
-                          "inserts unit axes")
+            raise _Refuse(f"{label}: the reshape of {list(shape)} to {list(us)} before {what} is not an insertion "
+                          "of unit axes")
         grown = list(shape)
         for a in range(full_rank):
             step, phase = 1, 0
@@ -370,7 +417,7 @@ def _find(node: NodeProto, index: GraphIndex | None):
         return (pre, mul, None) if _is_zero_one_mask(values) else None
     last = _op(index, tensor, *RESHAPES)
     chain = _chain(tensor, index) if last is not None else None
-    if chain is not None and all(_pads_unit_axes(n, index) for n in chain[1] if n.op_type == "Pad"):
+    if chain is not None and all(_pads_unit_axes(n, index) for n in chain[1] if n.op_type in PADS):
         return pre, None, last
     return None
 
@@ -378,8 +425,9 @@ def _find(node: NodeProto, index: GraphIndex | None):
 def _pads_unit_axes(pad: NodeProto, index: GraphIndex) -> bool:
     """Whether a Pad in a Reshape run may insert zeros: constant zeros, pads >= 0, and (where its
     input shape is known) only on axes of length 1.  Other Pad/Reshape runs are not sites."""
-    shape = _shape(index, pad.input[0]) or index.static_shapes.get(pad.input[0])
-    if shape is None:
+    feed = _feed(pad, index)
+    shape = _shape(index, feed) or index.static_shapes.get(feed)
+    if shape is None or pad.op_type == "Concat":
         return True  # parse decides on the measured shapes
     full_rank = len(shape)
     try:
@@ -400,7 +448,9 @@ def taps(node: NodeProto, index: GraphIndex) -> list[str]:
         up, _ = _mask_parts(mul, index)
         return [up.input[0], up.output[0], mul.output[0]] + _tail(node, index)
     x, nodes = _chain(last.output[0], index)
-    return [x] + [n.input[0] for n in nodes] + [last.output[0]] + _tail(node, index)
+    feeds = [_feed(n, index) for n in nodes]
+    zeros = [t for n in nodes if n.op_type == "Concat" for t in n.input if t in index.producer]
+    return [x, *feeds, *zeros, last.output[0]] + _tail(node, index)
 
 
 def _tail(conv: NodeProto, index: GraphIndex) -> list[str]:

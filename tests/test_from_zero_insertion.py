@@ -339,3 +339,35 @@ def test_add_of_a_per_channel_constant_becomes_the_bias():
     _round_trip(model, (1, 2, 4, 5), "resize", 18, ("convtranspose",))
     site = find_sites(model)[0][0]
     assert site.phase_bias is None and site.bias.tolist() == [1, 2, 3] and site.output == "y"
+
+
+@pytest.mark.parametrize("zeros", ["constant", "constant_of_shape"])
+def test_stack_with_zeros(zeros):
+    """torch.stack([x, zeros], dim).flatten per axis: Unsqueeze -> Concat(x, zeros) -> Reshape, zeros
+    after x on H (phase 0) and before it on W (phase 1).  ConstantOfShape(Shape(u)) zeros on an
+    input of symbolic width."""
+    c, h, w = 2, 4, 5
+    symbolic = zeros == "constant_of_shape"
+    nodes, inits = [], []
+
+    def stack(x, axis, zeros_first, shape, merged, out):
+        u, zero = f"{out}_u", f"{out}_zeros"
+        inits.append(_const(f"{out}_axes", [axis]))
+        nodes.append(helper.make_node("Unsqueeze", [x, f"{out}_axes"], [u]))
+        if symbolic:
+            nodes.extend([helper.make_node("Shape", [u], [f"{out}_shape"]),
+                          helper.make_node("ConstantOfShape", [f"{out}_shape"], [zero])])
+        else:
+            inits.append(numpy_helper.from_array(np.zeros(shape, np.float32), zero))
+        nodes.append(helper.make_node("Concat", [zero, u] if zeros_first else [u, zero], [f"{out}_cat"], axis=axis))
+        inits.append(_const(f"{out}_to", merged))
+        nodes.append(helper.make_node("Reshape", [f"{out}_cat", f"{out}_to"], [out]))
+
+    stack("x", 3, False, (1, c, h, 1, w), [0, c, 2 * h, -1] if symbolic else [1, c, 2 * h, w], "r1")
+    stack("r1", 4, True, (1, c, 2 * h, w, 1), [0, c, 0, -1] if symbolic else [1, c, 2 * h, 2 * w], "z")
+    weight = np.random.default_rng(4).standard_normal((3, c, 3, 2)).astype(np.float32)
+    model = _conv_model(nodes, inits, [1, c, h, "W"] if symbolic else [1, c, h, w], weight, dict(pads=[1, 0, 1, 1]))
+    _round_trip(model, (1, c, h, w), "zeroinsert", c * 6)
+    if not symbolic:
+        site = find_sites(model)[0][0]
+        assert [(a.stride, a.crop_begin) for a in site.axes] == [(2, 1), (2, 0)]
