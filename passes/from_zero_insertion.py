@@ -423,13 +423,15 @@ def _find(node: NodeProto, index: GraphIndex | None):
 
 
 def _pads_unit_axes(pad: NodeProto, index: GraphIndex) -> bool:
-    """Whether a Pad in a Reshape run may insert zeros: constant zeros, pads >= 0, and (where its
-    input shape is known) only on axes of length 1.  Other Pad/Reshape runs are not sites."""
+    """Whether a Pad (or zeros Concat) in a Reshape run may insert zeros: constant zeros, pads >= 0,
+    and (where its input shape is known) only on axes of length 1.  Other runs are not sites."""
     feed = _feed(pad, index)
     shape = _shape(index, feed) or index.static_shapes.get(feed)
-    if shape is None or pad.op_type == "Concat":
+    if shape is None:
         return True  # parse decides on the measured shapes
     full_rank = len(shape)
+    if pad.op_type == "Concat":
+        return shape[int(attributes(pad).get("axis", 0)) % full_rank] in (1, None)
     try:
         pads, _ = _zero_pads(pad, index, full_rank)
     except _Refuse:

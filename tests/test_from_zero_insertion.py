@@ -282,6 +282,10 @@ def test_activation_gate_and_other_pads_are_not_sites():
     inits = [_const("ax", [3]), _const("pads", [0, 0, 1, 0, 0, 0, 1, 0]), _const("shape", [1, 2, 7, 1])]
     model = _conv_model(nodes, inits, [1, 2, 5, 1], np.ones((1, 2, 1, 1), np.float32), {})
     assert find_sites(model) == ([], [])
+    nodes[1] = helper.make_node("Concat", ["u", "zeros"], ["p"], axis=2)  # zeros after the rows: not insertion
+    inits.append(numpy_helper.from_array(np.zeros((1, 2, 2, 1, 1), np.float32), "zeros"))
+    model = _conv_model(nodes, inits, [1, 2, 5, 1], np.ones((1, 2, 1, 1), np.float32), {})
+    assert find_sites(model) == ([], [])
 
 
 def test_mask_phases():
