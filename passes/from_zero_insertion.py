@@ -19,9 +19,9 @@ comes as
 
 A zero ``Pad`` right before the Conv adds to its pads; a ``Slice`` or a cropping (negative) ``Pad``
 after it folds into the crop, and then an ``Add`` of a constant repeating with the stride (the
-per-phase bias to_resize writes, or a per-channel bias) into the bias.  Anything else (another mask, a Resize that is not plain
-replication, pads on a non-unit axis, a mask that would broadcast the activation) is refused
-with the reason.
+per-phase bias to_resize writes, or a per-channel bias) into the bias.  Anything else (another
+mask, a Resize that is not plain replication, pads on a non-unit axis, a mask that would
+broadcast the activation) is refused with the reason.
 """
 
 from __future__ import annotations
@@ -311,7 +311,7 @@ def _insertion_pads(node: NodeProto, index: GraphIndex, us: tuple[int, ...]) -> 
     return pads, tuple(tensors)
 
 
-def _start(x: str, nodes: list[NodeProto], index: GraphIndex, full_rank: int) -> tuple[str, list[NodeProto]]:
+def _start(nodes: list[NodeProto], index: GraphIndex, full_rank: int) -> tuple[str, list[NodeProto]]:
     """Move the start of the run to the last tensor of the activation's rank before the first Pad."""
     first_pad = next(i for i, n in enumerate(nodes) if n.op_type in PADS)
     for i in range(first_pad, -1, -1):
@@ -348,9 +348,8 @@ def _group(before: tuple[int, ...], us: tuple[int, ...], padded: list[bool]) -> 
 def _padded(last: NodeProto, index: GraphIndex, rank: int) -> _Insertion:
     """The Unsqueeze/Reshape -> Pad -> Reshape spelling ending at ``last``; _Refuse says why it is not
     zero insertion."""
-    x, nodes = _chain(last.output[0], index)
     full_rank = rank + 2
-    x, nodes = _start(x, nodes, index, full_rank)
+    x, nodes = _start(_chain(last.output[0], index)[1], index, full_rank)
     label = f"zero insertion {'-'.join(n.op_type for n in nodes)} ending at {last.op_type} '{_name(last)}'"
     shape = _shape(index, x)
     strides, phases = [1] * full_rank, [0] * full_rank

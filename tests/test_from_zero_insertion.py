@@ -81,7 +81,8 @@ def test_masked_form_round_trips(batch, opset, sweep_stats):
     assert [s.status for s in masked.report.sites] == ["rewritten"] * len(configs)
     assert all("phase mask" in s.form for s in masked.report.sites)
     again = convert(masked.model, to="resize", verify=False)
-    assert {(s.source, s.status, s.reason) for s in again.report.sites} == {("resize", "skipped", "already in form resize")}
+    assert {(s.source, s.status, s.reason) for s in again.report.sites} == {
+        ("resize", "skipped", "already in form resize")}
     for to, op in (("convtranspose", "ConvTranspose"), ("subpixel", "Conv")):
         back = convert(masked.model, to=to)
         assert [(s.source, s.status) for s in back.report.sites] == [("resize", "rewritten")] * len(configs)
