@@ -24,8 +24,10 @@ def versions():
 
 def _run(step, *args):
     proc = subprocess.run([str(BIN / step), *map(str, args)], capture_output=True, text=True, timeout=250)
-    if proc.returncode:
-        raise RuntimeError(f"{step} exit {proc.returncode}: {(proc.stderr or proc.stdout)[-400:]}")
+    if proc.returncode:  # the first "error:" line is the compiler's reason; the rest is IR
+        text = proc.stderr or proc.stdout
+        errors = [ln.strip() for ln in text.splitlines() if "error:" in ln]
+        raise RuntimeError(f"{step} exit {proc.returncode}: {(errors[0] if errors else text[-400:])[:400]}")
 
 
 def compile_case(path, x, work):
