@@ -1,0 +1,99 @@
+"""Profiles never drift from measurements: every case that a real compiler compiled, rejected,
+miscompiled or placed on the CPU (benchmarks/compilers/RESULTS.json, committed; no compiler is
+installed here) must be what the compiler's profile predicts for the same model, rebuilt by
+benchmarks/compilers/matrix.py.
+
+Measured outcome: rejected/crashed -> "rejected"; ran with wrong values -> "wrong"; compiled with
+an op placed on the CPU -> "cpu"; else "ok".  Predicted: the worst kind among check_model's
+violations (rejected > wrong > cpu), "ok" when there are none.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from onnx_uprewrite import profile as pf
+
+HERE = Path(__file__).resolve().parent.parent / "benchmarks" / "compilers"
+RESULTS = json.loads((HERE / "RESULTS.json").read_text())
+#: compiler (results/<name>.json) -> the profile derived from it
+PROFILE_OF = {"openvino": "openvino", "mnn": "mnn", "iree": "iree", "ncnn": "ncnn", "tvm": "tvm",
+              "rknn-rk3588": "rk3588", "rknn-rk3576": "rk3576"}
+#: (compiler, case) -> (predicted, measured, why the profile is knowingly stricter than the compiler)
+CONSERVATIVE = {
+    ("iree", "k4s2p1_c2.subpixel/CRD"): ("wrong", "ok", "CRD is right only when C/(b*b) == b (here 8/4 == 2); "
+                                         "the profile language cannot say that, so iree forbids CRD"),
+    ("iree", "k9s3p4op2.subpixel/CRD"): ("wrong", "ok", "C/(b*b) == b (27/9 == 3): as above"),
+    ("iree", "k8s4p2.subpixel/CRD"): ("wrong", "ok", "C/(b*b) == b (64/16 == 4): as above"),
+}
+_ORDER = ("ok", "cpu", "wrong", "rejected")
+
+
+def _load_matrix():
+    spec = importlib.util.spec_from_file_location("compilers_matrix", HERE / "matrix.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks itself up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cases():
+    matrix = _load_matrix()
+    return {case: model for case, model in matrix.build_cases().items()}, matrix
+
+
+def measured(result: dict) -> str:
+    if result["status"] in ("rejected", "crashed"):
+        return "rejected"
+    if result["status"] == "wrong":
+        return "wrong"
+    return "cpu" if "CPU" in (result.get("placement") or {}).values() else "ok"
+
+
+def predicted(violations: list[pf.Violation]) -> str:
+    return max((v.kind if v.kind != "rejected" else "rejected" for v in violations), key=_ORDER.index,
+               default="ok")
+
+
+def test_matrix_is_what_was_measured(cases):
+    """The rebuilt models have the op census recorded with the measurements (an emitter change makes
+    the committed results stale: rerun the harness)."""
+    models, matrix = cases
+    assert set(models) == set(RESULTS["cases"])
+    for case, model in models.items():
+        assert matrix.describe(case, model)["ops"] == RESULTS["cases"][case]["ops"], case
+
+
+@pytest.mark.parametrize("compiler", sorted(c for c in RESULTS["compilers"] if c in PROFILE_OF))
+def test_profile_predicts_every_measured_case(cases, compiler):
+    models, _ = cases
+    prof = pf.load_profile(PROFILE_OF[compiler])
+    wrong, conservative = [], 0
+    for case, row in RESULTS["cases"].items():
+        result = row["results"].get(compiler)
+        if result is None:
+            continue
+        violations = pf.check_model(models[case], prof)
+        got, want = predicted(violations), measured(result)
+        known = CONSERVATIVE.get((compiler, case))
+        if known is not None:
+            assert (got, want) == known[:2], f"{case}: no longer conservative as noted ({got} vs {want})"
+            conservative += 1
+        elif got != want:
+            wrong.append(f"{case}: profile {prof.name} predicts {got} ({'; '.join(map(str, violations)) or '-'}), "
+                         f"{compiler} measured {want} ({result.get('message', '')[:120]})")
+    assert not wrong, "\n".join(wrong)
+    assert conservative == sum(1 for c, _ in CONSERVATIVE if c == compiler)
+
+
+def test_every_profiled_compiler_was_measured():
+    """A profile named in PROFILE_OF that exists must have its measurements committed."""
+    for compiler, name in PROFILE_OF.items():
+        if name in pf.builtin_names():
+            assert compiler in RESULTS["compilers"], f"profile {name} has no measurements ({compiler})"
