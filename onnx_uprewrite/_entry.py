@@ -15,14 +15,9 @@ except ImportError:  # not CPython
     import signal as _sig
 import sys
 
+from ._argv import wants_json
+
 _MESSAGES = {_sig.SIGINT: ("interrupted", 130), _sig.SIGTERM: ("terminated (SIGTERM)", 143)}
-
-
-def wants_json(args: list[str]) -> bool:
-    """Whether the command line asks for JSON on stdout (``--json``, or ``--report -`` of convert):
-    then every failure also prints ``{"error", "exit_code", "file", "report"}`` there."""
-    return "--json" in args or "--report=-" in args or any(
-        a == "--report" and b == "-" for a, b in zip(args, args[1:]))
 
 
 def _stop_while_starting(signum, frame):

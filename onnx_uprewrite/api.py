@@ -5,6 +5,7 @@ The library never prints, exits or imports click; failures are typed errors (err
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -16,18 +17,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime
-from onnx import numpy_helper
 
 from . import __version__, isolate
-from .passes import EMITTERS, PARSERS
+from .passes import EMITTERS, FORM_OPS, FORMS, LAYOUTS, OP_FORMS, PARSERS, SITE_OPS, SOURCES  # noqa: F401 (API)
 from .budget import check_memory, default_memory_budget, guard_memory
 from .budget import time_budget as budget_time
-from .fastest import KEEP, original_emission
-from .fastest import pick as pick_fastest
-from .profile import Profile, alias_through, check_model, load_profile, model_constants, node_problems
+from .profile import Profile, load_profile
+from .strategies import KEEP_SITE, REFUSE, Context, Decision, strategy_for
 from .errors import (InvalidModelError, ResourceLimit, UprewriteError, UsageError, VerificationFailed,
                      VerificationImpossible, one_line)
-from .model_io import check_data_file, has_external_data, load_model, output_files, save_model, validate_model
+from .model_io import check_data_file, default_opset, has_external_data, load_model, output_files, save_model, validate_model
 from .report import Comparison, Inspection, Report, SiteResult
 from .site_check import compare_site, magnitude_emission, outer_inputs, output_quantization, sites_model
 from .shapes import infer_static_shapes
@@ -41,11 +40,10 @@ from .verify import (
     shape_candidates, symbolic_dims_text,
 )
 
-FORMS = ("subpixel", "resize", "convtranspose")
 #: what --to accepts: a form, or "fastest" (per site, the fastest exact form measured in onnxruntime)
 TARGETS = FORMS + ("fastest",)
-#: source forms a site can come from (``--from``): the target forms plus Keras-style repeats
-SOURCES = ("convtranspose", "resize", "repeat", "subpixel", "zeroinsert", "concat")
+#: ``d2s_mode`` -> the sub-pixel emitter in that layout
+SUBPIXEL_LAYOUTS = LAYOUTS
 
 
 @dataclass
@@ -107,100 +105,6 @@ def _open(model, label: str | None = None, lazy: bool = False) -> tuple[onnx.Mod
     return loaded, one_line(str(path)), (path, external)
 
 
-#: ``d2s_mode`` -> the sub-pixel emitter
-SUBPIXEL_LAYOUTS = EMITTERS["subpixel"].LAYOUTS
-
-
-#: candidate emitters under a profile: each form, the sub-pixel one in each DepthToSpace order
-def _profile_candidates():
-    sub = EMITTERS["subpixel"]
-    return [(form, e) for form, e in sorted(EMITTERS.items()) if form != "subpixel"] + \
-        [("subpixel", sub.AUTO), ("subpixel/CRD", sub.CRD), ("subpixel/DCR", sub.DCR)]
-
-
-def _emit_each(site, namer, candidates, opset, budget):
-    """``([(form, emitter, builder, description)], [why each other form is not possible])`` for every
-    ``(form, emitter)`` candidate of ``site``; candidates that come out alike (layouts that coincide
-    for this site) are kept once."""
-    built, why_not, seen = [], [], set()
-    for form, emitter in candidates:
-        builder = Builder(namer, site.node)
-        try:
-            description = emit_site(site, emitter, builder, opset, budget)
-        except (ValueError, OverflowError) as exc:
-            why_not.append(f"{form}: {exc}")
-            continue
-        if description not in seen:
-            seen.add(description)
-            built.append((form, emitter, builder, description))
-    return built, why_not
-
-
-def _pick_for_profile(model, site, namer, prof, shapes, opset, budget, refusals):
-    """``(form, builder, description, why, emitter)``: fastest.KEEP when the target runs the site as it is,
-    else the exact form with the fewest MACs (then nodes, then the source's own form) whose every
-    node the target runs; None (a refusal with each form's reason) when there is none."""
-    original = original_emission(model, site)
-    names = {i for n in original.nodes for i in n.input}
-    constants = alias_through(original.nodes, model_constants(model, names))
-    problems = [p for n in original.nodes for p in node_problems(n, prof, constants, shapes)]
-    if not problems:
-        return KEEP, None, None, f"{prof.name} runs it as it is", None
-    built, why_not = _emit_each(site, namer, _profile_candidates(), opset, budget)
-    why_not.insert(0, f"original: {problems[0]}")
-    ok = []
-    for label, emitter, builder, description in built:
-        form = label.split("/")[0]
-        emission = builder.emission
-        local = {t.name: numpy_helper.to_array(t) for t in emission.initializers}
-        local.update(model_constants(model, {i for n in emission.nodes for i in n.input} - set(local)))
-        alias_through(emission.nodes, local)
-        bad = [p for n in emission.nodes for p in node_problems(n, prof, local, shapes)]
-        if bad:
-            why_not.append(f"{label}: {bad[0]}")
-            continue
-        macs = emitter.macs(priced(site))
-        ok.append((math.inf if macs is None else macs, len(emission.nodes), form != site.source, form, builder,
-                   description, emitter))
-    if not ok:
-        refusals.append(Refusal(site.node, site.source, f"{site.source} '{site.node}': no exact form that "
-                                f"{prof.name} runs ({'; '.join(why_not)})"))
-        return None
-    macs, _, _, form, builder, description, emitter = min(ok, key=lambda c: c[:3])  # ties: the source's own form
-    cost = f"{macs:,} MACs" if macs != math.inf else "MACs unknown: symbolic lengths; fewest nodes"
-    return form, builder, description, f"{prof.name} cannot run the original ({problems[0]}); {form} is the " \
-        f"cheapest form it runs ({cost})", emitter
-
-
-def _fastest_candidates(site):
-    """``(label, emitter)`` timed by --to fastest: each other form, and the sub-pixel form in the
-    layouts whose speed differs in onnxruntime (also for sub-pixel sources: a re-layout; and for resize
-    sources whose pointwise Conv the resize form runs before the upsampling)."""
-    sub = EMITTERS["subpixel"]
-    out = [(f, e) for f, e in sorted(EMITTERS.items()) if f not in (site.source, "subpixel")
-           or f == "resize" and e.commutes(site)]
-    return out + [("subpixel", sub.AUTO), ("subpixel/transpose", sub.TRANSPOSE), ("subpixel/CRD", sub.CRD),
-                  ("subpixel/one Conv, transpose", sub.ONE_CONV_TRANSPOSE)]
-
-
-def _pick_fastest(model, site, namer, captured, opset, budget, provider, refusals):
-    """``(form, builder, description, Choice, emitter)`` of the fastest exact form of ``site``
-    (fastest.KEEP: leave it), or None when no form is possible (the reasons go to ``refusals``)."""
-    emitted, why_not = _emit_each(site, namer, _fastest_candidates(site), opset, budget)
-    built = {label: (builder, description, emitter) for label, emitter, builder, description in emitted}
-    if site.input not in captured:
-        refusals.append(Refusal(site.node, site.source, f"{site.source} '{site.node}': its input was not "
-                                "captured in the reference run, so its forms cannot be timed"))
-        return None
-    choice = pick_fastest(model, site, captured, {f: b.emission for f, (b, _, _) in built.items()}, provider)
-    if why_not:
-        choice.why += f"; not timed: {'; '.join(why_not)}"
-    if choice.form == KEEP:
-        return KEEP, None, None, choice, None
-    builder, description, emitter = built[choice.form]
-    return choice.form.split("/")[0], builder, description, choice, emitter
-
-
 def _announcing(progress):
     """``progress`` that also tells a supervising CLI parent the stage (isolate.announce)."""
     last = [None]
@@ -237,8 +141,8 @@ def find_sites(
     for node in model.graph.node:
         bad = attribute_problem(node, index.opset)
         if bad and node.op_type in SITE_OPS:
-            refusals.append(Refusal(node.name or node.output[0], "convtranspose" if node.op_type == "ConvTranspose"
-                                    else "resize", f"{node.op_type} '{node.name}': {bad}"))
+            refusals.append(Refusal(node.name or node.output[0], SITE_OPS[node.op_type],
+                                    f"{node.op_type} '{node.name}': {bad}"))
             continue
         for parser in PARSERS:
             try:
@@ -292,10 +196,6 @@ def _with_nominal_lengths(site: Site, parser, node, index: GraphIndex, measured:
                                source_macs=site.source_macs if site.source_macs is not None else costed.source_macs)
 
 
-#: op types that can be the identifying node of a site (a bad attribute there refuses it outright)
-SITE_OPS = {"ConvTranspose", "Resize", "Upsample"}
-
-
 
 
 
@@ -329,7 +229,7 @@ def _check_weight_origin(site: Site, index: GraphIndex) -> Site | Refusal:
 
 #: op types that identify an upsampling site wherever they are: in a subgraph they are refused by
 #: name even where no parser can read them there (outer-scope weights)
-UPSAMPLING_OPS = frozenset({"ConvTranspose", "Resize", "Upsample", "DepthToSpace"})
+UPSAMPLING_OPS = frozenset(OP_FORMS)
 
 
 def _subgraph_refusals(graph: onnx.GraphProto, where: str, model: onnx.ModelProto | None = None) -> list[Refusal]:
@@ -348,8 +248,7 @@ def _subgraph_refusals(graph: onnx.GraphProto, where: str, model: onnx.ModelProt
         source = matched[i]
         if source is None and node.op_type in UPSAMPLING_OPS and node.domain in ("", "ai.onnx") \
                 and not read_by_sites.intersection(node.output):
-            source = "subpixel" if node.op_type == "DepthToSpace" else \
-                "convtranspose" if node.op_type == "ConvTranspose" else "resize"
+            source = OP_FORMS[node.op_type]
         if source is not None and name not in named:
             named.add(name)
             found.append(Refusal(name, source, f"{node.op_type} '{name}': inside {where}; "
@@ -441,209 +340,276 @@ def convert(
     (with ``.report``).
     """
     t0 = time.perf_counter()
+    opts = _options(to, output, only, sources, inputs, shapes, atol, rtol, verify, seed, also_writes, memory_budget,
+                    time_budget, provider, profile, lazy_weights, d2s_mode)
+    model, label, src = _open(model, lazy=opts.lazy_weights)
+    external = src is not None and bool(src[1])
+    if opts.output is not None or opts.also_writes:
+        check_output_path(opts.output, [src[0], *src[1]] if src else [], external, list(opts.also_writes))
+    report = Report(model=label, target=opts.strategy.target, versions=_versions())
+    report.ops_before = op_census(model)
+    report.timings["load_s"] = time.perf_counter() - t0
+    stages, deadline = _Stages(report.timings, progress), budget_time(opts.time_budget)
+    with stages("reference_run", "running the original model"):
+        ref = _reference(model, opts, report, deadline, label)
+    with stages("rewrite"):
+        ctx = Context(model, Namer(model), default_opset(model), opts.budget, ref.measured, ref.captured, deadline)
+        rewrite = _decide_sites(model, opts, ref, ctx, report, stages.step, label)
+    site_failure = _check_sites(model, rewrite, ref, opts, ctx.opset, report, stages, deadline, label)
+    with stages("splice"):
+        _apply(model, rewrite, opts, ref, report)
+    _check_model(model, rewrite, ref, opts, report, stages, deadline, label, site_failure)
+    if opts.output is not None:
+        with stages("save", "saving"):
+            report.written = [str(p) for p in save_model(model, opts.output, external=external)]
+    report.timings["total_s"] = time.perf_counter() - t0
+    return ConvertResult(model=model, report=report, output=opts.output)
+
+
+@dataclass(frozen=True)
+class Options:
+    """The checked choices of one convert call (its parameters; ``strategy`` decides each site)."""
+
+    strategy: object  # strategies.FixedForm, Fastest or ForProfile
+    output: Path | None
+    only: frozenset | None
+    sources: frozenset | None
+    inputs: dict | None
+    shapes: dict | None
+    atol: float | None
+    rtol: float | None
+    verify: bool
+    seed: int
+    also_writes: tuple
+    budget: int  # memory budget in bytes
+    time_budget: float | None
+    lazy_weights: bool
+
+
+def _options(to, output, only, sources, inputs, shapes, atol, rtol, verify, seed, also_writes, memory_budget,
+             time_budget, provider, profile, lazy_weights, d2s_mode) -> Options:
+    """convert's parameters, checked: UsageError names the option at fault."""
     if to not in TARGETS:
         raise UsageError(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
-    fastest = to == "fastest"
     if d2s_mode not in SUBPIXEL_LAYOUTS:
         raise UsageError(f"--d2s-mode {d2s_mode!r}: expected one of {', '.join(SUBPIXEL_LAYOUTS)}")
     if provider not in onnxruntime.get_available_providers():
         raise UsageError(f"--provider {provider}: not available in this onnxruntime "
                          f"({', '.join(onnxruntime.get_available_providers())})")
     _check_numbers(atol, rtol, seed)
-    shapes = normalize_shapes(shapes)
-    prof = None
-    if profile is not None:
-        prof = profile if isinstance(profile, Profile) else load_profile(profile)
-        to, fastest = f"profile {prof.name}", False
     unknown = sorted(set(sources or ()) - set(SOURCES))
     if unknown:
         raise UsageError(f"--from {', '.join(unknown)}: expected among {', '.join(SOURCES)}")
-    model, label, src = _open(model, lazy=lazy_weights)
-    out_path = Path(output) if output is not None else None
-    external = src is not None and bool(src[1])
-    inputs_files = [src[0], *src[1]] if src else []
-    if out_path is not None or also_writes:
-        check_output_path(out_path, inputs_files, external, [Path(p) for p in also_writes])
-    report = Report(model=label, target=to, versions=_versions())
-    report.ops_before = op_census(model)
-    timings = report.timings
-    timings["load_s"] = time.perf_counter() - t0
+    if profile is not None and not isinstance(profile, Profile):
+        profile = load_profile(profile)
+    return Options(
+        strategy=strategy_for(to, profile, provider, d2s_mode), output=None if output is None else Path(output),
+        only=frozenset(only) if only else None, sources=frozenset(sources) if sources else None, inputs=inputs,
+        shapes=normalize_shapes(shapes), atol=atol, rtol=rtol, verify=bool(verify), seed=seed,
+        also_writes=tuple(Path(p) for p in also_writes),
+        budget=default_memory_budget() if memory_budget is None else int(memory_budget), time_budget=time_budget,
+        lazy_weights=lazy_weights)
 
-    step = _announcing(progress or (lambda stage, done, total: None))
-    t = time.perf_counter()
-    budget = default_memory_budget() if memory_budget is None else int(memory_budget)
-    step("running the original model", 0, 1)
-    deadline = budget_time(time_budget)
-    inferred = None if verify or fastest or prof is not None else _inferred_shapes_suffice(model, shapes)
+
+class _Stages:
+    """Stage timings of one run (``timings["<stage>_s"]``) and the progress line (``step``)."""
+
+    def __init__(self, timings: dict, progress=None):
+        self.timings = timings
+        self.step = _announcing(progress or (lambda stage, done, total: None))
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, announce: str | None = None):
+        if announce is not None:
+            self.step(announce, 0, 1)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[f"{name}_s"] = time.perf_counter() - t
+
+
+@dataclass
+class _Reference:
+    """The reference run of the original model, and the sizes it ran at."""
+
+    feeds: dict | None
+    outputs: dict | None
+    captured: dict  # site inputs/outputs (and the feeds)
+    measured: dict  # tensor -> shape: measured, or inferred where no run was needed
+    shapes: dict | None  # the input shapes sites are read at: given, plus those chosen for symbolic dims
+    second: tuple | str | None = None  # (feeds, outputs) at a second size, or why not
+
+
+def _reference(model, opts: Options, report: Report, deadline, label: str) -> _Reference:
+    """Run the original (or, where no check needs a run, take onnx shape inference): feeds, outputs,
+    captured site tensors, and sizes chosen for symbolic dims (reported)."""
+    required = opts.verify or opts.strategy.needs_run
+    inferred = None if opts.verify or opts.strategy.wants_run else _inferred_shapes_suffice(model, opts.shapes)
     try:
         with deadline:
             if inferred is not None:  # --no-verify: onnx shape inference gives what the run would measure
-                input_shapes(model, shapes, inputs)  # a --shape that disagrees with the model is an error still
-                feeds, reference, captured = None, None, {}
-                measured = {k: v for k, v in inferred.items() if None not in v}  # they override declared shapes
+                input_shapes(model, opts.shapes, opts.inputs)  # a --shape that disagrees with the model is an error
                 report.notes.append("no reference run (--no-verify): site shapes from onnx shape inference, "
                                     "which agrees with onnxruntime for this model's ops")
-            else:
-                feeds, reference, captured, choice = _measure(model, inputs, shapes, seed,
-                                                              required=verify or fastest, budget=budget)
-                measured = {k: tuple(v.shape) for k, v in captured.items()}
-                if choice is not None:
-                    report.chosen_shapes = {k: list(v) for k, v in choice.shapes.items()}
-                    report.shape_choice = choice.reason
-                    shapes = {**(shapes or {}), **choice.shapes}
-            second = _second_size(model, feeds, seed, budget) if verify else None
+                return _Reference(None, None, {}, {k: v for k, v in inferred.items() if None not in v}, opts.shapes)
+            feeds, outputs, captured, choice = _measure(model, opts.inputs, opts.shapes, opts.seed, required=required,
+                                                        budget=opts.budget)
+            shapes = opts.shapes
+            if choice is not None:
+                report.chosen_shapes = {k: list(v) for k, v in choice.shapes.items()}
+                report.shape_choice = choice.reason
+                shapes = {**(shapes or {}), **choice.shapes}
+            second = _second_size(model, feeds, opts.seed, opts.budget) if opts.verify else None
     except VerificationImpossible as exc:
-        if fastest and not verify:  # --no-verify does not help: the forms are timed in onnxruntime
+        if opts.strategy.needs_run and not opts.verify:  # --no-verify does not help: the forms run in onnxruntime
             raise VerificationImpossible(f"{label}: --to fastest times the forms in onnxruntime, which cannot run "
-                                         f"this model: {str(exc).split(' (use --no-verify')[0]}") from None
+                                         f"this model: {_reason(exc)}") from None
         raise VerificationImpossible(f"{label}: {exc}") from None
     except (UsageError, ResourceLimit) as exc:
         raise type(exc)(f"{label}: {exc}") from None
-    timings["reference_run_s"] = time.perf_counter() - t
+    return _Reference(feeds, outputs, captured, {k: tuple(v.shape) for k, v in captured.items()}, shapes, second)
 
-    t = time.perf_counter()
-    sites, refusals = find_sites(model, shapes, measured)
-    if only:
-        wanted = set(only)
+
+@dataclass
+class _Rewrite:
+    """What the decided sites replace: emissions by site output, weights that may become unused, the
+    summed terms of the rewritten sites (the tolerance), and per rewritten site what verification needs."""
+
+    replacements: dict = dataclasses.field(default_factory=dict)
+    candidates: set = dataclasses.field(default_factory=set)
+    terms: int = 0
+    done: list = dataclasses.field(default_factory=list)  # (site, emission, SiteResult)
+
+
+def _selected_sites(model, opts: Options, ref: _Reference) -> tuple[list[Site], list[Refusal]]:
+    """The sites and refusals of ``model`` that ``--only`` / ``--from`` select."""
+    sites, refusals = find_sites(model, ref.shapes, ref.measured)
+    if opts.only:
         known = {s.node for s in sites} | {r.node for r in refusals}
-        missing = sorted(wanted - known)
+        missing = sorted(opts.only - known)
         if missing:
-            raise UsageError(
-                f"--only: no upsampling site named {', '.join(repr(m) for m in missing)} "
-                f"(sites: {', '.join(sorted(known)) or 'none'})"
-            )
-        sites = [s for s in sites if s.node in wanted]
-        refusals = [r for r in refusals if r.node in wanted]
-    if sources:
-        sites = [s for s in sites if s.source in sources]
-        refusals = [r for r in refusals if r.source in sources]
+            raise UsageError(f"--only: no upsampling site named {', '.join(repr(m) for m in missing)} "
+                             f"(sites: {', '.join(sorted(known)) or 'none'})")
+        sites = [s for s in sites if s.node in opts.only]
+        refusals = [r for r in refusals if r.node in opts.only]
+    if opts.sources:
+        sites = [s for s in sites if s.source in opts.sources]
+        refusals = [r for r in refusals if r.source in opts.sources]
+    return sites, refusals
 
-    namer = Namer(model)
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    replacements, candidates, terms, done = {}, set(), 0, []
+
+def _decide_sites(model, opts: Options, ref: _Reference, ctx: Context, report: Report, step, label: str) -> _Rewrite:
+    """Each selected site through the strategy: rewritten, kept or refused, each in the report."""
+    sites, refusals = _selected_sites(model, opts, ref)
+    rewrite = _Rewrite()
     for i, site in enumerate(sites):
         step("rewriting sites", i, len(sites))
-        emitter = None  # the emitter chosen in the --to branch (its layout decides the MACs)
-        if prof is not None:
-            picked = _pick_for_profile(model, site, namer, prof, measured, opset, budget, refusals)
-            if picked is None:
-                continue
-            target, builder, form, why, emitter = picked
-            if target == KEEP:
-                report.sites.append(SiteResult(node=site.node, source=site.source, target=site.source,
-                                               status="skipped", reason=why, params=site.params()))
-                continue
-            choice = None
-        elif fastest:
-            step("timing the forms of sites", i, len(sites))
-            try:
-                with deadline:
-                    picked = _pick_fastest(model, site, namer, captured, opset, budget, provider, refusals)
-            except ResourceLimit as exc:
-                raise ResourceLimit(f"{label}: timing the forms of '{site.node}': {exc}") from None
-            if picked is None:
-                continue
-            target, builder, form, choice, emitter = picked
-            if target == KEEP:
-                report.sites.append(SiteResult(node=site.node, source=site.source, target=site.source,
-                                               status="skipped", reason=f"fastest: {choice.why}",
-                                               params=site.params(), timings_ms=choice.medians_ms,
-                                               chosen=choice.form))
-                continue
-        elif site.source == to:
-            report.sites.append(SiteResult(node=site.node, source=site.source, target=to, status="skipped",
-                                           reason=f"already in form {to}", params=site.params()))
-            continue
+        if opts.strategy.stage != "rewriting sites":
+            step(opts.strategy.stage, i, len(sites))
+        try:
+            decision = opts.strategy.decide(site, ctx)
+        except ResourceLimit as exc:
+            raise ResourceLimit(f"{label}: {exc}") from None
+        if decision.action == REFUSE:
+            refusals.append(Refusal(site.node, site.source, decision.reason))
+        elif decision.action == KEEP_SITE:
+            report.sites.append(SiteResult(node=site.node, source=site.source, target=site.source, status="skipped",
+                                           reason=decision.reason, params=site.params(),
+                                           timings_ms=decision.timings_ms, chosen=decision.chosen))
         else:
-            target, choice, builder = to, None, Builder(namer, site.node)
-            try:
-                emitter = SUBPIXEL_LAYOUTS[d2s_mode] if to == "subpixel" else EMITTERS[to]
-                form = emit_site(site, emitter, builder, opset, budget)
-            except (ValueError, OverflowError) as exc:  # OverflowError: sizes beyond int64
-                refusals.append(Refusal(site.node, site.source, f"{site.source} '{site.node}': {exc}"))
-                continue
-        for hook in EMISSION_HOOKS:
-            hook(site, builder.emission)
-        replacements[site.output] = (site.replaced_outputs, builder.emission)
-        candidates.update(site.weight_tensors)
-        terms += site.terms_per_output
-        result = SiteResult(
-            node=site.node, source=site.source, target=target, status="rewritten", form=form,
-            params=site.params(), macs_before=site.source_macs, macs_after=(emitter or EMITTERS[target]).macs(priced(site)),
-            notes=list(site.notes) + ([f"fastest: {choice.why}"] if choice else [])
-            + ([why] if prof is not None else []),
-            timings_ms=choice.medians_ms if choice else None,
-            chosen=choice.form if choice else None,
-        )
-        report.sites.append(result)
-        done.append((site, builder.emission, result) if verify else None)
-        if not verify:  # nothing reads the parsed weights again: let them go (peak memory at scale)
-            sites[i] = site = None
-    ops = {n.name or (n.output[0] if n.output else ""): n.op_type for n in model.graph.node}
-    for r in refusals:
-        if prof is None and not fastest and ops.get(r.node) in FORM_OPS.get(to, ()):
-            # a DepthToSpace / Resize / ConvTranspose that could not be parsed stays as it is: the form asked for
-            report.sites.append(SiteResult(node=r.node, source=r.source, target=to, status="skipped",
-                                           reason=f"already in form {to} (not parsed: {r.reason})"))
-            continue
-        report.sites.append(SiteResult(node=r.node, source=r.source, target=None, status="refused", reason=r.reason))
-    timings["rewrite_s"] = time.perf_counter() - t
+            report.sites.append(_rewritten(site, decision, rewrite, opts.verify))
+            sites[i] = None  # nothing but verification (rewrite.done) reads the parsed weights again
+    _report_refusals(model, refusals, opts, report)
+    return rewrite
 
-    site_failure = None  # both checks run, so that the report has both, then either failure stops saving
-    if verify and done:  # (with nothing rewritten, the model is returned unchanged: nothing to compare)
-        t = time.perf_counter()
+
+def _rewritten(site: Site, decision: Decision, rewrite: _Rewrite, verify: bool) -> SiteResult:
+    for hook in EMISSION_HOOKS:
+        hook(site, decision.emission)
+    rewrite.replacements[site.output] = (site.replaced_outputs, decision.emission)
+    rewrite.candidates.update(site.weight_tensors)
+    rewrite.terms += site.terms_per_output
+    result = SiteResult(
+        node=site.node, source=site.source, target=decision.form, status="rewritten", form=decision.description,
+        params=site.params(), macs_before=site.source_macs, macs_after=decision.macs,
+        notes=list(site.notes) + ([decision.reason] if decision.reason else []),
+        timings_ms=decision.timings_ms, chosen=decision.chosen)
+    if verify:
+        rewrite.done.append((site, decision.emission, result))
+    return result
+
+
+def _report_refusals(model, refusals: list[Refusal], opts: Options, report: Report) -> None:
+    """Refusals into the report; a DepthToSpace / Resize / ConvTranspose no parser could read stays as it
+    is under ``--to`` its own form: skipped, already in form."""
+    ops = {n.name or (n.output[0] if n.output else ""): n.op_type for n in model.graph.node}
+    form = opts.strategy.target if opts.strategy.keeps_unparsed_in_form else None
+    for r in refusals:
+        if form is not None and ops.get(r.node) in FORM_OPS.get(form, ()):
+            report.sites.append(SiteResult(node=r.node, source=r.source, target=form, status="skipped",
+                                           reason=f"already in form {form} (not parsed: {r.reason})"))
+        else:
+            report.sites.append(SiteResult(node=r.node, source=r.source, target=None, status="refused",
+                                           reason=r.reason))
+
+
+def _check_sites(model, rewrite: _Rewrite, ref: _Reference, opts: Options, opset: int, report: Report, stages,
+                 deadline, label: str) -> str | None:
+    """Per-site verification (site_check.py), before the splice; the failure text, or None.  Both checks
+    run, so that the report has both, then either failure stops saving."""
+    if not (opts.verify and rewrite.done):
+        return None
+    with stages("verify_sites"):
         try:
             with deadline:
-                _verify_sites(model, done, feeds, captured, atol, rtol, opset, budget, report, step)
+                _verify_sites(model, rewrite.done, ref.feeds, ref.captured, opts.atol, opts.rtol, opset, opts.budget,
+                              report, stages.step)
         except (ResourceLimit, VerificationImpossible) as exc:
             raise type(exc)(f"{label}: {exc}") from None
         except VerificationFailed:
-            site_failure = report.verification  # "failed per site: ..."
-        timings["verify_sites_s"] = time.perf_counter() - t
+            return report.verification  # "failed per site: ..."
+    return None
 
-    t = time.perf_counter()
-    splice(model, replacements)
-    drop_unused(model, candidates)
+
+def _apply(model, rewrite: _Rewrite, opts: Options, ref: _Reference, report: Report) -> None:
+    """Splice the emissions in, drop what nothing reads any more, and let the strategy look at the result."""
+    splice(model, rewrite.replacements)
+    drop_unused(model, rewrite.candidates)
     if model.ir_version < 4:
         _list_initializers_as_inputs(model)
     report.ops_after = op_census(model)
-    if prof is not None:
-        report.profile = prof.name
-        report.profile_violations = [str(v) for v in check_model(model, prof, measured)]
-    timings["splice_s"] = time.perf_counter() - t
+    opts.strategy.finish(model, report, ref.measured)
 
-    if verify and not done:
+
+def _check_model(model, rewrite: _Rewrite, ref: _Reference, opts: Options, report: Report, stages, deadline,
+                 label: str, site_failure: str | None) -> None:
+    """The whole rewritten model against the reference outputs (and at the second size); with nothing
+    rewritten the model is unchanged and not compared with itself."""
+    if not opts.verify:
+        report.verification = "skipped (--no-verify): the rewritten model was NOT checked"
+        return
+    if not rewrite.done:
         report.verified, report.verification = True, "passed"
         report.tolerance = "none needed: nothing was rewritten, so the model is unchanged and was not compared with itself"
-    elif verify:
-        t = time.perf_counter()
-        step("verifying the whole model", 0, 1)
+        return
+    with stages("verify", "verifying the whole model"):
         try:
-            check_memory(model, {k: v.shape for k, v in feeds.items()}, set(), budget, "running the rewritten model")
+            check_memory(model, {k: v.shape for k, v in ref.feeds.items()}, set(), opts.budget,
+                         "running the rewritten model")
             with deadline:
-                _verify(reference, feeds, model, report, atol, rtol, terms, second,
-                        _noise_sites([d for d in done if d is not None], captured))
+                _verify(ref.outputs, ref.feeds, model, report, opts.atol, opts.rtol, rewrite.terms, ref.second,
+                        _noise_sites(rewrite.done, ref.captured))
         except ResourceLimit as exc:
             raise ResourceLimit(f"{label}: {exc}") from None
         except VerificationFailed:
             if site_failure is None:
                 raise
             site_failure += f"; whole model {report.verification}"
-        timings["verify_s"] = time.perf_counter() - t
-        if site_failure is not None:
-            report.verified = False
-            report.verification = site_failure
-            raise VerificationFailed(f"{label}: verification {site_failure}; nothing written", report)
-    else:
-        report.verification = "skipped (--no-verify): the rewritten model was NOT checked"
-
-    if out_path is not None:
-        t = time.perf_counter()
-        step("saving", 0, 1)
-        report.written = [str(p) for p in save_model(model, out_path, external=external)]
-        timings["save_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t0
-    return ConvertResult(model=model, report=report, output=out_path)
+    if site_failure is not None:
+        report.verified = False
+        report.verification = site_failure
+        raise VerificationFailed(f"{label}: verification {site_failure}; nothing written", report)
 
 
 #: test-only: callables ``hook(site, emission)`` run after each site is emitted, before anything is
@@ -753,10 +719,6 @@ def _list_initializers_as_inputs(model: onnx.ModelProto) -> None:
     for t in model.graph.initializer:
         if t.name not in listed:
             model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-
-
-#: the op that a refused site ends with when it is in that form already
-FORM_OPS = {"subpixel": ("DepthToSpace",), "resize": ("Resize", "Upsample"), "convtranspose": ("ConvTranspose",)}
 
 
 def _inferred_shapes_suffice(model, shapes) -> dict | None:

@@ -18,7 +18,7 @@ import click
 import numpy as np
 
 from . import api, isolate
-from ._entry import wants_json
+from ._argv import wants_json
 from .budget import parse_size
 from .errors import UprewriteError, UsageError, one_line
 from .profile import builtin_names, check_model, load_profile

@@ -56,7 +56,8 @@ def sites_model(model: onnx.ModelProto, emissions: list[Emission], values: dict[
     """One model of several emissions side by side (their names are unique in ``model``, Namer):
     ``values`` they read become graph inputs, other outer names come from the model's initializers."""
     inits = {t.name: t for t in model.graph.initializer}
-    inputs, extra, seen = [], [], set()
+    sparse = {t.values.name: t for t in model.graph.sparse_initializer}
+    inputs, extra, extra_sparse, seen = [], [], [], set()
     for emission in emissions:
         for name in outer_inputs(emission):
             if name in seen:
@@ -67,12 +68,14 @@ def sites_model(model: onnx.ModelProto, emissions: list[Emission], values: dict[
                 inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape))
             elif name in inits:
                 extra.append(inits[name])
+            elif name in sparse:
+                extra_sparse.append(sparse[name])
             else:
                 raise KeyError(name)
     nodes = [n for e in emissions for n in e.nodes]
     own = [t for e in emissions for t in e.initializers]
     graph = helper.make_graph(nodes, "site", inputs, [onnx.ValueInfoProto(name=o) for o in outputs],
-                              initializer=own + extra)
+                              initializer=own + extra, sparse_initializer=extra_sparse)
     small = helper.make_model(graph, opset_imports=list(model.opset_import))
     small.ir_version = model.ir_version
     return small

@@ -22,6 +22,8 @@ from onnx_uprewrite.sites import GraphIndex, NotConstant, Refusal, Site, attribu
 from onnx_uprewrite.weights import Axis
 
 SOURCE = "convtranspose"
+#: op types identifying this source: a bad attribute on one refuses the site outright
+OWN_OPS = ("ConvTranspose",)
 FLOAT_TYPES = ("float32", "float16", "float64", "bfloat16")
 
 

@@ -19,6 +19,8 @@ from onnx_uprewrite.weights import interpolation_weight
 from .from_resize_conv import edge_padding, merges, resize_axes, resize_taps
 
 SOURCE = "resize"
+#: op types identifying this source: a bad attribute on one refuses the site outright
+OWN_OPS = ("Resize", "Upsample")
 
 
 def _convs(node: NodeProto, index: GraphIndex) -> list[NodeProto]:

@@ -20,6 +20,7 @@ for the shortest input the site accepts.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,8 @@ from onnx_uprewrite.surgery import Builder
 from onnx_uprewrite.weights import Axis, phase_pattern
 
 FORM = "convtranspose"
+#: nodes of this op type are in the transposed-convolution form already
+IN_FORM_OPS = ("ConvTranspose",)
 
 
 @dataclass(frozen=True)
@@ -159,3 +162,8 @@ def macs(site: Site) -> int | None:
         return None
     taps = math.prod(a.kernel for a in site.axes)
     return site.in_channels * (site.out_channels // site.group) * taps * math.prod(site.input_lengths)
+
+
+def variants(purpose: str, site: Site) -> list[tuple[str, object]]:
+    """``(label, emitter)`` offered to a strategy: this form (not timed against itself by ``"fastest"``)."""
+    return [] if purpose == "fastest" and site.source == FORM else [(FORM, sys.modules[__name__])]

@@ -22,6 +22,7 @@ replication, DESIGN.md §3).
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,8 @@ from onnx_uprewrite.weights import dilate_kernel, factor_box, transposed_to_conv
 from .to_convtranspose import add_bias
 
 FORM = "resize"
+#: nodes of these op types are in the resize form already
+IN_FORM_OPS = ("Resize", "Upsample")
 
 
 @dataclass(frozen=True)
@@ -184,3 +187,11 @@ def macs(site: Site) -> int | None:
     else:
         positions = math.prod(a.output_length(n) for a, n in zip(site.axes, site.input_lengths))
     return site.out_channels * (site.in_channels // site.group) * taps * positions
+
+
+def variants(purpose: str, site: Site) -> list[tuple[str, object]]:
+    """``(label, emitter)`` offered to a strategy: this form; for ``"fastest"`` not for a resize source
+    unless the pointwise Conv can run before the upsampling (commutes: then it is a real alternative)."""
+    if purpose == "fastest" and site.source == FORM and not commutes(site):
+        return []
+    return [(FORM, sys.modules[__name__])]

@@ -75,6 +75,18 @@ DCR = Layout("auto", "auto", "DCR")
 ONE_CONV_TRANSPOSE = Layout("one", "transpose", "any")  # also timed by --to fastest
 PHASES = Layout("phases", "op", "any")  # per phase even where not predicted faster (benchmarks, tests)
 LAYOUTS = {"auto": AUTO, "transpose": TRANSPOSE, "CRD": CRD, "DCR": DCR}
+#: a node of this op type is in the sub-pixel form already (a DepthToSpace no parser could read stays)
+IN_FORM_OPS = ("DepthToSpace",)
+
+
+def variants(purpose: str, site: Site) -> list[tuple[str, object]]:
+    """``(label, layout emitter)`` this form offers a strategy: under a ``"profile"`` each DepthToSpace
+    order (compilers differ on them); for ``"fastest"`` the layouts whose speed differs in onnxruntime
+    (also for sub-pixel sources: a re-layout)."""
+    if purpose == "profile":
+        return [(FORM, AUTO), (f"{FORM}/CRD", CRD), (f"{FORM}/DCR", DCR)]
+    return [(FORM, AUTO), (f"{FORM}/transpose", TRANSPOSE), (f"{FORM}/CRD", CRD),
+            (f"{FORM}/one Conv, transpose", ONE_CONV_TRANSPOSE)]
 
 
 def _to_dcr(values: np.ndarray, channels: int, n_phase: int) -> np.ndarray:

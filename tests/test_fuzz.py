@@ -1060,7 +1060,7 @@ def check_inspect(model: onnx.ModelProto, shapes=None) -> str:
     if refusal is not None:
         check_error(refusal)
         return f"inspect refused: exit {refusal.exit_code} {type(refusal).__name__}"
-    assert isinstance(info, dict) and isinstance(info["sites"], list)
+    assert isinstance(info, api.Inspection) and isinstance(info["sites"], list)
     refused = sum(1 for s in info["sites"] if s["refused"])
     return f"inspect ok: {'no sites' if not info['sites'] else 'with refusals' if refused else 'all sites parse'}"
 

@@ -95,7 +95,8 @@ def test_no_size_that_runs_is_exit_2_naming_dims_and_sizes(tmp_path):
     out = tmp_path / "o.onnx"
     result = CliRunner().invoke(cli, ["convert", str(path), "-o", str(out)])
     assert result.exit_code == 2, result.output
-    assert "batch, height, width" in result.output and "x=1x16x64x64" in result.output
+    assert "input 'x' dims 0 ('batch'), 2 ('height'), 3 ('width')" in result.output
+    assert "x=1x16x64x64" in result.output
     assert "--shape" in result.output and "Traceback" not in result.output
     assert not out.exists()
     with pytest.raises(VerificationImpossible):
