@@ -221,11 +221,15 @@ VIOLATORS = {
     "ax650-dilated": lambda: _ct(dilation=2),  # no dilation, DepthToSpace DCR only -> sub-pixel DCR
     "vitis-dpu": lambda: _nearest_conv(17),  # Conv kernel <= 16 -> ConvTranspose 18x18
     "dla": lambda: _nearest_conv(3, mode="linear"),  # Resize nearest only -> ConvTranspose
+    "mnn": lambda: _ct(x_shape=(1, 4, 4, 4, 4)),  # 3-D ConvTranspose computes wrong values -> sub-pixel
+    "iree": lambda: _ct(cout=8, group=8),  # grouped ConvTranspose rejected, CRD wrong -> DCR per phase
 }
+#: measured profiles without a limit on upsampling: nothing to rewrite
+NO_LIMITS = {"cv18xx", "openvino"}
 
 
 def test_every_built_in_profile_has_a_violating_model():
-    assert set(pf.builtin_names()) - {v.split("-dilated")[0] for v in VIOLATORS} == {"cv18xx"}
+    assert set(pf.builtin_names()) - {v.split("-dilated")[0] for v in VIOLATORS} == NO_LIMITS
 
 
 @pytest.mark.parametrize("case", sorted(VIOLATORS))
@@ -244,6 +248,40 @@ def test_cv18xx_has_no_upsampling_limit_found_so_nothing_is_rewritten():
     """TPU-MLIR runs ConvTranspose, Resize and both DepthToSpace modes (profiles/SOURCES.md)."""
     result = _convert_under(_ct(), "cv18xx")
     assert result.report.sites[0].status == "skipped"
+
+
+@pytest.mark.parametrize("name", sorted(NO_LIMITS))
+def test_profile_without_limits_rewrites_nothing(name):
+    result = _convert_under(_ct(), name)
+    assert result.report.sites[0].status == "skipped"
+
+
+def test_placement_kinds():
+    """``violation`` says what the target does with an op beyond its limits: a CPU fallback and a
+    measured miscompilation are violations of their own kind; the default is a rejection."""
+    prof = pf.parse_profile({"name": "npu", "ops": {"ConvTranspose": {"strides": [2], "violation": "cpu"},
+                                                     "DepthToSpace": {"modes": ["DCR"], "violation": "wrong"},
+                                                     "Resize": {"scales": [2]}}})
+    [v] = pf.check_model(_ct(kernel=3, stride=3, pad=0), prof)
+    assert (v.kind, v.op) == ("cpu", "ConvTranspose") and str(v).startswith("ConvTranspose 'up': CPU fallback: strides")
+    crd = up.convert(_ct(), to="subpixel", d2s_mode="CRD").model
+    assert [(v.kind, v.op) for v in pf.check_model(crd, prof)] == [("wrong", "DepthToSpace")]
+    [v] = pf.check_model(_ct(kernel=3, stride=3, pad=0), pf.parse_profile({"name": "r", "ops": {
+        "ConvTranspose": {"strides": [2]}}}))
+    assert v.kind == "rejected" and str(v) == "ConvTranspose 'up': strides [3, 3] not among [2]"
+
+
+def test_ranks_and_layout_limits():
+    prof = pf.parse_profile({"name": "t", "ops": {"ConvTranspose": {"ranks": [1, 2]},
+                                                   "Reshape": {"max_rank": 5}, "Transpose": {"max_rank": 5}}})
+    assert [v.reason for v in pf.check_model(_ct(x_shape=(1, 4, 4, 4, 4)), prof)] == \
+        ["3-D ConvTranspose (spatial ranks allowed: [1, 2])"]
+    crd3d = up.convert(_ct(x_shape=(1, 4, 4, 4, 4)), to="subpixel", d2s_mode="CRD").model
+    assert sorted(v.reason for v in pf.check_model(crd3d, prof)) == ["rank 8 over 5"] * 2
+    assert pf.check_model(up.convert(_ct(x_shape=(1, 4, 4, 4, 4)), to="subpixel", d2s_mode="DCR").model, prof) == []
+    for bad in ({"violation": "npu"}, {"ranks": [0]}, {"max_rank": -1}):
+        with pytest.raises(UsageError):
+            pf.parse_profile({"name": "t", "ops": {"Reshape" if "max_rank" in bad else "Resize": bad}})
 
 
 def test_built_in_profiles_cite_their_sources():
