@@ -100,43 +100,10 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
     if bias is not None and bias.shape != (weight.shape[1] * group,):
         return refuse(f"bias shape {list(bias.shape)} is not [{weight.shape[1] * group}]")
 
-    def per_axis(key, default):
-        value = [int(v) for v in attrs.get(key, [default] * rank)]
-        return value
-
-    strides = per_axis("strides", 1)
-    dilations = per_axis("dilations", 1)
-    output_padding = per_axis("output_padding", 0)
-    pads = [int(v) for v in attrs.get("pads", [0] * (2 * rank))]
-    auto_pad = attrs.get("auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-    output_shape = attrs.get("output_shape")
-    for key, value, want in (
-        ("strides", strides, rank),
-        ("dilations", dilations, rank),
-        ("output_padding", output_padding, rank),
-        ("pads", pads, 2 * rank),
-    ):
-        if len(value) != want:
-            return refuse(f"attribute {key} has {len(value)} values; expected {want}")
-    if any(v < 1 for v in strides + dilations):
-        return refuse(f"attributes strides={strides} dilations={dilations} must be positive")
-    if any(p < 0 for p in pads):
-        return refuse(f"attribute pads={pads} has negative values")
-    if auto_pad not in ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
-        return refuse(f"attribute auto_pad={auto_pad!r} is not one of NOTSET/SAME_UPPER/SAME_LOWER/VALID")
-    if any(op < 0 or op >= s for op, s in zip(output_padding, strides)):
-        # the spec allows op < max(stride, dilation); onnxruntime 1.31 rejects op >= stride at run time
-        return refuse(f"attribute output_padding={output_padding} must be in [0, stride={strides}) "
-                      "(onnxruntime rejects larger values)")
-    if output_shape is not None:
-        output_shape = [int(v) for v in output_shape]
-        if len(output_shape) == rank + 2:
-            output_shape = output_shape[2:]
-        if len(output_shape) != rank:
-            return refuse(f"attribute output_shape={output_shape} does not have {rank} spatial values")
-        if any(v < 1 for v in output_shape):
-            return refuse(f"attribute output_shape={output_shape} has non-positive values")
+    geometry = _geometry(attrs, rank)
+    if isinstance(geometry, str):
+        return refuse(geometry)
+    strides, dilations, output_padding, pads, auto_pad, output_shape = geometry
 
     lengths = index.spatial_lengths(node.input[0], rank)
     if output_shape is not None and None in lengths:
@@ -185,6 +152,44 @@ def parse(node: NodeProto, index: GraphIndex) -> Site | Refusal:
         bias_quant=bias_quant,
         output_quant=index.quantized_output(output) if weight_quant is not None else None,
     )
+
+
+
+def _geometry(attrs: dict, rank: int) -> tuple | str:
+    """``(strides, dilations, output_padding, pads, auto_pad, output_shape)`` of a ConvTranspose with
+    ``rank`` spatial axes, defaults filled in and checked as onnxruntime checks them; a string says
+    which attribute is out of range."""
+    def per_axis(key, default):
+        return [int(v) for v in attrs.get(key, [default] * rank)]
+
+    strides, dilations, output_padding = per_axis("strides", 1), per_axis("dilations", 1), per_axis("output_padding", 0)
+    pads = [int(v) for v in attrs.get("pads", [0] * (2 * rank))]
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    output_shape = attrs.get("output_shape")
+    for key, value, want in (("strides", strides, rank), ("dilations", dilations, rank),
+                             ("output_padding", output_padding, rank), ("pads", pads, 2 * rank)):
+        if len(value) != want:
+            return f"attribute {key} has {len(value)} values; expected {want}"
+    if any(v < 1 for v in strides + dilations):
+        return f"attributes strides={strides} dilations={dilations} must be positive"
+    if any(p < 0 for p in pads):
+        return f"attribute pads={pads} has negative values"
+    if auto_pad not in ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
+        return f"attribute auto_pad={auto_pad!r} is not one of NOTSET/SAME_UPPER/SAME_LOWER/VALID"
+    if any(op < 0 or op >= s for op, s in zip(output_padding, strides)):
+        # the spec allows op < max(stride, dilation); onnxruntime 1.31 rejects op >= stride at run time
+        return (f"attribute output_padding={output_padding} must be in [0, stride={strides}) "
+                "(onnxruntime rejects larger values)")
+    if output_shape is not None:
+        output_shape = [int(v) for v in output_shape]
+        if len(output_shape) == rank + 2:
+            output_shape = output_shape[2:]
+        if len(output_shape) != rank:
+            return f"attribute output_shape={output_shape} does not have {rank} spatial values"
+        if any(v < 1 for v in output_shape):
+            return f"attribute output_shape={output_shape} has non-positive values"
+    return strides, dilations, output_padding, pads, auto_pad, output_shape
 
 
 def _batch_norm_after(node: NodeProto, index: GraphIndex, channels: int):
