@@ -25,7 +25,7 @@ from .budget import time_budget as budget_time
 from .profile import Profile, load_profile
 from .strategies import KEEP_SITE, REFUSE, Context, Decision, strategy_for
 from .errors import (InvalidModelError, ResourceLimit, UprewriteError, UsageError, VerificationFailed,
-                     VerificationImpossible, one_line)
+                     VerificationImpossible, first_line, one_line)
 from .model_io import check_data_file, default_opset, has_external_data, load_model, output_files, save_model, validate_model
 from .report import Comparison, Inspection, Report, SiteResult
 from .site_check import compare_site, magnitude_emission, outer_inputs, output_quantization, sites_model
@@ -80,7 +80,7 @@ def _from_gs_graph(graph) -> onnx.ModelProto:
     try:
         return gs.export_onnx(graph, do_type_check=False)
     except Exception as exc:
-        raise InvalidModelError(f"onnx_graphsurgeon cannot export the graph: {one_line(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise InvalidModelError(f"onnx_graphsurgeon cannot export the graph: {first_line(exc)}") from None
 
 
 def _open(model, label: str | None = None, lazy: bool = False) -> tuple[onnx.ModelProto, str, tuple[Path, bool] | None]:
@@ -150,7 +150,7 @@ def find_sites(
             except Exception as exc:  # a construct the parser did not foresee: refuse, never crash or guess
                 result = Refusal(node.name or node.output[0], parser.SOURCE,
                                  f"{node.op_type} '{node.name}': not understood ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); left unchanged")
+                                 f"{first_line(exc)}); left unchanged")
             if result is not None:
                 if isinstance(result, Site) and (bad := axis_limit_problem(result.axes) or _non_finite(result)):
                     result = Refusal(result.node, result.source, f"{result.source} '{result.node}': {bad}")
@@ -953,7 +953,7 @@ def _check(rewritten, feeds, reference, tol, report, steps=None, noise_sites=Non
         raise
     except Exception as exc:
         report.verification = (f"failed: onnxruntime cannot run the rewritten model at {at}: "
-                               f"{str(exc).splitlines()[0]}")
+                               f"{first_line(exc)}")
         raise VerificationFailed(f"{report.model}: {report.verification}; nothing written", report) from None
     steps = steps or {}
     checks = compare(reference, result, tol, steps)
@@ -1058,7 +1058,7 @@ def inspect(model, shapes: dict | None = None, memory_budget: int | None = None,
         if choice is not None:
             shapes = {**(shapes or {}), **choice.shapes}
     sites, refusals = find_sites(model, shapes, measured)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = default_opset(model) or 0
     return Inspection(
         model=label,
         chosen_shapes=None if choice is None else {k: list(v) for k, v in choice.shapes.items()},

@@ -23,7 +23,7 @@ from .budget import parse_size
 from .errors import UprewriteError, UsageError, one_line
 from .profile import builtin_names, check_model, load_profile
 from .shapes import infer_static_shapes
-from .report import _finite, _jsonable
+from .report import _jsonable
 from .verify import parse_shape_option
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_ERROR, EXIT_PARTIAL = 0, 1, 2, 3
@@ -345,13 +345,10 @@ def verify(a, b, inputs_file, shape, atol, rtol, seed, as_json, memory_budget, t
         return
     ok = all(c.ok for c in checks)
     if as_json:
-        click.echo(json.dumps({
-            "a": str(a), "b": str(b), "equivalent": ok, "tolerance": tol.derivation,
-            "outputs": [{"name": c.name, "shape": list(c.shape), "max_abs_error": _finite(c.max_abs_error),
-                         "max_abs_reference": c.max_abs_reference, "tolerance": c.tolerance,
-                         "ratio": _finite(c.ratio), "ok": c.ok,
-                         "b_shape": None if c.rewritten_shape is None else list(c.rewritten_shape)} for c in checks],
-        }, indent=2))
+        outputs = [{**{k: v for k, v in c.to_dict().items() if k != "rewritten_shape"},
+                    "b_shape": c.to_dict()["rewritten_shape"]} for c in checks]  # b_shape: the key scripts read
+        click.echo(json.dumps({"a": str(a), "b": str(b), "equivalent": ok, "tolerance": tol.derivation,
+                               "outputs": outputs}, indent=2))
         sys.exit(EXIT_OK if ok else EXIT_VERIFY_FAILED)
     for c in checks:
         verdict = "ok" if c.ok else "DIFFERENT"

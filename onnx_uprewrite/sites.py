@@ -17,8 +17,8 @@ import onnx
 from onnx import numpy_helper
 
 from .addend import Addend
-from .errors import one_line
-from .model_io import tensor_array
+from .errors import first_line, one_line
+from .model_io import default_opset, tensor_array
 from .shapes import infer_shapes, static_dims as _static_dims
 from .surgery import training_names
 from .weights import Axis, QuantizedWeight
@@ -139,9 +139,7 @@ class GraphIndex:
 
     def __post_init__(self):
         graph = self.model.graph
-        self.opset = next(
-            (o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 0
-        )
+        self.opset = default_opset(self.model) or 0
         self.initializers = {t.name: t for t in graph.initializer}
         # sparse initializers are constants too (weights may live there): densified here, kept sparse in the model
         self.initializers.update((t.values.name, _densify(t)) for t in graph.sparse_initializer)
@@ -249,7 +247,7 @@ class GraphIndex:
         try:
             value = _evaluate(self.model, order, list(leaves.values()), name)
         except Exception as exc:  # noqa: BLE001 - any failure means: not a constant we can use
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise NotConstant(f"tensor '{name}' is computed by nodes onnxruntime cannot fold: {first}") from None
         ops = sorted({n.op_type for n in order})
         self.folded[name] = ops
