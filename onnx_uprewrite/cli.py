@@ -379,7 +379,8 @@ def check(model, profile, as_json, debug):
         return
     if as_json:
         click.echo(json.dumps({"model": label, "profile": prof.name, "ok": not violations,
-                               "violations": [{"node": v.node, "op": v.op, "reason": v.reason} for v in violations]},
+                               "violations": [{"node": v.node, "op": v.op, "reason": v.reason, "kind": v.kind}
+                                              for v in violations]},
                               indent=2))
     elif violations:
         for v in violations:
