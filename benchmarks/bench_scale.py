@@ -151,13 +151,17 @@ def build(folder: Path, sites: int, c: int, seed: int = 0) -> Path:
     return path
 
 
+def _data_files(path: Path) -> list[Path]:
+    """``<name>.data`` (onnx's own naming) and ``<name>.<hash>.data`` (uprewrite's per-write names)."""
+    return [p for p in path.parent.glob(path.name + ".*data") if p.is_file()]
+
+
 def model_bytes(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    return path.stat().st_size + sum(p.stat().st_size for p in _data_files(path))
 
 
 def remove_output(out: Path) -> None:
-    for p in (out, out.with_name(out.name + ".data")):
+    for p in [out, *_data_files(out)]:
         p.unlink(missing_ok=True)
 
 

@@ -60,6 +60,7 @@ _LAZY = {
     "Inspection": "report", "Comparison": "report", "Report": "report", "SiteResult": "report",
     "UprewriteError": "errors", "UsageError": "errors", "InvalidModelError": "errors",
     "VerificationFailed": "errors", "VerificationImpossible": "errors", "ResourceLimit": "errors",
+    "WriteError": "errors", "InputChanged": "errors",
 }
 
 

@@ -26,7 +26,7 @@ from .profile import Profile, load_profile
 from .strategies import KEEP_SITE, REFUSE, Context, Decision, strategy_for
 from .errors import (InvalidModelError, ResourceLimit, UprewriteError, UsageError, VerificationFailed,
                      VerificationImpossible, first_line, one_line)
-from .model_io import check_data_file, default_opset, has_external_data, load_model, output_files, save_model, validate_model
+from .model_io import check_data_file, check_sources, default_opset, has_external_data, load_model, output_files, save_model, validate_model
 from .report import Comparison, Inspection, Report, SiteResult
 from .site_check import compare_site, magnitude_emission, outer_inputs, output_quantization, sites_model
 from .shapes import infer_static_shapes
@@ -585,7 +585,17 @@ def _apply(model, rewrite: _Rewrite, opts: Options, ref: _Reference, report: Rep
 def _check_model(model, rewrite: _Rewrite, ref: _Reference, opts: Options, report: Report, stages, deadline,
                  label: str, site_failure: str | None) -> None:
     """The whole rewritten model against the reference outputs (and at the second size); with nothing
-    rewritten the model is unchanged and not compared with itself."""
+    rewritten the model is unchanged and not compared with itself.  A failure while the input's external
+    data changed under the run is InputChanged (exit 2): it says nothing about the rewrite."""
+    try:
+        _compare_model(model, rewrite, ref, opts, report, stages, deadline, label, site_failure)
+    except VerificationFailed:
+        check_sources(model)
+        raise
+
+
+def _compare_model(model, rewrite: _Rewrite, ref: _Reference, opts: Options, report: Report, stages, deadline,
+                   label: str, site_failure: str | None) -> None:
     if not opts.verify:
         report.verification = "skipped (--no-verify): the rewritten model was NOT checked"
         return
@@ -610,6 +620,7 @@ def _check_model(model, rewrite: _Rewrite, ref: _Reference, opts: Options, repor
         report.verified = False
         report.verification = site_failure
         raise VerificationFailed(f"{label}: verification {site_failure}; nothing written", report)
+
 
 
 #: test-only: callables ``hook(site, emission)`` run after each site is emitted, before anything is

@@ -259,3 +259,35 @@ def test_stale_temp_folder_of_a_killed_run_is_removed(ext_model):
     result = invoke("convert", ext_model, "-o", ext_model.parent / "o.onnx")
     assert result.exit_code == 0, (result.output, result.exception)
     assert not stale.exists() and keep.read_bytes() == b"a file, not one of our folders"
+
+
+def test_input_data_changed_during_verification_is_input_changed_not_a_failure(tmp_path, monkeypatch):
+    """The data file changes after the sites were read: the whole-model check then differs, and the run
+    says the input changed (exit 2), not that the rewrite is wrong (exit 1)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    import onnx_uprewrite as up
+    from conftest import make_convtranspose_model
+    from onnx_uprewrite import api
+
+    model = make_convtranspose_model(cin=4, cout=4, spatial=(5, 5))
+    model.graph.node[0].output[0] = "u"
+    w2 = np.random.default_rng(3).standard_normal((4, 4, 3, 3)).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(w2, "W2"))
+    model.graph.node.append(helper.make_node("Conv", ["u", "W2"], ["y"], name="after", pads=[1, 1, 1, 1]))
+    folder = tmp_path / "m"
+    folder.mkdir()
+    path = folder / "model.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    data = folder / "model.onnx.data"
+
+    def scribble(site, emission):
+        blob = bytearray(data.read_bytes())
+        blob[-64:] = bytes(64)  # W2 is written last: zero part of it
+        data.write_bytes(bytes(blob))
+
+    monkeypatch.setattr(api, "EMISSION_HOOKS", [scribble])
+    with pytest.raises(up.InputChanged, match="changed while it was being converted"):
+        up.convert(path, lazy_weights=True, output=tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
