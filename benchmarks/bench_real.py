@@ -23,14 +23,20 @@ Each model is exported (in a child process, so torch stays out of the timed one)
 TorchScript exporter at opset 17, static shapes, and again with a dynamic batch dim; exports are
 cached in --out.  Then, one model at a time:
 
-- ``uprewrite convert --to T`` for every target, each in its own process: wall time, and peak RSS
-  from ``os.wait4`` (the process and the children it reaped, like ``/usr/bin/time -v``); the
+- ``uprewrite convert --to T`` for every target, each in its own process: wall time and peak RSS
+  from GNU ``/usr/bin/time`` (the process and the children it reaped, as ``time -v`` shows); the
   report gives the verification, the worst error / tolerance over the outputs and sites rewritten
   / refused.  The dynamic-batch copy is converted with --dyn-to (default fastest).
 - one plain onnxruntime session + run of the original in a child: the floor to compare with.
 - latency: the original and every rewritten model that changed, interleaved (A B C ... A B C ...)
-  in one process after a warm-up, at 1 thread and at all threads (onnxruntime's default); the
-  ratio is the rewritten median over the original's (below 1: faster).  Compare within one run.
+  in one child process after a warm-up, at 1 thread and at all threads (onnxruntime's default);
+  the ratio is the rewritten median over the original's (below 1: faster).  Compare within one run.
+
+Columns: verified and err/tol (worst max|error| / tolerance over the outputs) from the report;
+rw/ref/skip: sites rewritten / refused / already in the target form; conv s and conv GB: wall time
+and peak RSS of the conversion (imports included); lat 1t / lat all: latency ratios ("same": nothing
+changed); MACs: Conv+ConvTranspose MACs of the whole rewritten model / the original's (the limit of
+the latency ratio); site GMACs: the rewritten sites' before -> after; forms: what was emitted.
 
 The refusal reasons are printed after the table, grouped, and the full JSON reports stay in --out.
 """
@@ -39,10 +45,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections import Counter
@@ -176,13 +183,14 @@ def export(name: str, out: Path) -> None:
 # ---- measurements in child processes ----
 
 def _child(argv: list[str]) -> tuple[int, float, float]:
-    """Run argv; return its exit code, wall seconds and peak RSS in GB (it and the children it reaped)."""
-    t = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, wall, usage.ru_maxrss * 1024 / 1e9
+    """Run argv under GNU time; return its exit code, wall seconds and peak RSS in GB (the largest of
+    it and the children it reaped).  Not os.wait4 on our own child: a child forked from this process
+    starts with this process's high-water mark."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as stats:
+        proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", stats.name, *argv],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wall, kb = stats.read().split()[-2:]
+    return proc.returncode, float(wall), int(kb) * 1024 / 1e9
 
 
 def convert(model: Path, to: str, out: Path) -> dict:
@@ -216,9 +224,14 @@ def plain_run(model: Path) -> tuple[float, float]:
 
 # ---- latency, interleaved in this process ----
 
-def latencies(paths: list[Path], threads: int, seconds: float) -> tuple[list[float], int]:
+def latencies(paths: list[Path], threads: int, seconds: float) -> dict:
     """Median seconds per run of each model, interleaved, and the number of runs (chosen to fill
-    about ``seconds``)."""
+    about ``seconds``); in a child process, so that this one stays small."""
+    argv = [sys.executable, __file__, "--threads", str(threads), "--seconds", str(seconds), "--latency", *map(str, paths)]
+    return json.loads(subprocess.run(argv, check=True, stdout=subprocess.PIPE, text=True).stdout)
+
+
+def _interleaved(paths: list[str], threads: int, seconds: float) -> dict:
     import numpy as np
     import onnxruntime as ort
 
@@ -227,17 +240,14 @@ def latencies(paths: list[Path], threads: int, seconds: float) -> tuple[list[flo
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads  # 0: onnxruntime's default, all physical cores
     opts.inter_op_num_threads = 1 if threads == 1 else 0
-    sessions = [ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for p in paths]
+    sessions = [ort.InferenceSession(p, opts, providers=["CPUExecutionProvider"]) for p in paths]
     rng = np.random.default_rng(1)
     feeds = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in sessions[0].get_inputs()}
     t = time.perf_counter()
     for s in sessions:
         s.run(None, feeds)
-    once = (time.perf_counter() - t) / len(sessions)
-    runs = max(5, min(40, int(seconds / (once * len(sessions)))))
-    medians = interleaved(sessions, feeds, runs)
-    del sessions
-    return medians, runs
+    rounds = max(5, min(40, int(seconds / (time.perf_counter() - t))))
+    return dict(medians=interleaved(sessions, feeds, rounds), runs=rounds)
 
 
 # ---- report digest ----
@@ -246,7 +256,7 @@ def worst_ratio(report: dict) -> str:
     """Worst error / tolerance over the outputs (both sizes when a second was checked)."""
     checks = report.get("outputs", []) + report.get("outputs_second_size", [])
     ratios = [c["max_abs_error"] / c["tolerance"] for c in checks if c.get("tolerance")]
-    return f"{max(ratios):.3f}" if ratios else "-"
+    return f"{max(ratios):.2g}" if ratios else "-"
 
 
 def short(reason: str, width: int = 150) -> str:
@@ -273,15 +283,24 @@ def site_macs(report: dict) -> str:
 
 
 def model_macs(path: Path) -> int | None:
-    """MACs of every Conv and ConvTranspose (bench_decoders.conv_macs), None where shapes are unknown."""
+    """MACs of every Conv and ConvTranspose: weight size (Cin/g per output channel, or Cout/g per input
+    channel) times positions; shapes from onnx inference with data propagation (the exports compute
+    Reshape and Resize sizes from shapes).  None if one is unknown."""
     import onnx
 
-    from bench_decoders import conv_macs
-
-    try:
-        return conv_macs(onnx.load(str(path)))
-    except (KeyError, onnx.shape_inference.InferenceError):
-        return None
+    model = onnx.load(str(path))
+    typed = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*typed.graph.input, *typed.graph.value_info, *typed.graph.output]}
+    weights = {t.name: math.prod(t.dims) for t in model.graph.initializer}
+    total = 0
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose"):
+            positions = shapes.get(node.output[0] if node.op_type == "Conv" else node.input[0], [0])[2:]
+            if node.input[1] not in weights or not all(positions):
+                return None
+            total += weights[node.input[1]] * math.prod(positions)
+    return total
 
 
 HEADER = (f"{'model':12s} {'--to':16s} {'verified':8s} {'err/tol':>7s} {'rw/ref/skip':>11s} {'conv s':>6s} "
@@ -304,8 +323,13 @@ def main():
     parser.add_argument("--seconds", type=float, default=40.0, help="latency budget per model and thread setting")
     parser.add_argument("--out", type=Path, default=Path("/tmp/uprewrite_real"))
     parser.add_argument("--reexport", action="store_true", help="export again even when cached")
-    parser.add_argument("--export", help=argparse.SUPPRESS)  # the child: export this model and exit
+    parser.add_argument("--export", help=argparse.SUPPRESS)  # the children: export this model,
+    parser.add_argument("--latency", nargs="+", help=argparse.SUPPRESS)  # or time these models
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.latency:
+        print(json.dumps(_interleaved(args.latency, args.threads, args.seconds)))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     if args.export:
         export(args.export, args.out)
@@ -337,11 +361,12 @@ def main():
         lat = {}
         if changed:
             for threads in (1, 0):
-                medians, runs = latencies([static] + [r["output"] for r in changed], threads, args.seconds)
+                timed = latencies([static] + [r["output"] for r in changed], threads, args.seconds)
+                medians = timed["medians"]
                 for r, m in zip(changed, medians[1:]):
                     lat.setdefault(r["to"], []).append(f"{m / medians[0]:.2f}")
                 print(f"# {name}: original {medians[0] * 1e3:.0f} ms at {threads or 'all'} thread(s), "
-                      f"median of {runs}", flush=True)
+                      f"median of {timed['runs']}", flush=True)
         base = model_macs(static)
         for r in results:
             after = model_macs(r["output"]) if r in changed else None
