@@ -9,8 +9,10 @@ nothing written; 3 written and verified, but some sites were refused (each with 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -40,7 +42,7 @@ def _fail(exc: UprewriteError, debug: bool, as_json: bool = False, file: str | N
         raise exc
     click.echo(f"uprewrite: error: {exc}", err=True)
     if report is not None and not as_json:
-        click.echo(report.summary(), err=True)
+        click.echo(report.summary(verbose=True), err=True)
     sys.exit(exc.exit_code)
 
 
@@ -160,10 +162,13 @@ def cli() -> None:
               help="Seed of the random verification inputs.")
 @_memory_budget("Refuse verification")
 @_time_budget("Stop verification (exit 2, nothing written)")
-@click.option("-q", "--quiet", is_flag=True, help="Print errors only (and the reason of each refused site).")
+@click.option("-q", "--quiet", is_flag=True,
+              help="One summary line; each refused site's reason and every error on stderr.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Every site in detail: its per-site check, the forms timed, notes (default: a compact table).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def convert(model, output, to, profile, d2s_mode, provider, only, sources, inputs_file, shape, atol, rtol, no_verify, report_file,
-            as_json, seed, memory_budget, time_budget, quiet, debug):
+            as_json, seed, memory_budget, time_budget, quiet, verbose, debug):
     """Rewrite every upsampling site of MODEL into the form --to, verify, save."""
     if report_file is not None and str(report_file) == "-":
         report_file, as_json = None, True
@@ -198,8 +203,10 @@ def convert(model, output, to, profile, d2s_mode, provider, only, sources, input
     if as_json:
         click.echo(report.to_json())
     if not (quiet or as_json):
-        click.echo(report.summary())
-    else:  # -q prints errors only; a refused site (exit 3) is one, with its reason
+        _echo_summary(report.summary(verbose))
+    else:  # -q: one summary line; a refused site (exit 3) is an error, with its reason, on stderr
+        if quiet and not as_json:
+            click.echo(report.one_line())
         for site in report.refused:
             click.echo(f"uprewrite: refused: {one_line(site.reason)}", err=True)
         for violation in report.profile_violations:
@@ -208,6 +215,21 @@ def convert(model, output, to, profile, d2s_mode, provider, only, sources, input
         click.echo("uprewrite: note: the interrupt came while the output was being saved; the run completed",
                    err=True)
     sys.exit(EXIT_PARTIAL if report.refused or report.profile_violations else EXIT_OK)
+
+
+#: status words coloured in the summary on a terminal (NO_COLOR turns colour off)
+_COLOURS = {"rewritten": "green", "verified": "green", "skipped": "cyan", "refused": "yellow",
+            "warning": "yellow", "profile": "yellow", "verification:": "red"}
+
+
+def _echo_summary(text: str) -> None:
+    """The summary on stdout, its status words coloured only on a terminal and without NO_COLOR."""
+    colour = sys.stdout is not None and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    for line in text.splitlines():
+        word = line.strip().split(" ", 1)[0] if line.startswith("  ") else ""
+        if colour and word in _COLOURS:
+            line = line.replace(word, click.style(word, fg=_COLOURS[word], bold=True), 1)
+        click.echo(line, color=colour)
 
 
 def _saving_completes(progress):
@@ -228,6 +250,8 @@ class ProgressLine:
     def __init__(self, stream):
         self.stream = stream
         self.width = 0
+        self.start = time.monotonic()
+        self.stage_start = (None, self.start)
 
     @classmethod
     def for_stderr(cls):
@@ -235,7 +259,13 @@ class ProgressLine:
         return cls(stream) if stream is not None and stream.isatty() else None
 
     def __call__(self, stage: str, done: int, total: int) -> None:
-        text = f"uprewrite: {stage}" + (f" {done + 1}/{total}" if total > 1 else "") + " ..."
+        now = time.monotonic()
+        if self.stage_start[0] != stage:
+            self.stage_start = (stage, now)
+        text = f"uprewrite: {stage}" + (f" {done + 1}/{total}" if total > 1 else "") + f" ... {now - self.start:.0f} s"
+        spent = now - self.stage_start[1]
+        if total > 1 and done > 0 and spent > 2:  # an estimate once there is something to go by
+            text += f", about {spent / done * (total - done):.0f} s left in this stage"
         self.stream.write("\r" + text.ljust(self.width))
         self.stream.flush()
         self.width = len(text)

@@ -136,7 +136,20 @@ class Report:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=_jsonable)
 
-    def summary(self) -> str:
+    def summary(self, verbose: bool = False) -> str:
+        """What a person reads after a run: a compact table by default (at most MAX_ROWS rows of each
+        kind, changed ops only); ``verbose``: every site with its per-site check, timings and notes."""
+        return self.details() if verbose else _compact(self)
+
+    def one_line(self) -> str:
+        """The whole run in one line (``-q``)."""
+        check = ("verified" + (f" (worst {self.worst_ratio:.3f} of its tolerance)" if self.worst_ratio is not None
+                               else "") if self.verified else f"verification {self.verification.split(':')[0]}")
+        wrote = f", wrote {self.written[0]}" if self.written else ""
+        return (f"{self.model}: {len(self.rewritten)} rewritten to {self.target}, {len(self.refused)} refused, "
+                f"{check}{wrote}")
+
+    def details(self) -> str:
         lines = [
             f"{self.model}: {len(self.sites)} upsampling site(s), {len(self.rewritten)} rewritten to "
             f"{self.target}, {len(self.refused)} refused"
@@ -190,6 +203,84 @@ class Report:
         for w in self.written:
             lines.append(f"  wrote      {w}")
         return "\n".join(one_line(line) for line in lines)  # names from the model may hold line breaks
+
+
+#: the compact summary lists at most this many sites of each status (``-v`` lists every one)
+MAX_ROWS = 20
+
+
+def _compact(r: Report) -> str:
+    lines = [f"{r.model}: {len(r.sites)} upsampling site(s), {len(r.rewritten)} rewritten to {r.target}, "
+             f"{len(r.refused)} refused"]
+    if r.chosen_shapes:
+        lines.append("  shapes     " + ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in r.chosen_shapes.items())
+                     + " (chosen; --shape overrides)")
+    rows = [(s.node, f"{s.source} -> {s.target}", _macs(s), "-" if s.ratio is None else f"{s.ratio:.3f}",
+             (s.form or "").split(" [masked:")[0] + (" [masked]" if "[masked" in (s.form or "") else ""))
+            for s in r.rewritten]
+    if rows:
+        lines += _table(("site", "from -> to", "MACs before -> after", "error/tol", "form"), rows[:MAX_ROWS])
+        lines += _more(len(rows), "rewritten")
+    for s in r.rewritten:
+        if s.form and "[masked" in s.form:
+            lines.append(f"  warning    {s.node}: the masked form (zero insertion + Conv: about stride^rank x the "
+                         f"MACs of the transposed convolution) was the only exact {s.target} form: "
+                         f"{s.form.split('[masked: ', 1)[1].rstrip(']')}")
+    skipped = [s for s in r.sites if s.status == "skipped"]
+    lines += [f"  skipped    {s.node}: {s.reason}" for s in skipped[:MAX_ROWS]] + _more(len(skipped), "skipped")
+    lines += [f"  refused    {s.reason}" for s in r.refused[:MAX_ROWS]] + _more(len(r.refused), "refused")
+    if r.profile is not None:
+        lines += [f"  profile    {r.profile} cannot run {v}" for v in r.profile_violations] or [
+            f"  profile    {r.profile} runs every upsampling node"]
+    changed = sorted(op for op in set(r.ops_before) | set(r.ops_after) if r.ops_before.get(op) != r.ops_after.get(op))
+    if changed:
+        same = len(set(r.ops_before) & set(r.ops_after)) - len(set(changed) & set(r.ops_before) & set(r.ops_after))
+        lines += _table(("op", "before", "after"),
+                        [(op, str(r.ops_before.get(op, 0)), str(r.ops_after.get(op, 0))) for op in changed])
+        if same:
+            lines.append(f"  ({same} other op type(s) unchanged)")
+    lines += _verdict(r)
+    lines += [f"  note       {n}" for n in r.notes]
+    lines += [f"  wrote      {w}" for w in r.written]
+    return "\n".join(lines)
+
+
+def _macs(s: SiteResult) -> str:
+    if not (s.macs_before and s.macs_after):
+        return "-"
+    return f"{_short(s.macs_before)} -> {_short(s.macs_after)}"
+
+
+def _short(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _table(header, rows) -> list[str]:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    return ["  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+
+
+def _more(count: int, what: str) -> list[str]:
+    return [f"  ... {count - MAX_ROWS} more {what} (-v lists each; --report FILE has them all)"] if count > MAX_ROWS \
+        else []
+
+
+def _verdict(r: Report) -> list[str]:
+    if not r.verified:
+        return [f"  verification: {r.verification}"]
+    if not r.outputs:
+        return [f"  verified   {r.tolerance}"]
+    worst = max(r.outputs, key=lambda o: o.ratio)
+    lines = [f"  verified   {len(r.outputs)} output(s): worst output '{worst.name}': max abs error "
+             f"{worst.max_abs_error:.3g} <= tolerance {worst.tolerance:.3g} ({worst.ratio:.3f} of it)"]
+    if r.outputs_second_size:
+        second = max(r.outputs_second_size, key=lambda o: o.ratio)
+        at = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in (r.second_size or {}).items())
+        lines.append(f"  verified   at the second input size {at}: worst {second.ratio:.3f} of its tolerance")
+    return lines + [f"  tolerance  {r.tolerance}"]
 
 
 def _finite(x: float) -> float | None:

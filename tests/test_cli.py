@@ -124,10 +124,11 @@ def test_convert_explicit_output_and_report(tmp_path, model_file):
     assert report["second_size"] is None and report["outputs_second_size"] == [] and report["notes"] == []
 
 
-def test_convert_quiet_prints_nothing(tmp_path, model_file):
+def test_convert_quiet_prints_one_summary_line(tmp_path, model_file):
     result = invoke("convert", model_file(), "-q")
     assert_clean_exit(result, 0)
-    assert result.stdout == "" and result.stderr == ""
+    assert result.stderr == "" and len(result.stdout.splitlines()) == 1
+    assert "1 rewritten to subpixel, 0 refused, verified" in result.stdout
     assert (tmp_path / "model.subpixel.onnx").is_file()
 
 

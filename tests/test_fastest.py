@@ -66,7 +66,7 @@ def test_fastest_without_verification_still_times_on_real_shapes(tmp_path):
 def test_cli_fastest_prints_the_timings(tmp_path):
     out = tmp_path / "f.onnx"
     res = CliRunner().invoke(cli, ["convert", str(MODELS / "fsrcnn_k9s3.onnx"), "-o", str(out), "--to", "fastest",
-                                   "--report", str(tmp_path / "r.json")])
+                                   "--report", str(tmp_path / "r.json"), "-v"])
     assert res.exit_code in (0, 3), res.output
     assert "timed alone: " in res.output
     assert '"timings_ms"' in (tmp_path / "r.json").read_text()
@@ -100,7 +100,7 @@ def test_fastest_on_a_model_with_external_data(ext_model, tmp_path, verify):
     """The timing sessions read external data as verification does (torch's dynamo exporter writes it by
     default); CLI (lazy weights: absolute data paths) and API alike."""
     out = tmp_path / "out.onnx"
-    args = ["convert", str(ext_model), "--to", "fastest", "-o", str(out)] + ([] if verify else ["--no-verify"])
+    args = ["convert", str(ext_model), "--to", "fastest", "-o", str(out), "-v"] + ([] if verify else ["--no-verify"])
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "timed alone" in result.output and out.exists()

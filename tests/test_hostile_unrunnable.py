@@ -68,7 +68,7 @@ def test_model_local_function_is_run_by_onnxruntime(tmp_path, model_file, ct_mod
     src = model_file(m)
     result = invoke("convert", src, "-o", tmp_path / "out.onnx")
     assert_clean_exit(result, 0)
-    assert "verified   output 'y'" in result.stdout
+    assert "verified   1 output(s): worst output 'y'" in result.stdout
 
 
 def test_fastest_on_an_unrunnable_model_says_why_no_verify_does_not_help(tmp_path, model_file, ct_model):
