@@ -20,7 +20,8 @@ Lists are the allowed per-axis values (null or absent: any); ``max_*`` are inclu
 ``dilation`` / ``output_padding`` / ``output_shape`` false forbid a non-default value.  Resize
 covers Upsample too; ``scales`` are the spatial factors (integers).  ``ranks`` (ConvTranspose, Conv,
 Resize) are the allowed numbers of spatial axes (1, 2, 3); ``max_rank`` (Reshape, Transpose) bounds
-the tensor rank, batch included.  Reshape and Transpose are checked only when a profile limits them.
+the tensor rank, batch included.  Reshape and Transpose are checked only when a profile limits them,
+and only in depth-to-space chains (shuffle_nodes).
 
 Placement: every op may say what the target does with an instance that breaks its limits (or with
 any instance, when ``supported`` is false), ``"violation"``: ``"rejected"`` (the default: the compiler
@@ -365,6 +366,29 @@ def upsampling_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return found
 
 
+def shuffle_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The Reshape and Transpose nodes of depth-to-space rearrangements: chains of them (with a
+    Transpose) that read a Conv's output (or a Concat of Convs: the per-phase layout), like the sub-pixel form's Reshape -> Transpose -> Reshape;
+    a model's other Reshapes (a classifier's flatten) are not upsampling and stay unchecked."""
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found: dict[int, onnx.NodeProto] = {}
+    for conv in (n for n in model.graph.node if n.op_type == "Conv" and n.output):
+        chain, frontier = {}, [conv.output[0]]
+        while frontier:
+            for node in consumers.get(frontier.pop(), []):
+                if node.op_type == "Concat" and node.output:  # the per-phase Convs' Concat
+                    frontier.append(node.output[0])
+                elif node.op_type in LAYOUT_OPS and node.output and id(node) not in chain:
+                    chain[id(node)] = node
+                    frontier.append(node.output[0])
+        if any(n.op_type == "Transpose" for n in chain.values()):
+            found.update(chain)
+    return [n for n in model.graph.node if id(n) in found]
+
+
 def alias_through(nodes, constants: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``constants`` plus the outputs of DequantizeLinear / Identity / Cast nodes reading one: a QDQ
     weight's shape (all the checks need) is that of its integers."""
@@ -379,9 +403,8 @@ def check_model(model: onnx.ModelProto, profile: Profile, shapes: dict | None = 
     """Every upsampling node of ``model``'s main graph (upsampling_nodes) that ``profile``'s target
     cannot run, with why."""
     nodes = upsampling_nodes(model)
-    layout = [op for op in LAYOUT_OPS if profile.limits(op) is not None]
-    if layout:  # Reshape/Transpose: only where a profile limits them (then all of them)
-        nodes += [n for n in model.graph.node if n.op_type in layout]
+    if any(profile.limits(op) is not None for op in LAYOUT_OPS):  # only where a profile limits them
+        nodes += shuffle_nodes(model)
     wanted = {i for n in nodes for i in n.input}
     chain = [n for n in model.graph.node if n.op_type in ("DequantizeLinear", "Identity", "Cast")]
     wanted |= {n.input[0] for n in chain if n.input and n.output and n.output[0] in wanted}

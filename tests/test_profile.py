@@ -223,9 +223,11 @@ VIOLATORS = {
     "dla": lambda: _nearest_conv(3, mode="linear"),  # Resize nearest only -> ConvTranspose
     "mnn": lambda: _ct(x_shape=(1, 4, 4, 4, 4)),  # 3-D ConvTranspose computes wrong values -> sub-pixel
     "iree": lambda: _ct(cout=8, group=8),  # grouped ConvTranspose rejected, CRD wrong -> DCR per phase
+    "rk3588": lambda: _ct(kernel=9, stride=3, pad=4, output_padding=2),  # FSRCNN: stride 3 and D2S 3 on the CPU
+    "ncnn": lambda: up.convert(_ct(), to="subpixel", d2s_mode="DCR").model,  # no DCR layer -> CRD
 }
 #: measured profiles without a limit on upsampling: nothing to rewrite
-NO_LIMITS = {"cv18xx", "openvino"}
+NO_LIMITS = {"cv18xx", "openvino", "tvm"}
 
 
 def test_every_built_in_profile_has_a_violating_model():
@@ -278,6 +280,10 @@ def test_ranks_and_layout_limits():
         ["3-D ConvTranspose (spatial ranks allowed: [1, 2])"]
     crd3d = up.convert(_ct(x_shape=(1, 4, 4, 4, 4)), to="subpixel", d2s_mode="CRD").model
     assert sorted(v.reason for v in pf.check_model(crd3d, prof)) == ["rank 8 over 5"] * 2
+    flatten = helper.make_node("Reshape", ["y", "flat"], ["z"], name="flatten")  # not upsampling: unchecked
+    crd3d.graph.initializer.append(numpy_helper.from_array(np.array([1, -1, 1, 1, 1, 1], np.int64), "flat"))
+    crd3d.graph.node.append(flatten)
+    assert len(pf.check_model(crd3d, prof)) == 2
     assert pf.check_model(up.convert(_ct(x_shape=(1, 4, 4, 4, 4)), to="subpixel", d2s_mode="DCR").model, prof) == []
     for bad in ({"violation": "npu"}, {"ranks": [0]}, {"max_rank": -1}):
         with pytest.raises(UsageError):
