@@ -2,7 +2,8 @@
 
     python benchmarks/compilers/collect.py
 
-Runs in the project's venv: it rebuilds the matrix (matrix.build_cases, no onnxruntime run) to
+``shipped/<compiler>.json`` (the same scripts run with ``--matrix`` on the shipped models and their
+``convert --profile`` outputs) gets its own section.  Runs in the project's venv: it rebuilds the matrix (matrix.build_cases, no onnxruntime run) to
 record each case's op census, which tests/test_compiler_results.py compares with the models it
 rebuilds, so a changed emitter shows up as a stale measurement, not as a silent mismatch.
 """
@@ -33,10 +34,16 @@ def merge() -> dict:
             if r is not None:
                 row["results"][name] = {k: r[k] for k in ("status", "message", "max_abs_err", "placement")
                                         if r.get(k) not in (None, "", {})}
+    shipped = {p.stem: json.loads(p.read_text()) for p in sorted((HERE / "shipped").glob("*.json"))}
     return {"generated": datetime.date.today().isoformat(),
             "compilers": {name: {"versions": run["versions"], "date": run["date"], "seconds": run["seconds"],
                                  "wrong_above": run["wrong_above"]} for name, run in runs.items()},
-            "cases": cases}
+            "cases": cases,
+            "shipped": {name: {"versions": run["versions"], "date": run["date"],
+                               "results": {case: {k: r[k] for k in ("status", "message", "max_abs_err", "placement")
+                                                  if r.get(k) not in (None, "", {})}
+                                           for case, r in run["results"].items()}}
+                        for name, run in shipped.items()}}
 
 
 def _cell(result: dict | None) -> str:
@@ -65,6 +72,15 @@ def markdown(doc: dict) -> str:
         d2s = "; ".join(f"D2S {d['mode']} b{d['blocksize']} C{d['channels']}" for d in row["depth_to_space"])
         lines.append(f"| `{case}` | {ops}{' (' + d2s + ')' if d2s else ''} | "
                      + " | ".join(_cell(row["results"].get(n)) for n in names) + " |")
+    for name, run in doc.get("shipped", {}).items():
+        lines += ["", f"## Shipped models through {name}, as they are and after `convert --profile`", "",
+                  "The project's `models/*.onnx` (`<model>.source`) and their `uprewrite convert --profile "
+                  "<chip>` outputs (`<model>.<chip>`), through the same script (`--matrix` pointing at them).", "",
+                  "| model | result | max abs error | message |", "|---|---|---|---|"]
+        for case, r in run["results"].items():
+            err = r.get("max_abs_err")
+            lines.append(f"| `{case}` | {_cell(r)} | {'' if err is None else f'{err:.2g}'} | "
+                         f"{r.get('message', '')[-200:].replace('|', '/')} |")
     lines += ["", "## What did not compile or match", ""]
     for case, row in doc["cases"].items():
         for name, r in row["results"].items():

@@ -1,6 +1,7 @@
 """The compiler matrix: small ONNX models of every upsampling form the tool reads or emits.
 
     python benchmarks/compilers/matrix.py [OUT]      # default OUT: /tmp/cc-matrix
+    python benchmarks/compilers/matrix.py --shipped PROFILE [OUT]   # models/*.onnx + convert --profile
 
 Each *layer* (a hand-built ConvTranspose, Resize+Conv or linear Resize, seeded weights) is written
 as it is (form ``source``) and converted by ``onnx_uprewrite.api.convert`` into each exact form
@@ -176,11 +177,26 @@ def stem(case: str) -> str:
     return case.replace("/", "-")
 
 
-def main(out: Path) -> None:
+#: shipped models with one input named x (the compiler scripts feed "x")
+SHIPPED = ("fsrcnn_k9s3", "dcgan_stack", "decoder_1d", "grouped_dilated")
+
+
+def shipped_cases(profile: str) -> dict[str, onnx.ModelProto]:
+    """``models/<name>.onnx`` as ``<name>.source`` and converted under ``profile`` as ``<name>.<profile>``."""
+    models = Path(__file__).resolve().parents[2] / "models"
+    cases = {}
+    for name in SHIPPED:
+        source = onnx.load(models / f"{name}.onnx")
+        cases[f"{name}.source"] = source
+        cases[f"{name}.{profile}"] = api.convert(source, profile=profile).model
+    return cases
+
+
+def main(out: Path, profile: str | None = None) -> None:
     import onnxruntime as ort
 
     out.mkdir(parents=True, exist_ok=True)
-    cases = build_cases(reference=True)
+    cases = build_cases(reference=True) if profile is None else shipped_cases(profile)
     table = []
     for case, model in cases.items():
         onnx.save(model, out / f"{stem(case)}.onnx")
@@ -188,11 +204,15 @@ def main(out: Path) -> None:
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         np.savez(out / f"{stem(case)}.npz", x=x, y=sess.run(None, {"x": x})[0])
-        table.append(describe(case, model))
-        print(f"{case:36s} {' '.join(f'{k}x{v}' for k, v in table[-1]['ops'].items())}")
+        table.append(describe(case, model) if profile is None else {"id": case})
+        print(f"{case:36s} {' '.join(f'{k}x{v}' for k, v in op_census(model).items())}")
     (out / "cases.json").write_text(json.dumps(table, indent=1))
     print(f"{len(table)} cases in {out}")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/cc-matrix"))
+    args = sys.argv[1:]
+    if args[:1] == ["--shipped"]:  # --shipped PROFILE [OUT]: the shipped models and their conversion
+        main(Path(args[2] if len(args) > 2 else f"/tmp/cc-shipped-{args[1]}"), profile=args[1])
+    else:
+        main(Path(args[0] if args else "/tmp/cc-matrix"))
