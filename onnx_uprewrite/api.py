@@ -20,7 +20,7 @@ import onnxruntime
 
 from . import __version__, isolate
 from .passes import EMITTERS, FORM_OPS, FORMS, LAYOUTS, OP_FORMS, PARSERS, SITE_OPS, SOURCES  # noqa: F401 (API)
-from .budget import check_memory, default_memory_budget, guard_memory
+from .budget import check_memory, default_memory_budget, guard_memory, release_memory
 from .budget import time_budget as budget_time
 from .profile import Profile, load_profile
 from .strategies import KEEP_SITE, REFUSE, Context, Decision, strategy_for
@@ -328,16 +328,10 @@ def convert(
     captured input with onnxruntime ``provider`` and keeps the fastest (fastest.py).  ``profile`` (a
     name, a file or a ``profile.Profile``; ``to`` is then ignored) rewrites only the sites the target
     cannot run, each into the cheapest exact form it can run, and checks the result (profile.py).
-    ``lazy_weights`` (for a path with external data) reads only the weights of the sites; the others
-    stay in the input's data file and are copied to the output's (the CLI's choice): then
-    ``result.model`` refers to that file by absolute path (model_io.is_lazy).  ``d2s_mode`` is the
-    layout of the sub-pixel form (to_subpixel.LAYOUTS): ``auto`` (one Conv per phase where
-    to_subpixel.prefer_phases predicts it faster, else one Conv; DepthToSpace where one op does it,
-    else single-axis Transposes), ``transpose`` (the same with Transposes everywhere: fastest in
-    onnxruntime), ``CRD`` (one Conv + DepthToSpace CRD, PyTorch's PixelShuffle order) or ``DCR``
-    (DepthToSpace DCR: the Conv's output channels are permuted, or one Conv per phase).  Raises
-    UsageError, InvalidModelError, VerificationImpossible, ResourceLimit or VerificationFailed
-    (with ``.report``).
+    ``lazy_weights`` (a path with external data): only the sites' weights are read, the others are
+    copied file to file (model_io.is_lazy).  ``d2s_mode``: the sub-pixel layout (README, to_subpixel:
+    ``auto``, ``transpose``, ``CRD``, ``DCR``).  Raises UsageError, InvalidModelError,
+    VerificationImpossible, ResourceLimit or VerificationFailed (with ``.report``).
     """
     t0 = time.perf_counter()
     opts = _options(to, output, only, sources, inputs, shapes, atol, rtol, verify, seed, also_writes, memory_budget,
@@ -356,9 +350,12 @@ def convert(
         ctx = Context(model, Namer(model), default_opset(model), opts.budget, ref.measured, ref.captured, deadline)
         rewrite = _decide_sites(model, opts, ref, ctx, report, stages.step, label)
     site_failure = _check_sites(model, rewrite, ref, opts, ctx.opset, report, stages, deadline, label)
+    rewrite.release(ref)  # what only the per-site checks read: the whole-model check runs without it
     with stages("splice"):
         _apply(model, rewrite, opts, ref, report)
     _check_model(model, rewrite, ref, opts, report, stages, deadline, label, site_failure)
+    del ctx, ref, rewrite  # activations and parsed weights: the save needs the model only
+    release_memory()
     if opts.output is not None:
         with stages("save", "saving"):
             report.written = [str(p) for p in save_model(model, opts.output, external=external)]
@@ -480,6 +477,15 @@ class _Rewrite:
     candidates: set = dataclasses.field(default_factory=set)
     terms: int = 0
     done: list = dataclasses.field(default_factory=list)  # (site, emission, SiteResult)
+    noise_sites: list = dataclasses.field(default_factory=list)  # (site output, rounding bound): _downstream_noise
+
+    def release(self, ref: _Reference) -> None:
+        """Keep of the per-site material only what the whole-model check reads (the sites' rounding
+        bounds), and drop the captured activations: the peak memory of that check is then the model's."""
+        self.noise_sites = _noise_sites(self.done, ref.captured)
+        self.done = [(None, None, result) for _, _, result in self.done]
+        ref.captured.clear()  # the dict strategies read too (Context.captured)
+        release_memory()
 
 
 def _selected_sites(model, opts: Options, ref: _Reference) -> tuple[list[Site], list[Refusal]]:
@@ -609,7 +615,7 @@ def _compare_model(model, rewrite: _Rewrite, ref: _Reference, opts: Options, rep
                          "running the rewritten model")
             with deadline:
                 _verify(ref.outputs, ref.feeds, model, report, opts.atol, opts.rtol, rewrite.terms, ref.second,
-                        _noise_sites(rewrite.done, ref.captured))
+                        rewrite.noise_sites)
         except ResourceLimit as exc:
             raise ResourceLimit(f"{label}: {exc}") from None
         except VerificationFailed:

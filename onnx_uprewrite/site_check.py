@@ -142,6 +142,15 @@ class SiteCheck:
         return self.ratio <= 1.0
 
 
+#: elements compared at a time (float64 working copies of 8 MiB each, whatever the tensor's size)
+CHUNK = 1 << 20
+
+
+def _finite_max(values: np.ndarray) -> float:
+    finite = np.abs(values[np.isfinite(values)])
+    return float(finite.max()) if finite.size else 0.0
+
+
 def compare_site(site: Site, ref: np.ndarray, got: np.ndarray, magnitude: np.ndarray | None,
                  atol: float | None, rtol: float | None, quant=None) -> SiteCheck:
     """``quant`` is ``output_quantization(site, emission)``: one step of it is allowed (a sum within
@@ -152,33 +161,39 @@ def compare_site(site: Site, ref: np.ndarray, got: np.ndarray, magnitude: np.nda
     dtype = ref.dtype if np.issubdtype(ref.dtype, np.floating) else np.dtype(np.float32)
     eps = float(np.finfo(dtype).eps)
     terms = site.terms_per_output
-    r, g = ref.astype(np.float64), got.astype(np.float64)
     if got.shape != ref.shape:
         return SiteCheck(math.inf, math.inf, math.inf, f"shape {list(got.shape)} differs from {list(ref.shape)}")
-    same = (np.isnan(r) & np.isnan(g)) | (np.isinf(r) & (r == g))
-    err = np.where(same, 0.0, np.abs(r - g))
-    err = np.where(np.isnan(err), np.inf, err)
-    finite = np.abs(r[np.isfinite(r)])
-    max_ref = float(finite.max()) if finite.size else 0.0
+    ref, got = ref.reshape(-1), got.reshape(-1)
+    mags = None if magnitude is None else magnitude.reshape(-1)
+    max_ref = max((_finite_max(ref[i:i + CHUNK]) for i in range(0, ref.size, CHUNK)), default=0.0)
     step = float(np.max(np.abs(quant[0]))) if quant is not None else 0.0
     a = 0.0 if atol is None else float(atol)
     if rtol is not None or magnitude is None:
         rel = FACTOR * eps * math.sqrt(terms) if rtol is None else float(rtol)
-        tol = np.full(r.shape, a + rel * max_ref + step)
         text = f"atol + rtol*max|ref|, rtol = {rel:.3g}" + (" (user)" if rtol is not None else
                                                            f" = 8*eps*sqrt(T) (eps={eps:.3g}, T={terms})")
     else:
-        mag = magnitude.astype(np.float64) + bias_magnitude(site)
-        tol = a + FACTOR * eps * math.sqrt(terms) * mag + step
         text = f"8*eps*sqrt(T)*(|W|*|x|+|b|) per element (eps={eps:.3g} {np.dtype(dtype).name}, T={terms})"
     if step:
         text += f" + one quantization step ({step:.3g})"
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = np.where(err == 0, 0.0, err / tol)
-    max_err = float(err.max()) if err.size else 0.0
+    max_err = max_ratio = 0.0
+    for i in range(0, ref.size, CHUNK):  # float64 working copies of one chunk at a time: bounded memory
+        r, g = ref[i:i + CHUNK].astype(np.float64), got[i:i + CHUNK].astype(np.float64)
+        same = (np.isnan(r) & np.isnan(g)) | (np.isinf(r) & (r == g))
+        err = np.where(same, 0.0, np.abs(r - g))
+        err[np.isnan(err)] = np.inf
+        if rtol is not None or mags is None:
+            tol = a + rel * max_ref + step
+        else:
+            tol = a + FACTOR * eps * math.sqrt(terms) * (mags[i:i + CHUNK].astype(np.float64) + bias_magnitude(site)) \
+                + step
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = np.where(err == 0, 0.0, err / tol)
+        max_err = max(max_err, float(err.max()) if err.size else 0.0)
+        max_ratio = max(max_ratio, float(np.nanmax(ratios)) if ratios.size else 0.0)
     return SiteCheck(
         max_abs_error=max_err,
         max_rel_error=max_err / max_ref if max_ref > 0 else (0.0 if max_err == 0 else math.inf),
-        ratio=float(np.nanmax(ratios)) if ratios.size else 0.0,
+        ratio=max_ratio,
         tolerance=text,
     )

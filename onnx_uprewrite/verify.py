@@ -127,6 +127,7 @@ def _session(model: onnx.ModelProto | bytes, provider: str = "CPUExecutionProvid
     if threads is not None:
         opts.intra_op_num_threads = opts.inter_op_num_threads = threads
     opts.log_severity_level = 4
+    opts.enable_cpu_mem_arena = False  # the arena grows in doublings: peaks far above what the run needs
     if isinstance(model, bytes):
         return ort.InferenceSession(model, opts, providers=[provider])
     skeleton, names, values = split_weights(model)

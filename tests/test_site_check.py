@@ -68,7 +68,7 @@ def test_perturbation_below_the_tolerance_passes_and_is_reported(tmp_path, pertu
 def test_report_has_per_site_errors_and_tolerance(tmp_path):
     src, rep = tmp_path / "model.onnx", tmp_path / "r.json"
     src.write_bytes(two_site_model().SerializeToString())
-    result = invoke("convert", src, "--report", rep)
+    result = invoke("convert", src, "--report", rep, "-v")
     assert_clean_exit(result, 0)
     for site in json.loads(rep.read_text())["sites"]:
         assert site["status"] == "rewritten"
