@@ -127,7 +127,9 @@ def _session(model: onnx.ModelProto | bytes, provider: str = "CPUExecutionProvid
     if threads is not None:
         opts.intra_op_num_threads = opts.inter_op_num_threads = threads
     opts.log_severity_level = 4
-    opts.enable_cpu_mem_arena = False  # the arena grows in doublings: peaks far above what the run needs
+    # verification runs once: without the arena (it grows in doublings, far above what a run needs);
+    # timing runs (optimize) keep it, as deployments run
+    opts.enable_cpu_mem_arena = optimize
     if isinstance(model, bytes):
         return ort.InferenceSession(model, opts, providers=[provider])
     skeleton, names, values = split_weights(model)
