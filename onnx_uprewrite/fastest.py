@@ -2,9 +2,10 @@
 the fastest; the original form stays unless a candidate is faster by more than the noise margin.
 
 Each candidate runs alone (a model of just that site, site_check.site_model) on the activation
-captured at the site in the reference run, so the shapes are the real ones.  Candidates and the
-original are timed interleaved (A B C A B C ...) in one process with one thread each, and compared
-by their medians: interleaving spreads drifts of the machine over all of them alike.
+captured at the site in the reference run, so the shapes are the real ones.  Each candidate is timed
+interleaved with the original (A B C A B C ..., or A B A B ... one candidate at a time for big
+sites: TOGETHER_BYTES) in one process with one thread each, and compared by its median relative to
+the original's in the same round: interleaving spreads drifts of the machine over them alike.
 """
 
 from __future__ import annotations
@@ -94,15 +95,34 @@ def choose(medians: dict[str, float], margin: float = NOISE_MARGIN) -> tuple[str
     return best, f"{best} is {medians[best] / base:.3f}x the original"
 
 
+#: a site whose candidates' outputs add up to more than this is timed one candidate at a time (each
+#: interleaved with the original, two sessions alive); smaller ones all together (fewer runs)
+TOGETHER_BYTES = 64 << 20  # outputs only: a Conv's im2col or a ConvTranspose's col2im buffer is several times more
+
+
 def pick(model: onnx.ModelProto, site: Site, captured: dict[str, np.ndarray], emissions: dict[str, Emission],
          provider: str, runs: int = DEFAULT_RUNS) -> Choice:
-    """Time the original and every emission of ``site`` on the activations ``captured`` at the site."""
+    """Time the original and every emission of ``site`` on the activations ``captured`` at the site.
+
+    Small sites: every candidate interleaved with the original in one round.  Big ones (a site's
+    forms at full resolution can each hold hundreds of MB): one candidate at a time, interleaved with
+    the original, its median taken as its ratio to the original's in that pairing times the original's
+    overall median."""
     candidates = {KEEP: original_emission(model, site), **emissions}
-    sessions, feeds = {}, {}
-    for form, emission in candidates.items():
-        values = {n: captured[n] for n in outer_inputs(emission) if n in captured}
-        sessions[form] = session(site_model(model, emission, values, site.output), provider)
-        feeds[form] = values
-    medians = time_interleaved(sessions, feeds, runs)
+    feeds = {form: {n: captured[n] for n in outer_inputs(e) if n in captured} for form, e in candidates.items()}
+    out = captured.get(site.output)
+    rounds = [list(emissions)] if out is None or out.nbytes * len(candidates) <= TOGETHER_BYTES else \
+        [[form] for form in emissions]
+    base = session(site_model(model, candidates[KEEP], feeds[KEEP], site.output), provider)
+    medians, base_medians = {}, []
+    for forms in rounds or [[]]:
+        sessions = {KEEP: base, **{f: session(site_model(model, candidates[f], feeds[f], site.output), provider)
+                                   for f in forms}}
+        timed = time_interleaved(sessions, {f: feeds[f] for f in sessions}, runs, SITE_SECONDS / max(1, len(rounds)))
+        base_medians.append(timed[KEEP])
+        medians.update({f: timed[f] / timed[KEEP] for f in forms})  # relative to the original, for now
+        del sessions
+    base_s = statistics.median(base_medians)
+    medians = {KEEP: base_s, **{f: ratio * base_s for f, ratio in medians.items()}}
     form, why = choose(medians)
     return Choice(form, {k: v * 1e3 for k, v in medians.items()}, why)
