@@ -368,8 +368,9 @@ def upsampling_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 def shuffle_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The Reshape and Transpose nodes of depth-to-space rearrangements: chains of them (with a
-    Transpose) that read a Conv's output (or a Concat of Convs: the per-phase layout), like the sub-pixel form's Reshape -> Transpose -> Reshape;
-    a model's other Reshapes (a classifier's flatten) are not upsampling and stay unchecked."""
+    Transpose) that read a Conv's output (or a Concat of Convs: the per-phase layout), like the
+    sub-pixel form's Reshape -> Transpose -> Reshape; a model's other Reshapes (a classifier's
+    flatten) are not upsampling and stay unchecked."""
     consumers: dict[str, list] = {}
     for node in model.graph.node:
         for name in node.input:

@@ -3,7 +3,9 @@
     python benchmarks/compilers/collect.py
 
 ``shipped/<compiler>.json`` (the same scripts run with ``--matrix`` on the shipped models and their
-``convert --profile`` outputs) gets its own section.  Runs in the project's venv: it rebuilds the matrix (matrix.build_cases, no onnxruntime run) to
+``convert --profile`` outputs) gets its own section.
+
+Runs in the project's venv: it rebuilds the matrix (matrix.build_cases, no onnxruntime run) to
 record each case's op census, which tests/test_compiler_results.py compares with the models it
 rebuilds, so a changed emitter shows up as a stale measurement, not as a silent mismatch.
 """

@@ -54,16 +54,19 @@ def _one(compile_case, case: str, matrix: Path, wrong_above: float) -> dict:
         out = np.asarray(out, np.float32)
         ref = data["y"]
         if out.shape != ref.shape and out.size == ref.size:  # e.g. a 1-D result given as (N, C, L, 1)
-            got["message"] = (got.get("message", "") + f" output shape {list(out.shape)} read as {list(ref.shape)}").strip()
+            note = f"output shape {list(out.shape)} read as {list(ref.shape)}"
+            got["message"] = f"{got.get('message', '')} {note}".strip()
             out = out.reshape(ref.shape)
         if out.shape != ref.shape:
-            got.update(status="wrong", max_abs_err=None, message=f"output shape {list(out.shape)}, expected {list(ref.shape)}")
+            got.update(status="wrong", max_abs_err=None,
+                       message=f"output shape {list(out.shape)}, expected {list(ref.shape)}")
         else:
             err = float(np.max(np.abs(out - ref)))
             got["max_abs_err"] = err
             if not err <= wrong_above * max(1.0, float(np.abs(ref).max())):
                 got["status"] = "wrong"
-                got["message"] = f"max abs error {err:.3g} vs onnxruntime (outputs up to {float(np.abs(ref).max()):.3g})"
+                top = float(np.abs(ref).max())
+                got["message"] = f"max abs error {err:.3g} vs onnxruntime (outputs up to {top:.3g})"
     return got
 
 

@@ -3,13 +3,13 @@
     python benchmarks/compilers/matrix.py [OUT]      # default OUT: /tmp/cc-matrix
     python benchmarks/compilers/matrix.py --shipped PROFILE [OUT]   # models/*.onnx + convert --profile
 
-Each *layer* (a hand-built ConvTranspose, Resize+Conv or linear Resize, seeded weights) is written
-as it is (form ``source``) and converted by ``onnx_uprewrite.api.convert`` into each exact form
-(``subpixel/CRD``, ``subpixel/DCR``, ``subpixel/transpose``, ``subpixel/phases``, ``resize``,
+Each *layer* (a hand-built ConvTranspose, or a nearest/linear Resize + Conv, seeded weights) is
+written as it is (form ``source``) and converted by ``onnx_uprewrite.api.convert`` into each exact
+form (``subpixel/CRD``, ``subpixel/DCR``, ``subpixel/transpose``, ``subpixel/phases``, ``resize``,
 ``convtranspose``); forms that come out identical to another are kept once.  OUT gets
-``<case>.onnx``, ``<case>.npz`` (``/`` in a case id becomes ``-``) (input ``x`` and onnxruntime's output ``y``) and ``cases.json``
-(per case: layer, form, op census, the DepthToSpace nodes).  The compiler scripts read only OUT,
-so their venvs need no onnxruntime and no onnx-uprewrite.  ``build_cases(reference=False)`` (the
+``<case>.onnx`` and ``<case>.npz`` (input ``x`` and onnxruntime's output ``y``; a ``/`` in a case
+id becomes ``-``) and ``cases.json`` (per case: layer, form, op census, the DepthToSpace nodes).
+The compiler scripts read only OUT, so their venvs need no onnxruntime and no onnx-uprewrite.  ``build_cases(reference=False)`` (the
 CI test) rebuilds the models without running anything.
 """
 

@@ -1,0 +1,80 @@
+"""Arm Ethos-U through Vela: onnx2tf ONNX -> TFLite (float32 and full-integer int8, calibrated on
+the case's input), then vela on the int8 model for one accelerator; Vela's own report names each
+op it leaves on the CPU.  Numerics: the float32 TFLite (onnx2tf's conversion) against onnxruntime;
+there is no Ethos-U simulator here, so the NPU's int8 numerics are not measured.
+
+Install (its own venv, never the project's; TensorFlow: about 2-3 GB):
+    python3.11 -m venv /tmp/cc-vela && /tmp/cc-vela/bin/pip install onnx2tf tensorflow tf-keras \
+        ethos-u-vela onnx onnx-graphsurgeon sng4onnx psutil numpy ai-edge-litert onnxruntime
+Run, one accelerator a run (results/vela-<accelerator>.json):
+    VELA_ACCELERATOR=ethos-u55-128 /tmp/cc-vela/bin/python benchmarks/compilers/vela_cc.py
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from harness import main
+
+BIN = Path(sys.executable).parent
+ACCELERATOR = os.environ.get("VELA_ACCELERATOR", "ethos-u55-128")
+
+
+def versions():
+    from importlib.metadata import version
+
+    return {"ethos-u-vela": version("ethos-u-vela"), "onnx2tf": version("onnx2tf"),
+            "tensorflow": version("tensorflow"), "accelerator": ACCELERATOR}
+
+
+def _nhwc(x):
+    return np.moveaxis(x, 1, -1)
+
+
+def _run(args, cwd, what):
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=280)
+    text = proc.stdout + proc.stderr
+    if proc.returncode:
+        errors = [ln.strip() for ln in text.splitlines() if "rror" in ln]
+        raise RuntimeError(f"{what} exit {proc.returncode}: {' | '.join(errors[-2:])[-400:] or text[-400:]}")
+    return text
+
+
+def _cpu_ops(report: str) -> dict:
+    """``{"<n> <OP>": "CPU"}`` from Vela's warnings ("... OP 'name' ... Placing on CPU instead")."""
+    found = {}
+    for line in report.splitlines():
+        if "CPU" in line and (m := re.search(r"\b([A-Z][A-Z0-9_]{2,})\b '", line)):
+            found[f"{len(found) + 1} {m.group(1)}"] = "CPU"
+    return found
+
+
+def compile_case(path, x, work):
+    calib = work / "calib.npy"
+    samples = np.concatenate([x, np.random.default_rng(1).standard_normal((7, *x.shape[1:])).astype(np.float32)])
+    np.save(calib, _nhwc(samples))
+    _run([str(BIN / "onnx2tf"), "-i", str(path), "-o", "tf", "-oiqt", "-cind", "x", str(calib), "[[[[0.0]]]]",
+          "[[[[1.0]]]]", "-n"], work, "onnx2tf")
+    tflites = {p.name: p for p in (work / "tf").glob("*.tflite")}
+    float32 = next(p for name, p in tflites.items() if name.endswith("_float32.tflite"))
+    int8 = next(p for name, p in tflites.items() if name.endswith("_full_integer_quant.tflite"))
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(float32))
+    interp.allocate_tensors()
+    interp.set_tensor(interp.get_input_details()[0]["index"], _nhwc(x))
+    interp.invoke()
+    out = np.moveaxis(interp.get_tensor(interp.get_output_details()[0]["index"]), -1, 1)
+    report = _run([str(BIN / "vela"), str(int8), "--accelerator-config", ACCELERATOR, "--output-dir", "vela"],
+                  work, "vela")
+    placement = _cpu_ops(report)
+    lines = [ln.strip() for ln in report.splitlines() if "CPU" in ln or ln.strip().startswith("- ")]
+    return {"status": "compiled", "message": " | ".join(lines)[:400], "output": out, "placement": placement}
+
+
+if __name__ == "__main__":
+    main(f"vela-{ACCELERATOR}", compile_case, versions)
