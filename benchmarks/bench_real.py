@@ -284,8 +284,9 @@ def site_macs(report: dict) -> str:
 
 def model_macs(path: Path) -> int | None:
     """MACs of every Conv and ConvTranspose: weight size (Cin/g per output channel, or Cout/g per input
-    channel) times positions; shapes from onnx inference with data propagation (the exports compute
-    Reshape and Resize sizes from shapes).  None if one is unknown."""
+    channel) times positions.  Shapes from onnx inference with data propagation (the exports compute
+    Reshape and Resize sizes from shapes), else from one onnxruntime run that outputs the tensors
+    inference left unknown (YOLO's Split -> Slice); None if even that fails."""
     import onnx
 
     model = onnx.load(str(path))
@@ -293,14 +294,30 @@ def model_macs(path: Path) -> int | None:
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in [*typed.graph.input, *typed.graph.value_info, *typed.graph.output]}
     weights = {t.name: math.prod(t.dims) for t in model.graph.initializer}
-    total = 0
-    for node in model.graph.node:
-        if node.op_type in ("Conv", "ConvTranspose"):
-            positions = shapes.get(node.output[0] if node.op_type == "Conv" else node.input[0], [0])[2:]
-            if node.input[1] not in weights or not all(positions):
-                return None
-            total += weights[node.input[1]] * math.prod(positions)
-    return total
+    convs = [(n, n.output[0] if n.op_type == "Conv" else n.input[0])
+             for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    unknown = [t for _, t in convs if not all(shapes.get(t, [0]))]
+    if unknown:
+        try:
+            shapes.update(_run_shapes(model, unknown))
+        except Exception:  # noqa: BLE001 - a column of the table, not the benchmark
+            return None
+    if any(n.input[1] not in weights for n, _ in convs):
+        return None
+    return sum(weights[n.input[1]] * math.prod(shapes[t][2:]) for n, t in convs)
+
+
+def _run_shapes(model, names: list[str]) -> dict[str, list[int]]:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    outputs = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in outputs)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.float32)
+             for i in sess.get_inputs()}
+    return {n: list(v.shape) for n, v in zip([o.name for o in sess.get_outputs()], sess.run(None, feeds))}
 
 
 HEADER = (f"{'model':12s} {'--to':16s} {'verified':8s} {'err/tol':>7s} {'rw/ref/skip':>11s} {'conv s':>6s} "
