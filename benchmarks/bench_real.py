@@ -7,7 +7,8 @@ run time: every model is built from code or a config with random weights):
     /tmp/realenv/bin/pip install torch==2.13.0 torchvision diffusers segmentation-models-pytorch \\
         ultralytics spandrel onnx onnxruntime onnxscript
     /tmp/realenv/bin/pip install -e .
-    /tmp/realenv/bin/python benchmarks/bench_real.py [--only NAME ...] [--to FORM ...] [--seconds 40] [--out /tmp/uprewrite_real]
+    /tmp/realenv/bin/python benchmarks/bench_real.py [--only NAME ...] [--to FORM ...] [--seconds 40] [--min-runs 7]
+        [--out /tmp/uprewrite_real]
 
 Models (NAME, input):
   sd-vae-dec   diffusers AutoencoderKL decoder (128/256/512/512 channels), latent 1x4x32x32 -> 1x3x256x256
@@ -224,14 +225,15 @@ def plain_run(model: Path) -> tuple[float, float]:
 
 # ---- latency, interleaved in this process ----
 
-def latencies(paths: list[Path], threads: int, seconds: float) -> dict:
-    """Median seconds per run of each model, interleaved, and the number of runs (chosen to fill
-    about ``seconds``); in a child process, so that this one stays small."""
-    argv = [sys.executable, __file__, "--threads", str(threads), "--seconds", str(seconds), "--latency", *map(str, paths)]
+def latencies(paths: list[Path], threads: int, seconds: float, min_runs: int) -> dict:
+    """Median seconds per run of each model, interleaved, and the number of runs (enough to fill
+    about ``seconds``, at least ``min_runs``); in a child process, so that this one stays small."""
+    argv = [sys.executable, __file__, "--threads", str(threads), "--seconds", str(seconds),
+            "--min-runs", str(min_runs), "--latency", *map(str, paths)]
     return json.loads(subprocess.run(argv, check=True, stdout=subprocess.PIPE, text=True).stdout)
 
 
-def _interleaved(paths: list[str], threads: int, seconds: float) -> dict:
+def _interleaved(paths: list[str], threads: int, seconds: float, min_runs: int) -> dict:
     import numpy as np
     import onnxruntime as ort
 
@@ -246,7 +248,7 @@ def _interleaved(paths: list[str], threads: int, seconds: float) -> dict:
     t = time.perf_counter()
     for s in sessions:
         s.run(None, feeds)
-    rounds = max(5, min(40, int(seconds / (time.perf_counter() - t))))
+    rounds = max(min_runs, min(40, int(seconds / (time.perf_counter() - t))))
     return dict(medians=interleaved(sessions, feeds, rounds), runs=rounds)
 
 
@@ -338,6 +340,7 @@ def main():
     parser.add_argument("--to", nargs="*", default=list(TARGETS), help="targets of the static export")
     parser.add_argument("--dyn-to", nargs="*", default=["fastest"], help="targets of the dynamic-batch export")
     parser.add_argument("--seconds", type=float, default=40.0, help="latency budget per model and thread setting")
+    parser.add_argument("--min-runs", type=int, default=7, help="at least this many interleaved runs")
     parser.add_argument("--out", type=Path, default=Path("/tmp/uprewrite_real"))
     parser.add_argument("--reexport", action="store_true", help="export again even when cached")
     parser.add_argument("--export", help=argparse.SUPPRESS)  # the children: export this model,
@@ -345,7 +348,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.latency:
-        print(json.dumps(_interleaved(args.latency, args.threads, args.seconds)))
+        print(json.dumps(_interleaved(args.latency, args.threads, args.seconds, args.min_runs)))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     if args.export:
@@ -378,7 +381,7 @@ def main():
         lat = {}
         if changed:
             for threads in (1, 0):
-                timed = latencies([static] + [r["output"] for r in changed], threads, args.seconds)
+                timed = latencies([static] + [r["output"] for r in changed], threads, args.seconds, args.min_runs)
                 medians = timed["medians"]
                 for r, m in zip(changed, medians[1:]):
                     lat.setdefault(r["to"], []).append(f"{m / medians[0]:.2f}")
