@@ -70,3 +70,25 @@ def test_a_wrong_model_still_fails_after_the_noise_floor():
 def test_user_tolerance_is_not_grown():
     with pytest.raises(VerificationFailed):
         up.convert(deep(60, "Tanh"), rtol=1e-9, atol=0)
+
+
+def test_verify_uses_the_same_rule_as_convert(tmp_path):
+    """`uprewrite verify A B` of an exact rewrite before 60 layers says equivalent, as convert did; a B
+    whose last layer differs is not."""
+    original = deep(60, "Tanh")
+    rewritten = up.convert(original).model
+    same = up.verify(original, rewritten)
+    assert same.equivalent, same.to_dict()
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(rewritten)
+    w = next(t for t in wrong.graph.initializer if t.name == "w59")
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.1, w.name))
+    assert not up.verify(original, wrong).equivalent
+
+
+def test_verify_chooses_sizes_for_symbolic_dims():
+    model = deep(2, "Relu")
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_param, dims[2].dim_param, dims[3].dim_param = "n", "h", "w"
+    same = up.verify(model, up.convert(model).model)
+    assert same.equivalent and same.outputs[0].shape == (1, 8, 128, 128)
