@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -67,6 +68,24 @@ class ConvertResult:
         import onnx_graphsurgeon as gs
 
         return gs.import_onnx(self.model)
+
+
+#: keyword spellings of the CLI's options, accepted beside the API's own names
+CLI_NAMES = {"shape": "shapes", "from_": "sources"}
+
+
+def cli_names(function):
+    """Accept the CLI's option names as keywords too: ``shape=`` (``--shape``) for ``shapes=``,
+    ``from_=`` (``--from``) for ``sources=``."""
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        for alias, name in CLI_NAMES.items():
+            if alias in kwargs:
+                if name in kwargs:
+                    raise UsageError(f"{alias}= and {name}= are the same option: give one of them")
+                kwargs[name] = kwargs.pop(alias)
+        return function(*args, **kwargs)
+    return call
 
 
 def _is_gs_graph(model) -> bool:
@@ -283,6 +302,7 @@ def _matches_quietly(parser, node, index) -> bool:
         return False
 
 
+@cli_names
 @guard_memory
 def convert(
     model,
@@ -1056,6 +1076,7 @@ def _downstream_noise(model, feeds, result, noise_sites) -> dict[str, float]:
             for k, v in result.items() if k in perturbed and np.issubdtype(v.dtype, np.floating)}
 
 
+@cli_names
 @guard_memory
 def inspect(model, shapes: dict | None = None, memory_budget: int | None = None,
             lazy_weights: bool = False) -> Inspection:
@@ -1132,6 +1153,7 @@ def exact_forms(site: Site, opset: int, budget: int | None = None) -> dict[str, 
     return forms
 
 
+@cli_names
 @guard_memory
 def verify(a, b, inputs=None, shapes=None, atol: float | None = None, rtol: float | None = None, seed: int = 0,
            memory_budget: int | None = None, time_budget: float | None = None):

@@ -70,3 +70,11 @@ def test_graphsurgeon_graph_in_and_out():
 def test_a_wrong_model_type_is_a_usage_error():
     with pytest.raises(up.UsageError, match="expected a path"):
         up.convert(42)
+
+
+def test_keywords_take_the_cli_names_too():
+    report = up.convert(MODELS / "dynamic_batch.onnx", shape={"x": "1x16x5x7"}, from_=["convtranspose"]).report
+    assert report.outputs[0].shape[0] == 1 and report.rewritten
+    with pytest.raises(up.UsageError, match="same option"):
+        up.convert(MODELS / "dynamic_batch.onnx", shape={"x": "1x16x5x7"}, shapes={"x": "1x16x5x7"})
+    assert up.inspect(MODELS / "dynamic_batch.onnx", shape={"x": (1, 16, 5, 7)}).sites
