@@ -831,8 +831,10 @@ def _measure(model, inputs, shapes, seed, required: bool, budget: int | None = N
     """
     taps = _site_taps(model, GraphIndex(model))
     candidates, symbols = shape_candidates(model, shapes, inputs)
-    tried = []
+    tried, fallback = [], None
     for attempt in candidates:
+        if fallback is not None and _elements(attempt) <= _elements(fallback[4]):
+            continue  # after a size whose site inputs are shorter than their kernels: only larger ones
         try:
             check_memory(model, input_shapes(model, attempt, inputs), set(taps), budget, "running the original model",
                          compared=required)
@@ -854,15 +856,42 @@ def _measure(model, inputs, shapes, seed, required: bool, budget: int | None = N
         captured = {**{k: v for k, v in outputs.items() if k in taps}, **feeds}
         choice = None
         if symbols:
+            short = _short_site_inputs(model, captured)
+            if short and fallback is None:  # prefer a size at which every site input spans its kernel
+                fallback = (feeds, reference, captured, tried[:], attempt)
+                tried.append(f"{_shape_text(attempt, shapes, inputs)}: runs, but {short}")
+                continue
             chosen = {k: tuple(v) for k, v in attempt.items() if k not in (shapes or {})}
             choice = ShapeChoice(chosen, symbols, tuple(tried))
         return feeds, reference, captured, choice
+    if fallback is not None:  # no larger size runs: the one that ran, with its short site inputs
+        feeds, reference, captured, before, attempt = fallback
+        chosen = {k: tuple(v) for k, v in attempt.items() if k not in (shapes or {})}
+        return feeds, reference, captured, ShapeChoice(chosen, symbols, tuple(before))
     message = (f"{symbolic_dims_text(model, shapes, inputs)} symbolic: onnxruntime runs the original model at none "
                f"of the sizes tried ({'; '.join(tried)}); pass --shape NAME=DIMS, e.g. --shape "
                f"{_example_shape(model, shapes, inputs)}")
     if required:
         raise VerificationImpossible(message)
     return None, None, {}, None
+
+
+def _elements(shapes: dict) -> int:
+    return sum(math.prod(v) for v in shapes.values())
+
+
+def _short_site_inputs(model, captured: dict) -> str | None:
+    """Which captured input of a Conv / ConvTranspose is shorter than its kernel on some axis (a size
+    that exercises only part of the kernel), or None."""
+    weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose") or len(node.input) < 2:
+            continue
+        x, kernel = captured.get(node.input[0]), weights.get(node.input[1], ())[2:]
+        if x is not None and kernel and len(x.shape) == len(kernel) + 2 and \
+                any(n < k for n, k in zip(x.shape[2:], kernel)):
+            return f"'{node.input[0]}' {list(x.shape[2:])} is shorter than the kernel {list(kernel)} of '{node.name}'"
+    return None
 
 
 def _example_shape(model, shapes, inputs) -> str:

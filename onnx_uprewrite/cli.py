@@ -149,7 +149,7 @@ def cli() -> None:
 @click.option("--inputs", "inputs_file", type=click.Path(), help=".npz with one array per graph input, for verification.")
 @click.option("--shape", "shape", multiple=True, metavar="NAME=DIMS",
               help="Shape of a graph input: x=1x3x64x64, x:1,3,64,64 or x:[1,3,64,64] (repeatable). Symbolic dims "
-                   "not given are chosen: batch 1, others the first of 64, 32, 128, 16, 256, 512 that runs.")
+                   "not given are chosen: batch 1, others the first of 64, 32, 128, 16, 256, 512, 1024, 4096 that runs.")
 @click.option("--atol", type=float, help="Absolute tolerance [default: 0].")
 @click.option("--rtol", type=float, help="Tolerance relative to max|reference| [default: 8*eps*sqrt(terms)].")
 @click.option("--no-verify", is_flag=True, help="Skip onnxruntime verification (the report says so).")

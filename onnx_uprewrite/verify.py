@@ -232,8 +232,9 @@ def make_inputs(
 
 #: sizes tried, in this order, for the symbolic non-batch dims of inputs that neither ``--shape``
 #: nor ``--inputs`` covers: small enough to run fast, large enough for real decoders (a U-Net with
-#: five stride-2 stages needs multiples of 32); the first at which the original runs is used
-CHOSEN_SIZES = (64, 32, 128, 16, 256, 512)
+#: five stride-2 stages needs multiples of 32; raw-audio codecs with hops of hundreds of samples the
+#: last ones); the first at which the original runs (and every site input spans its kernel) is used
+CHOSEN_SIZES = (64, 32, 128, 16, 256, 512, 1024, 4096)
 
 
 @dataclass(frozen=True)

@@ -144,3 +144,22 @@ def test_inspect_uses_the_same_choice_and_refuses_unknown_names():
     assert info["sites"][0]["macs"]["subpixel"]
     with pytest.raises(UsageError, match="no graph input named 'q'"):
         api.inspect(symbolic_model(), shapes={"q": (1, 2)})
+
+
+def test_a_size_whose_site_inputs_span_their_kernels_is_preferred():
+    """Five stride-2 Convs then a k4 ConvTranspose: at 64 the site's input is 2x2, shorter than its
+    kernel; 128 gives 4x4 and is chosen, and the report says why 64 was passed over."""
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for i in range(5):
+        inits.append(numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), f"d{i}"))
+        nodes.append(helper.make_node("Conv", [prev, f"d{i}"], [f"c{i}"], strides=[2, 2], pads=[1, 1, 1, 1]))
+        prev = f"c{i}"
+    inits.append(numpy_helper.from_array(rng.standard_normal((4, 4, 4, 4)).astype(np.float32), "W"))
+    nodes.append(helper.make_node("ConvTranspose", [prev, "W"], ["y"], name="up", strides=[2, 2], pads=[1, 1, 1, 1]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
+    report = api.convert(model).report
+    assert report.chosen_shapes == {"x": [1, 4, 128, 128]}
+    assert "shorter than the kernel" in report.shape_choice
