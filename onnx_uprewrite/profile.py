@@ -350,9 +350,10 @@ def model_constants(model: onnx.ModelProto, names: set[str]) -> dict[str, np.nda
 def upsampling_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """ConvTranspose, Resize, Upsample and DepthToSpace nodes of the main graph, and the Conv nodes
     that pair with them into an upsampling site (a Conv reading a Resize/Upsample output, or feeding
-    a DepthToSpace, directly or through a Concat)."""
+    a DepthToSpace or a Reshape/Transpose depth-to-space chain, directly or through a Concat)."""
     producer = {o: n for n in model.graph.node for o in n.output if o}
     feeds_d2s = {n.input[0] for n in model.graph.node if n.op_type == "DepthToSpace" and n.input}
+    feeds_d2s |= {n.input[0] for n in shuffle_nodes(model) if n.input}  # the Reshape/Transpose layouts
     feeds_d2s |= {i for t in list(feeds_d2s) if (c := producer.get(t)) is not None and c.op_type == "Concat"
                   for i in c.input}  # per-phase Convs, concatenated (the sub-pixel emitter's layout)
     found = []
