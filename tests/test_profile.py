@@ -225,6 +225,7 @@ VIOLATORS = {
     "iree": lambda: _ct(cout=8, group=8),  # grouped ConvTranspose rejected, CRD wrong -> DCR per phase
     "rk3588": lambda: _ct(kernel=9, stride=3, pad=4, output_padding=2),  # FSRCNN: stride 3 and D2S 3 on the CPU
     "rk3576": lambda: up.convert(_ct(x_shape=(1, 4, 4, 4, 4)), to="subpixel", d2s_mode="CRD").model,  # rank-8 Transpose
+    "ethos-u55": lambda: _ct(kernel=9, stride=3, pad=4, output_padding=2),  # FSRCNN -> Conv + DepthToSpace CRD
     "ncnn": lambda: up.convert(_ct(), to="subpixel", d2s_mode="DCR").model,  # no DCR layer -> CRD
 }
 #: measured profiles without a limit on upsampling: nothing to rewrite

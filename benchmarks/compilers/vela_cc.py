@@ -1,7 +1,8 @@
 """Arm Ethos-U through Vela: onnx2tf ONNX -> TFLite (float32 and full-integer int8, calibrated on
 the case's input), then vela on the int8 model for one accelerator; Vela's own report names each
-op it leaves on the CPU.  Numerics: the float32 TFLite (onnx2tf's conversion) against onnxruntime;
-there is no Ethos-U simulator here, so the NPU's int8 numerics are not measured.
+op it leaves on the CPU.  Numerics: the float32 TFLite (onnx2tf's conversion) against onnxruntime, so
+"wrong" here means onnx2tf mis-converted the model; there is no Ethos-U simulator here, so the
+NPU's int8 numerics are not measured.
 
 Install (its own venv, never the project's; TensorFlow: about 2-3 GB):
     python3.11 -m venv /tmp/cc-vela && /tmp/cc-vela/bin/pip install onnx2tf tensorflow tf-keras \
@@ -36,7 +37,7 @@ def _nhwc(x):
 
 
 def _run(args, cwd, what):
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=280)
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=150)
     text = proc.stdout + proc.stderr
     if proc.returncode:
         errors = [ln.strip() for ln in text.splitlines() if "rror" in ln]
@@ -44,24 +45,33 @@ def _run(args, cwd, what):
     return text
 
 
-def _cpu_ops(report: str) -> dict:
-    """``{"<n> <OP>": "CPU"}`` from Vela's warnings ("... OP 'name' ... Placing on CPU instead")."""
-    found = {}
-    for line in report.splitlines():
-        if "CPU" in line and (m := re.search(r"\b([A-Z][A-Z0-9_]{2,})\b '", line)):
-            found[f"{len(found) + 1} {m.group(1)}"] = "CPU"
-    return found
+def _placement(report: str) -> tuple[dict, list[str]]:
+    """(``{"<n> <op>": "NPU" | "CPU"}`` from Vela's network summary, the op types and reasons of
+    its "Warning (supported operators)" lines).  A CPU op is a "Passthrough" in the summary: its
+    TFLite type comes from the warnings, in order."""
+    warned = re.findall(r"Warning \(supported operators\) operator: (\w+)", report)
+    reasons = [f"{op}: {why.strip()}" for op, why in
+               re.findall(r"operator: (\w+), ofm: '[^']*'\s*\nReason: ([^\n]*)", report)]
+    placement, cpu_seen = {}, 0
+    for where, op in re.findall(r"^\s*(CPU|NPU): (\w+) =", report, flags=re.M):
+        if where == "CPU" and op == "Passthrough" and cpu_seen < len(warned):
+            op, cpu_seen = warned[cpu_seen], cpu_seen + 1
+        placement[f"{len(placement) + 1} {op}"] = where
+    return placement, reasons
 
 
 def compile_case(path, x, work):
     calib = work / "calib.npy"
     samples = np.concatenate([x, np.random.default_rng(1).standard_normal((7, *x.shape[1:])).astype(np.float32)])
     np.save(calib, _nhwc(samples))
-    _run([str(BIN / "onnx2tf"), "-i", str(path), "-o", "tf", "-oiqt", "-cind", "x", str(calib), "[[[[0.0]]]]",
-          "[[[[1.0]]]]", "-n"], work, "onnx2tf")
+    nest = x.ndim  # -cind mean and std: nested like the input (NHWC), broadcast
+    _run([str(BIN / "onnx2tf"), "-i", str(path), "-o", "tf", "-oiqt", "-cind", "x", str(calib),
+          "[" * nest + "0.0" + "]" * nest, "[" * nest + "1.0" + "]" * nest, "-n"], work, "onnx2tf")
     tflites = {p.name: p for p in (work / "tf").glob("*.tflite")}
-    float32 = next(p for name, p in tflites.items() if name.endswith("_float32.tflite"))
-    int8 = next(p for name, p in tflites.items() if name.endswith("_full_integer_quant.tflite"))
+    float32 = next((p for name, p in tflites.items() if name.endswith("_float32.tflite")), None)
+    int8 = next((p for name, p in tflites.items() if name.endswith("_full_integer_quant.tflite")), None)
+    if float32 is None or int8 is None:
+        raise RuntimeError(f"onnx2tf wrote no float32 / full-integer TFLite (wrote {sorted(tflites)})")
     from ai_edge_litert.interpreter import Interpreter
 
     interp = Interpreter(model_path=str(float32))
@@ -69,11 +79,10 @@ def compile_case(path, x, work):
     interp.set_tensor(interp.get_input_details()[0]["index"], _nhwc(x))
     interp.invoke()
     out = np.moveaxis(interp.get_tensor(interp.get_output_details()[0]["index"]), -1, 1)
-    report = _run([str(BIN / "vela"), str(int8), "--accelerator-config", ACCELERATOR, "--output-dir", "vela"],
-                  work, "vela")
-    placement = _cpu_ops(report)
-    lines = [ln.strip() for ln in report.splitlines() if "CPU" in ln or ln.strip().startswith("- ")]
-    return {"status": "compiled", "message": " | ".join(lines)[:400], "output": out, "placement": placement}
+    report = _run([str(BIN / "vela"), str(int8), "--accelerator-config", ACCELERATOR, "--output-dir", "vela",
+                   "--show-cpu-operations"], work, "vela")
+    placement, reasons = _placement(report)
+    return {"status": "compiled", "message": " | ".join(reasons)[:400], "output": out, "placement": placement}
 
 
 if __name__ == "__main__":
