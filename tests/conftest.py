@@ -51,6 +51,18 @@ def make_convtranspose_model(
     return helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
+def run_model(model, feeds: dict) -> dict:
+    """Every output of ``model`` (a ModelProto) on ``feeds`` in onnxruntime, by name."""
+    from onnx_uprewrite.verify import run_rewritten
+
+    return run_rewritten(model, feeds)
+
+
+def node_attrs(node) -> dict:
+    """A node's attributes as Python values."""
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
 @pytest.fixture
 def ct_model():
     """The model builder, as a fixture (``ct_model(cin=8, ...)``)."""

@@ -11,8 +11,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnx_uprewrite as up
+from conftest import run_model as _run
 from onnx_uprewrite.api import find_sites
-from onnx_uprewrite.verify import session
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -86,10 +86,6 @@ def _batch(n, opset, seed):
     return model, feeds, terms
 
 
-def _run(model, feeds):
-    sess = session(model)
-    names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
 
 
 @pytest.fixture(scope="module")

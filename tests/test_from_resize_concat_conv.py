@@ -7,15 +7,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import run_model as _run
 from onnx_uprewrite import api
 from onnx_uprewrite.api import find_sites
 from onnx_uprewrite.passes import from_resize_concat_conv, to_resize
 from onnx_uprewrite.sites import Site, priced
-from onnx_uprewrite.verify import session
 
 EPS32 = float(np.finfo(np.float32).eps)
 TARGETS = ("subpixel", "convtranspose", "resize")
@@ -74,9 +73,6 @@ def _feeds(model, seed=1):
             for i in model.graph.input}
 
 
-def _run(model, feeds):
-    s = session(model)
-    return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
 
 
 def _assert_same(original, rewritten, terms):

@@ -19,6 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_uprewrite as up
+from conftest import node_attrs as _attrs, run_model as _run
 from onnx_uprewrite.api import _measure, find_sites
 from onnx_uprewrite.verify import run_rewritten, session
 from sweep import batch_model, random_config
@@ -31,18 +32,12 @@ BATCHES = 11
 PER_BATCH = 100  # 11 * 100 = 1,100 sites, each rewritten to two targets
 
 
-def _run(model: onnx.ModelProto, feeds: dict) -> dict:
-    sess = session(model)
-    names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
 
 
 def _ops(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
 
 
-def _attrs(node) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _init(model: onnx.ModelProto, name: str) -> np.ndarray:

@@ -8,8 +8,9 @@ import random
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
+from conftest import node_attrs as _attrs
 from onnx_uprewrite.passes import to_convtranspose
 from onnx_uprewrite.sites import Site
 from onnx_uprewrite.surgery import Builder, Namer
@@ -72,8 +73,6 @@ def _emit(site: Site, opset: int = 17):
     return b.emission, text
 
 
-def _attrs(node) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _weights(kernel, c_in=4, c_out=3, group=1, bias=True, seed=0):

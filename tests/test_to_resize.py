@@ -10,6 +10,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+from conftest import node_attrs as _attrs
 from onnx_uprewrite.passes import to_resize
 from onnx_uprewrite.surgery import Builder, Namer
 from onnx_uprewrite.weights import Axis, box_conv_weight
@@ -72,8 +73,6 @@ def _emit(site, opset=17):
     return b.emission, text
 
 
-def _attrs(node) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def test_nearest_conv_kernel_comes_back_from_its_convtranspose():

@@ -11,8 +11,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnx_uprewrite as up
+from conftest import run_model as _run
 from onnx_uprewrite import api
-from onnx_uprewrite.verify import session
 from sweep import batch_model, random_config
 
 OPSETS = (7, 9, 10, 11, 13, 17, 19)
@@ -21,10 +21,6 @@ PER_BATCH = 100  # 40 * 100 = 4000 configurations
 EPS32 = float(np.finfo(np.float32).eps)
 
 
-def _run(model: onnx.ModelProto, feeds: dict) -> dict:
-    sess = session(model)
-    names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
 
 
 @pytest.mark.parametrize("batch", range(BATCHES))
