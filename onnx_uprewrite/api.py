@@ -551,8 +551,6 @@ def _decide_sites(model, opts: Options, ref: _Reference, ctx: Context, report: R
 
 
 def _rewritten(site: Site, decision: Decision, rewrite: _Rewrite, verify: bool) -> SiteResult:
-    for hook in EMISSION_HOOKS:
-        hook(site, decision.emission)
     rewrite.replacements[site.output] = (site.replaced_outputs, decision.emission)
     rewrite.candidates.update(site.weight_tensors)
     rewrite.terms += site.terms_per_output
@@ -647,11 +645,6 @@ def _compare_model(model, rewrite: _Rewrite, ref: _Reference, opts: Options, rep
         report.verification = site_failure
         raise VerificationFailed(f"{label}: verification {site_failure}; nothing written", report)
 
-
-
-#: test-only: callables ``hook(site, emission)`` run after each site is emitted, before anything is
-#: verified (the tests perturb one weight through it to show that per-site verification catches it)
-EMISSION_HOOKS: list = []
 
 
 #: per-site verification runs up to this many sites (replacement and magnitude) in one onnxruntime

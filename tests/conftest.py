@@ -64,6 +64,22 @@ def node_attrs(node) -> dict:
 
 
 @pytest.fixture
+def emission_hook(monkeypatch):
+    """``install(hook)``: ``hook(site, emission)`` runs after each site is emitted, before anything is
+    verified (tests perturb an emission through it to show that verification catches it)."""
+    from onnx_uprewrite import api
+
+    def install(hook):
+        rewritten = api._rewritten
+
+        def spy(site, decision, rewrite, verify):
+            hook(site, decision.emission)
+            return rewritten(site, decision, rewrite, verify)
+        monkeypatch.setattr(api, "_rewritten", spy)
+    return install
+
+
+@pytest.fixture
 def ct_model():
     """The model builder, as a fixture (``ct_model(cin=8, ...)``)."""
     return make_convtranspose_model

@@ -261,7 +261,7 @@ def test_stale_temp_folder_of_a_killed_run_is_removed(ext_model):
     assert not stale.exists() and keep.read_bytes() == b"a file, not one of our folders"
 
 
-def test_input_data_changed_during_verification_is_input_changed_not_a_failure(tmp_path, monkeypatch):
+def test_input_data_changed_during_verification_is_input_changed_not_a_failure(tmp_path, emission_hook):
     """The data file changes after the sites were read: the whole-model check then differs, and the run
     says the input changed (exit 2), not that the rewrite is wrong (exit 1)."""
     import numpy as np
@@ -269,7 +269,6 @@ def test_input_data_changed_during_verification_is_input_changed_not_a_failure(t
 
     import onnx_uprewrite as up
     from conftest import make_convtranspose_model
-    from onnx_uprewrite import api
 
     model = make_convtranspose_model(cin=4, cout=4, spatial=(5, 5))
     model.graph.node[0].output[0] = "u"
@@ -287,7 +286,7 @@ def test_input_data_changed_during_verification_is_input_changed_not_a_failure(t
         blob[-64:] = bytes(64)  # W2 is written last: zero part of it
         data.write_bytes(bytes(blob))
 
-    monkeypatch.setattr(api, "EMISSION_HOOKS", [scribble])
+    emission_hook(scribble)
     with pytest.raises(up.InputChanged, match="changed while it was being converted"):
         up.convert(path, lazy_weights=True, output=tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()

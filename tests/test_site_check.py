@@ -15,7 +15,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_uprewrite as up
 from hostile import assert_clean_exit, error_line, invoke, tree
-from onnx_uprewrite import api
 from onnx_uprewrite.site_check import compare_site, fake_quantize
 from sweep import batch_model, random_config
 from test_cli import two_site_model
@@ -24,8 +23,8 @@ TARGETS = ("subpixel", "resize", "convtranspose")
 
 
 @pytest.fixture
-def perturb_site(monkeypatch):
-    """The test-only hook: add ``delta`` to the first element of the largest weight emitted for one site."""
+def perturb_site(emission_hook):
+    """Add ``delta`` to the first element of the largest weight emitted for one site (conftest.emission_hook)."""
     def install(node: str, delta: float):
         def hook(site, emission):
             if site.node != node:
@@ -34,7 +33,7 @@ def perturb_site(monkeypatch):
             w = numpy_helper.to_array(big).copy()
             w.flat[0] += delta
             big.CopyFrom(numpy_helper.from_array(w, big.name))
-        monkeypatch.setattr(api, "EMISSION_HOOKS", [hook])
+        emission_hook(hook)
     return install
 
 
