@@ -60,7 +60,7 @@ def original_emission(model: onnx.ModelProto, site: Site) -> Emission:
     return Emission(nodes=sorted(chosen.values(), key=lambda n: order[id(n)]))
 
 
-def session(model: onnx.ModelProto, provider: str) -> ort.InferenceSession:
+def timing_session(model: onnx.ModelProto, provider: str) -> ort.InferenceSession:
     """A one-thread, fully optimized session (as deployments run) of a site model; weights the site
     model refers to in the input's external data are read as verification reads them."""
     return verify_session(model, provider, threads=1, optimize=True)
@@ -113,10 +113,10 @@ def pick(model: onnx.ModelProto, site: Site, captured: dict[str, np.ndarray], em
     out = captured.get(site.output)
     rounds = [list(emissions)] if out is None or out.nbytes * len(candidates) <= TOGETHER_BYTES else \
         [[form] for form in emissions]
-    base = session(site_model(model, candidates[KEEP], feeds[KEEP], site.output), provider)
+    base = timing_session(site_model(model, candidates[KEEP], feeds[KEEP], site.output), provider)
     medians, base_medians = {}, []
     for forms in rounds or [[]]:
-        sessions = {KEEP: base, **{f: session(site_model(model, candidates[f], feeds[f], site.output), provider)
+        sessions = {KEEP: base, **{f: timing_session(site_model(model, candidates[f], feeds[f], site.output), provider)
                                    for f in forms}}
         timed = time_interleaved(sessions, {f: feeds[f] for f in sessions}, runs, SITE_SECONDS / max(1, len(rounds)))
         base_medians.append(timed[KEEP])
