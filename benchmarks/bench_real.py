@@ -334,19 +334,69 @@ def row(name: str, to: str, res: dict, lat=("-", "-"), mac_ratio: str = "-") -> 
             f"{res['rss']:7.2f} {lat[0]:>6s} {lat[1]:>7s} {mac_ratio:>5s} {site_macs(rep):>11s}  {chosen(rep)}")
 
 
-def main():
+def _parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", default=[], help="these models (default: all)")
     parser.add_argument("--to", nargs="*", default=list(TARGETS), help="targets of the static export")
     parser.add_argument("--dyn-to", nargs="*", default=["fastest"], help="targets of the dynamic-batch export")
     parser.add_argument("--seconds", type=float, default=40.0, help="latency budget per model and thread setting")
     parser.add_argument("--min-runs", type=int, default=7, help="at least this many interleaved runs")
+    parser.add_argument("--no-latency", action="store_true", help="conversions only")
     parser.add_argument("--out", type=Path, default=Path("/tmp/uprewrite_real"))
     parser.add_argument("--reexport", action="store_true", help="export again even when cached")
     parser.add_argument("--export", help=argparse.SUPPRESS)  # the children: export this model,
     parser.add_argument("--latency", nargs="+", help=argparse.SUPPRESS)  # or time these models
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def _exported(name: str, args) -> bool:
+    static, dyn = args.out / f"{name}.onnx", args.out / f"{name}_dyn.onnx"
+    if static.exists() and dyn.exists() and not args.reexport:
+        return True
+    t = time.perf_counter()
+    if subprocess.run([sys.executable, __file__, "--export", name, "--out", str(args.out)]).returncode:
+        return False
+    print(f"# {name}: exported in {time.perf_counter() - t:.0f} s", flush=True)
+    return True
+
+
+def _latency_ratios(name: str, static: Path, changed: list[dict], args) -> dict[str, list[str]]:
+    """{target: [ratio at 1 thread, ratio at all threads]} for the conversions that changed the model."""
+    ratios = {}
+    for threads in (1, 0):
+        timed = latencies([static] + [r["output"] for r in changed], threads, args.seconds, args.min_runs)
+        medians = timed["medians"]
+        for r, m in zip(changed, medians[1:]):
+            ratios.setdefault(r["to"], []).append(f"{m / medians[0]:.2f}")
+        print(f"# {name}: original {medians[0] * 1e3:.0f} ms at {threads or 'all'} thread(s), "
+              f"median of {timed['runs']}", flush=True)
+    return ratios
+
+
+def bench_model(name: str, args, emit) -> list[dict]:
+    """Plain run, conversions, latency and MACs of one model; emit(line) each table row; returns the
+    conversions' results."""
+    static, dyn = args.out / f"{name}.onnx", args.out / f"{name}_dyn.onnx"
+    plain_s, plain_gb = plain_run(static)
+    emit(f"{name:12s} {'(plain ort run)':16s} {'':8s} {'':>7s} {'':>11s} {plain_s:6.1f} {plain_gb:7.2f}"
+         f"   ({static.stat().st_size / 1e6:.0f} MB model)")
+    results = [convert(static, to, args.out) for to in args.to]
+    changed = [r for r in results if r["output"] and site_counts(r["report"])[0]]
+    lat = _latency_ratios(name, static, changed, args) if changed and not args.no_latency else {}
+    base = model_macs(static)
+    for r in results:
+        after = model_macs(r["output"]) if r in changed else None
+        unchanged = ("same", "same") if r["output"] and r not in changed else ("-", "-")
+        emit(row(name, r["to"], r, lat.get(r["to"], unchanged), f"{after / base:.2f}" if base and after else "-"))
+    for to in args.dyn_to:
+        results.append(convert(dyn, to, args.out))
+        emit(row(name, f"{to} (dyn N)", results[-1]))
+    return results
+
+
+def main():
+    args = _parse_args()
     if args.latency:
         print(json.dumps(_interleaved(args.latency, args.threads, args.seconds, args.min_runs)))
         return
@@ -362,47 +412,19 @@ def main():
     print(f"{time.strftime('%Y-%m-%d')}, onnxruntime {ort.__version__}, onnx-uprewrite {onnx_uprewrite.__version__}, "
           f"{_versions()}, {os.cpu_count()} CPUs")
     lines, refusals = [HEADER], Counter()
+
+    def emit(line):
+        lines.append(line)
+        print(line, flush=True)
+
     for name in args.only or MODELS:
-        static, dyn = args.out / f"{name}.onnx", args.out / f"{name}_dyn.onnx"
-        if args.reexport or not (static.exists() and dyn.exists()):
-            t = time.perf_counter()
-            rc = subprocess.run([sys.executable, __file__, "--export", name, "--out", str(args.out)]).returncode
-            if rc:
-                lines.append(f"{name:13s} export failed (exit {rc})")
-                print(lines[-1], flush=True)
-                continue
-            print(f"# {name}: exported in {time.perf_counter() - t:.0f} s", flush=True)
-        plain_s, plain_gb = plain_run(static)
-        lines.append(f"{name:12s} {'(plain ort run)':16s} {'':8s} {'':>7s} {'':>11s} {plain_s:6.1f} {plain_gb:7.2f}"
-                     f"   ({static.stat().st_size / 1e6:.0f} MB model)")
-        print(lines[-1], flush=True)
-        results = [convert(static, to, args.out) for to in args.to]
-        changed = [r for r in results if r["output"] and site_counts(r["report"])[0]]
-        lat = {}
-        if changed:
-            for threads in (1, 0):
-                timed = latencies([static] + [r["output"] for r in changed], threads, args.seconds, args.min_runs)
-                medians = timed["medians"]
-                for r, m in zip(changed, medians[1:]):
-                    lat.setdefault(r["to"], []).append(f"{m / medians[0]:.2f}")
-                print(f"# {name}: original {medians[0] * 1e3:.0f} ms at {threads or 'all'} thread(s), "
-                      f"median of {timed['runs']}", flush=True)
-        base = model_macs(static)
-        for r in results:
-            after = model_macs(r["output"]) if r in changed else None
-            ratio = f"{after / base:.2f}" if base and after else "-"
-            unchanged = ("same", "same") if r["output"] else ("-", "-")
-            lines.append(row(name, r["to"], r, lat.get(r["to"], unchanged), ratio))
-            print(lines[-1], flush=True)
-        for to in args.dyn_to:
-            r = convert(dyn, to, args.out)
-            results.append(r)
-            lines.append(row(name, f"{to} (dyn N)", r))
-            print(lines[-1], flush=True)
-        for r in results:
-            for s in r["report"].get("sites", []):
-                if s["status"] == "refused":
-                    refusals[(name, short(s.get("reason") or ""))] += 1
+        if not _exported(name, args):
+            emit(f"{name:12s} export failed")
+            continue
+        for r in bench_model(name, args, emit):
+            for site in r["report"].get("sites", []):
+                if site["status"] == "refused":
+                    refusals[(name, short(site.get("reason") or ""))] += 1
             if not r["report"]:
                 refusals[(name, f"--to {r['to']}: exit {r['rc']}, no report")] += 1
     print("\n" + "\n".join(lines))
@@ -410,6 +432,7 @@ def main():
         print("\nrefused sites (model: count over all conversions, reason):")
         for (name, reason), n in sorted(refusals.items()):
             print(f"  {name}: {n}x {reason}")
+    print(f"\nreports: {args.out}/<model>.<target>.report.json")
 
 
 def _versions() -> str:
