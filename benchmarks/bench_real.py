@@ -439,7 +439,7 @@ def _versions() -> str:
     from importlib import metadata
 
     found = []
-    for pkg in ("torch", "diffusers", "segmentation-models-pytorch", "ultralytics", "spandrel", "torchvision"):
+    for pkg in ("onnx", "torch", "diffusers", "segmentation-models-pytorch", "ultralytics", "spandrel", "torchvision"):
         try:
             found.append(f"{pkg} {metadata.version(pkg)}")
         except metadata.PackageNotFoundError:
