@@ -226,6 +226,7 @@ VIOLATORS = {
     "rk3588": lambda: _ct(kernel=9, stride=3, pad=4, output_padding=2),  # FSRCNN: stride 3 and D2S 3 on the CPU
     "rk3576": lambda: up.convert(_ct(x_shape=(1, 4, 4, 4, 4)), to="subpixel", d2s_mode="CRD").model,  # rank-8 Transpose
     "ethos-u55": lambda: _ct(kernel=9, stride=3, pad=4, output_padding=2),  # FSRCNN -> Conv + DepthToSpace CRD
+    "ethos-u85": lambda: _ct(kernel=3, stride=2, pad=1, output_padding=1),  # output_padding -> sub-pixel CRD
     "ncnn": lambda: up.convert(_ct(), to="subpixel", d2s_mode="DCR").model,  # no DCR layer -> CRD
 }
 #: measured profiles without a limit on upsampling: nothing to rewrite
