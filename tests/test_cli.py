@@ -753,4 +753,4 @@ def test_profile_names_in_any_case_and_their_completion(tmp_path, model_file):
     assert (tmp_path / "model.ethos-u.onnx").is_file()
     env = {"_UPREWRITE_COMPLETE": "bash_complete", "COMP_WORDS": "uprewrite check m --profile E", "COMP_CWORD": "4"}
     completed = CliRunner().invoke(cli, [], prog_name="uprewrite", env=env)
-    assert completed.stdout.splitlines() == ["plain,ethos-u", "plain,ethos-u55", "file,E"]  # names, then files
+    assert completed.stdout.splitlines() == ["plain,ethos-u", "plain,ethos-u55", "plain,ethos-u85", "file,E"]  # names, then files
