@@ -63,7 +63,11 @@ def markdown(doc: dict) -> str:
              "`matrix.py`'s (each layer as built, and converted by onnx-uprewrite into each exact form). "
              "`ok`: compiled, ran, and matched onnxruntime (max abs error within "
              "`wrong_above * max(1, max|y|)`); `WRONG`: ran but did not match; `REJECTED`: the compiler "
-             "(or its runtime) refused it; `CRASHED`: the process died. Messages below.", "",
+             "(or its runtime) refused it; `CRASHED`: the process died. Messages below. `(CPU: …)`: ops the "
+             "compiler's own report places on the host CPU (RKNN's layer table, Vela's summary). RKNN "
+             "numerics are its x86 simulator's (fp16). Vela has no simulator here: its numerics are "
+             "onnx2tf's float32 TFLite, so a Vela `WRONG`, or a `REJECTED` naming onnx2tf, is the "
+             "converter's, and its placement is still Vela's.", "",
              "| compiler | versions | measured | run time |", "|---|---|---|---|"]
     for name, c in doc["compilers"].items():
         versions = ", ".join(f"{k} {v}" for k, v in c["versions"].items())
