@@ -41,6 +41,7 @@ def _placement(log: str) -> dict:
 
 def compile_case(path, x, work):
     log_path = work / "build.log"
+    os.chdir(work)  # the toolkit writes check*.onnx debug models into the current directory
     saved = os.dup(1), os.dup(2)
     sys.stdout.flush()
     with open(log_path, "w") as log:  # the toolkit logs through fds 1/2: capture them
