@@ -78,6 +78,7 @@ def main(name: str, compile_case, versions, wrong_above: float = WRONG_ABOVE) ->
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=HERE / "results" / f"{name}.json", type=Path)
     args = ap.parse_args()
+    args.matrix = args.matrix.resolve()  # a script may chdir into a case's work directory
     if args.one:  # the child: one case, one JSON line
         print("RESULT " + json.dumps(_one(compile_case, args.one, args.matrix, wrong_above)), flush=True)
         return
