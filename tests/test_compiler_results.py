@@ -32,10 +32,14 @@ CONSERVATIVE = {
                                          "the profile language cannot say that, so iree forbids CRD"),
     ("iree", "k9s3p4op2.subpixel/CRD"): ("wrong", "ok", "C/(b*b) == b (27/9 == 3): as above"),
     ("iree", "k8s4p2.subpixel/CRD"): ("wrong", "ok", "C/(b*b) == b (64/16 == 4): as above"),
-    ("rknn-rk3588", "k2s2.subpixel/transpose"): ("cpu", "ok", "which Reshape/Transpose chains stay on the NPU "
-                                                 "depends on shapes; rk3588 marks them all CPU"),
+    ("iree", "g2dil2_k3s2p2op1.source"): ("rejected", "ok", "only depthwise ConvTranspose fails; the profile "
+                                          "language has no 'any group but depthwise', so iree allows group 1"),
+    ("rknn-rk3588", "k2s2.subpixel/transpose"): ("cpu", "ok", "the Reshape/Transpose chains measured on the NPU "
+                                                 "are the ones without a Slice after them; the profile language "
+                                                 "cannot say that, so rk3588 marks them all CPU"),
     ("rknn-rk3588", "1d_k4s2p1.subpixel/phases"): ("cpu", "ok", "as above"),
     ("rknn-rk3588", "dil2_k3s2p2op1.subpixel/transpose"): ("cpu", "ok", "as above"),
+    ("rknn-rk3588", "g2dil2_k3s2p2op1.subpixel/transpose"): ("cpu", "ok", "as above"),
 }
 _ORDER = ("ok", "cpu", "wrong", "rejected")
 

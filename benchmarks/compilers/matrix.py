@@ -75,6 +75,7 @@ LAYERS = (
     Layer("k16s8p4", "convtranspose", 2, 4, 4, 4, k=16, s=8, pad=4),
     Layer("dw_k4s2p1", "convtranspose", 2, 8, 8, 8, k=4, s=2, pad=1, group=8),
     Layer("dil2_k3s2p2op1", "convtranspose", 2, 8, 4, 8, k=3, s=2, pad=2, op=1, dil=2),
+    Layer("g2dil2_k3s2p2op1", "convtranspose", 2, 8, 8, 8, k=3, s=2, pad=2, op=1, group=2, dil=2),
     Layer("1d_k4s2p1", "convtranspose", 1, 8, 4, 16, k=4, s=2, pad=1),
     Layer("3d_k4s2p1", "convtranspose", 3, 4, 4, 4, k=4, s=2, pad=1),
     Layer("nearest2_conv3", "resize_conv", 2, 8, 4, 8, k=3, s=2),
