@@ -7,8 +7,11 @@ run time: every model is built from code or a config with random weights):
     /tmp/realenv/bin/pip install torch==2.13.0 torchvision diffusers segmentation-models-pytorch \\
         ultralytics spandrel onnx onnxruntime onnxscript
     /tmp/realenv/bin/pip install -e .
-    /tmp/realenv/bin/python benchmarks/bench_real.py [--only NAME ...] [--to FORM ...] [--seconds 40] [--min-runs 7]
-        [--out /tmp/uprewrite_real]
+    /tmp/realenv/bin/python benchmarks/bench_real.py [--only NAME ...] [--to FORM ...] [--no-latency]
+        [--seconds 40] [--min-runs 7] [--out /tmp/uprewrite_real]
+
+PyPI's torchvision wheels are built against the CUDA torch; beside the CPU torch the export child
+defines the two op schemas torchvision's import needs (_torchvision_importable).
 
 Models (NAME, input):
   sd-vae-dec   diffusers AutoencoderKL decoder (128/256/512/512 channels), latent 1x4x32x32 -> 1x3x256x256
@@ -34,7 +37,8 @@ cached in --out.  Then, one model at a time:
   the ratio is the rewritten median over the original's (below 1: faster).  Compare within one run.
 
 Columns: verified and err/tol (worst max|error| / tolerance over the outputs) from the report;
-rw/ref/skip: sites rewritten / refused / already in the target form; conv s and conv GB: wall time
+rw/ref/skip: sites rewritten / refused / skipped (already in the target form, or the
+original was fastest); conv s and conv GB: wall time
 and peak RSS of the conversion (imports included); lat 1t / lat all: latency ratios ("same": nothing
 changed); MACs: Conv+ConvTranspose MACs of the whole rewritten model / the original's (the limit of
 the latency ratio); site GMACs: the rewritten sites' before -> after; forms: what was emitted.
@@ -183,15 +187,16 @@ def export(name: str, out: Path) -> None:
 
 # ---- measurements in child processes ----
 
-def _child(argv: list[str]) -> tuple[int, float, float]:
-    """Run argv under GNU time; return its exit code, wall seconds and peak RSS in GB (the largest of
-    it and the children it reaped).  Not os.wait4 on our own child: a child forked from this process
-    starts with this process's high-water mark."""
+def _child(argv: list[str]) -> tuple[int, float, float, str]:
+    """Run argv under GNU time; return its exit code, wall seconds, peak RSS in GB (the largest of
+    it and the children it reaped) and the last line of its stderr.  Not os.wait4 on our own child:
+    a child forked from this process starts with this process's high-water mark."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as stats:
         proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", stats.name, *argv],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wall, kb = stats.read().split()[-2:]
-    return proc.returncode, float(wall), int(kb) * 1024 / 1e9
+    last = proc.stderr.decode(errors="replace").strip().splitlines()[-1:]
+    return proc.returncode, float(wall), int(kb) * 1024 / 1e9, "".join(last)
 
 
 def convert(model: Path, to: str, out: Path) -> dict:
@@ -200,9 +205,10 @@ def convert(model: Path, to: str, out: Path) -> dict:
     output.unlink(missing_ok=True)
     report.unlink(missing_ok=True)
     cli = Path(sys.executable).parent / "uprewrite"
-    rc, wall, rss = _child([str(cli), "convert", str(model), "--to", to, "-o", str(output), "--report", str(report)])
+    argv = [str(cli), "convert", str(model), "--to", to, "-o", str(output), "--report", str(report)]
+    rc, wall, rss, err = _child(argv)
     rep = json.loads(report.read_text()) if report.exists() else {}
-    return dict(to=to, rc=rc, wall=wall, rss=rss, report=rep, output=output if output.exists() else None)
+    return dict(to=to, rc=rc, wall=wall, rss=rss, report=rep, output=output if output.exists() else None, error=err)
 
 
 _PLAIN = """
@@ -217,13 +223,13 @@ s.run(None, feeds)
 
 def plain_run(model: Path) -> tuple[float, float]:
     """Wall seconds and peak RSS (GB) of one plain onnxruntime session + run (imports included)."""
-    rc, wall, rss = _child([sys.executable, "-c", _PLAIN, str(model)])
+    rc, wall, rss, err = _child([sys.executable, "-c", _PLAIN, str(model)])
     if rc:
-        raise RuntimeError(f"plain onnxruntime run of {model} failed (exit {rc})")
+        raise RuntimeError(f"plain onnxruntime run of {model} failed (exit {rc}): {err}")
     return wall, rss
 
 
-# ---- latency, interleaved in this process ----
+# ---- latency, interleaved in a child process ----
 
 def latencies(paths: list[Path], threads: int, seconds: float, min_runs: int) -> dict:
     """Median seconds per run of each model, interleaved, and the number of runs (enough to fill
@@ -426,7 +432,7 @@ def main():
                 if site["status"] == "refused":
                     refusals[(name, short(site.get("reason") or ""))] += 1
             if not r["report"]:
-                refusals[(name, f"--to {r['to']}: exit {r['rc']}, no report")] += 1
+                refusals[(name, short(f"--to {r['to']}: exit {r['rc']}, no report: {r['error']}"))] += 1
     print("\n" + "\n".join(lines))
     if refusals:
         print("\nrefused sites (model: count over all conversions, reason):")
