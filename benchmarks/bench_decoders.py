@@ -16,7 +16,6 @@ Convs of each model (the physical limit of the ratio).  Compare ratios within on
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import numpy as np
@@ -24,7 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 import onnx_uprewrite as up
-from bench_latency import interleaved, session
+from bench_latency import arguments, interleaved, session
 
 OPSET = 17
 
@@ -88,12 +87,7 @@ def conv_macs(model) -> int:
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--provider", default="CPUExecutionProvider")
-    parser.add_argument("--only", default="", help="run the decoders whose name contains this")
-    parser.add_argument("--to", nargs="*", help="only these targets")
-    args = parser.parse_args()
+    args = arguments()
     import onnxruntime as ort
     print(f"onnxruntime {ort.__version__}, {args.provider}, 1 thread, median of {args.runs} interleaved runs")
     print(f"{'decoder':36s} {'--to[:d2s-mode]':18s} {'original ms':>12s} {'rewritten ms':>13s} {'ratio':>6s} "

@@ -110,13 +110,18 @@ def interleaved(sessions, feeds, runs):
     return [statistics.median(t) for t in times]
 
 
-def main():
+def arguments():
+    """The options every decoder benchmark takes (also benchmarks/bench_decoders.py)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--provider", default="CPUExecutionProvider")
     parser.add_argument("--only", default="", help="run the decoders whose name contains this")
     parser.add_argument("--to", nargs="*", help="only these targets")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main():
+    args = arguments()
     print(f"onnxruntime {ort.__version__}, {args.provider}, 1 thread, median of {args.runs} interleaved runs")
     print(f"{'decoder':44s} {'--to[:d2s-mode]':18s} {'original ms':>12s} {'rewritten ms':>13s} {'ratio':>6s}  forms chosen")
     for name, model, targets in DECODERS:

@@ -116,10 +116,10 @@ class Fastest:
         self.provider = provider
 
     def decide(self, site: Site, ctx: Context) -> Decision:
-        emitted, why_not = emit_each(site, ctx, variants("fastest", site))
-        built = {label: (emitter, builder, description) for label, emitter, builder, description in emitted}
         if site.input not in ctx.captured:
             return refuse(site, "its input was not captured in the reference run, so its forms cannot be timed")
+        emitted, why_not = emit_each(site, ctx, variants("fastest", site))
+        built = {label: (emitter, builder, description) for label, emitter, builder, description in emitted}
         try:
             with ctx.deadline:
                 choice = pick_fastest(ctx.model, site, ctx.captured,

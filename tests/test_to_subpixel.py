@@ -207,6 +207,24 @@ def test_dcr_refuses_grouped_sites_without_a_per_phase_layout_with_the_reason():
     assert site.status == "refused" and "cannot follow a grouped Conv" in site.reason
 
 
+def _assert_round_trip(rewritten_model, feeds, original, configs, terms):
+    """The rewritten model and its read-back ConvTranspose form both match ``original`` (outputs
+    ``y<i>``) within 8*eps*sqrt(T*dense kernel)*max|ref|; returns the read-back model."""
+    rewritten = _run(rewritten_model, feeds)
+    back = up.convert(rewritten_model, to="convtranspose", verify=False,
+                      shapes={name: x.shape for name, x in feeds.items()})
+    assert not back.report.refused, [s.reason for s in back.report.refused][:3]
+    returned = _run(back.model, feeds)
+    for i, cfg in enumerate(configs):
+        ref = original[f"y{i}"]
+        for got in (rewritten[f"y{i}"], returned[f"y{i}"]):
+            assert got.shape == ref.shape, (cfg, got.shape, ref.shape)
+            dense = math.prod((k - 1) * d + 1 for k, d in zip(cfg.kernel, cfg.dilations))
+            tol = 8 * EPS32 * math.sqrt(terms[i] * dense) * max(float(np.abs(ref).max()), 1e-30)
+            assert float(np.abs(got.astype(np.float64) - ref).max()) <= tol, cfg
+    return back.model
+
+
 @pytest.mark.parametrize("batch", range(4))
 def test_dcr_sweep_without_depth_to_space_matches_onnxruntime_and_reads_back(batch):
     """--d2s-mode DCR on every rank and stride: the one Conv writes phase-major channels (``ph*C + c``)
@@ -231,18 +249,7 @@ def test_dcr_sweep_without_depth_to_space_matches_onnxruntime_and_reads_back(bat
     assert rewritten_ranks >= {1, 2}, rewritten_ranks
     assert {a.s for n in result.model.graph.node if n.op_type == "DepthToSpace" for a in n.attribute
             if a.name == "mode"} <= {b"DCR"}
-    rewritten = _run(result.model, feeds)
-    back = up.convert(result.model, to="convtranspose", verify=False,
-                      shapes={name: x.shape for name, x in feeds.items()})
-    assert not back.report.refused, [s.reason for s in back.report.refused][:3]
-    returned = _run(back.model, feeds)
-    for i, cfg in enumerate(configs):
-        ref = original[f"y{i}"]
-        for got in (rewritten[f"y{i}"], returned[f"y{i}"]):
-            assert got.shape == ref.shape, (cfg, got.shape, ref.shape)
-            dense = math.prod((k - 1) * d + 1 for k, d in zip(cfg.kernel, cfg.dilations))
-            tol = 8 * EPS32 * math.sqrt(terms[i] * dense) * max(float(np.abs(ref).max()), 1e-30)
-            assert float(np.abs(got.astype(np.float64) - ref).max()) <= tol, cfg
+    _assert_round_trip(result.model, feeds, original, configs, terms)
 
 
 @pytest.mark.parametrize("spatial, strides", [((40,), (4,)), ((9, 7), (2, 3)), ((5, 4, 3), (2, 2, 2))])
@@ -349,19 +356,8 @@ def test_per_phase_sweep_matches_onnxruntime_and_round_trips(batch, mode, phases
     result = up.convert(model, d2s_mode=mode, verify=False)
     assert not result.report.refused, [s.reason for s in result.report.refused][:3]
     assert any(s.form and "Concat" in s.form for s in result.report.sites)
-    rewritten = _run(result.model, feeds)
-    shapes = {name: x.shape for name, x in feeds.items()}
-    back = up.convert(result.model, to="convtranspose", verify=False, shapes=shapes)
-    assert not back.report.refused, [s.reason for s in back.report.refused][:3]
-    assert {n.op_type for n in back.model.graph.node} <= {"ConvTranspose", "Conv", "Slice", "Pad", "Add"}
-    returned = _run(back.model, feeds)
-    for i, cfg in enumerate(configs):
-        ref = original[f"y{i}"]
-        for got in (rewritten[f"y{i}"], returned[f"y{i}"]):
-            assert got.shape == ref.shape, (cfg, got.shape, ref.shape)
-            dense = math.prod((k - 1) * d + 1 for k, d in zip(cfg.kernel, cfg.dilations))
-            tol = 8 * EPS32 * math.sqrt(terms[i] * dense) * max(float(np.abs(ref).max()), 1e-30)
-            assert float(np.abs(got.astype(np.float64) - ref).max()) <= tol, cfg
+    back = _assert_round_trip(result.model, feeds, original, configs, terms)
+    assert {n.op_type for n in back.graph.node} <= {"ConvTranspose", "Conv", "Slice", "Pad", "Add"}
 
 
 def test_float16_per_phase_verifies_and_stays_float16(phases_everywhere):
