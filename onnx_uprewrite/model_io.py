@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import mmap
 import os
 import re
 import secrets
@@ -20,6 +21,7 @@ from onnx import external_data_helper, helper, numpy_helper
 
 from .errors import InputChanged, InvalidModelError, UsageError, WriteError
 from .isolate import announce_temp
+from .wire import GRAPH_FIELD, INITIALIZER_FIELD, RAW_DATA_FIELD, Span, length_field, strip_weights
 
 try:
     import fcntl
@@ -40,25 +42,18 @@ def load_model(path: str | os.PathLike, lazy: bool = False) -> tuple[onnx.ModelP
     Returns the model with all weights loaded and the external data files it read.  With ``lazy``,
     main-graph initializers in external data stay there: their locations become the absolute,
     validated paths of their files (``is_lazy``), read only when a value is needed
-    (``tensor_array``, ``tensor_memmap``) and copied file to file when saved (``write_external``).
+    (``tensor_array``, ``tensor_memmap``) and copied file to file when saved (``write_external``,
+    ``write_inline``).  So do the big initializers of a model file with its weights inside
+    (``_parse_stripped``): the file itself is their data file (``is_embedded``), and the weights
+    are never held twice, as bytes and as a parsed model.
     """
     path = Path(path)
     if not path.exists():
         raise InvalidModelError(f"{path}: no such file")
     if path.is_dir():
         raise InvalidModelError(f"{path}: is a directory, not an ONNX model file")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise InvalidModelError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if not data:
-        raise InvalidModelError(f"{path}: empty file")
-    model = onnx.ModelProto()
-    try:
-        model.ParseFromString(data)
-    except (DecodeError, RuntimeError, ValueError) as exc:
-        raise InvalidModelError(f"{path}: not an ONNX model (truncated or corrupt protobuf: {exc})") from None
-    del data
+    stripped = _parse_stripped(path) if lazy else None
+    model = stripped[0] if stripped else _parse_file(path)
     validate_model(model, str(path))
     external: list[Path] = []
     if has_external_data(model):
@@ -83,7 +78,78 @@ def load_model(path: str | os.PathLike, lazy: bool = False) -> tuple[onnx.ModelP
                 external_data_helper.load_external_data_for_model(model, str(base))
         except Exception as exc:  # onnx raises assorted errors for bad external data
             raise InvalidModelError(f"{path}: cannot read external data: {exc}") from None
+    if stripped:
+        _point_at_file(model, path, stripped[1])
     return model, external
+
+
+def _parse_file(path: Path) -> onnx.ModelProto:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidModelError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if not data:
+        raise InvalidModelError(f"{path}: empty file")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise InvalidModelError(f"{path}: not an ONNX model (truncated or corrupt protobuf: {exc})") from None
+    return model
+
+
+#: a file at least this big, read lazily, is parsed without the raw_data of its initializers of
+#: at least EMBEDDED_MIN_BYTES: these stay in the file, as lazy initializers (wire.strip_weights)
+LAZY_FILE_MIN_BYTES, EMBEDDED_MIN_BYTES = 1 << 20, 1 << 16
+#: marks a lazy initializer whose file is the model file itself: saved inline unless asked otherwise
+_EMBEDDED_KEY = "uprewrite.embedded"
+
+
+def _parse_stripped(path: Path) -> tuple[onnx.ModelProto, list[Span]] | None:
+    """The model in ``path`` parsed without its big initializers' bytes, and where these lie in the
+    file; None when the file is small or not plainly laid out (it is then parsed as a whole, which
+    also gives the message for a corrupt one)."""
+    try:
+        with open(path, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size < LAZY_FILE_MIN_BYTES:
+                return None
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                found = strip_weights(buf, EMBEDDED_MIN_BYTES)
+    except (OSError, ValueError):
+        return None
+    if found is None:
+        return None
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(found[0])
+    except (DecodeError, RuntimeError, ValueError):
+        return None
+    return model, found[1]
+
+
+def _point_at_file(model: onnx.ModelProto, path: Path, spans: list[Span]) -> None:
+    """Make the stripped initializers lazy ones that live in the model file ``path`` itself; one whose
+    bytes do not fit its type and shape gets them back (validation then speaks of it as usual)."""
+    location, lazy = str(path.resolve()), []
+    with open(path, "rb") as fh:
+        for span in spans:
+            t = model.graph.initializer[span.index]
+            need = tensor_bytes(t.data_type, list(t.dims)) if t.data_type in NUMPY_RAW else None
+            if need != span.length or t.external_data or t.data_location == onnx.TensorProto.EXTERNAL:
+                fh.seek(span.offset)
+                t.raw_data = fh.read(span.length)
+                continue
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(span.offset)), ("length", str(span.length)),
+                               (_EMBEDDED_KEY, "1")):
+                t.external_data.add(key=key, value=value)
+            lazy.append(t)
+    _record_sources(lazy)
+
+
+def is_embedded(t: onnx.TensorProto) -> bool:
+    """A lazy initializer that lives in the model file it was loaded from (``_point_at_file``)."""
+    return is_lazy(t) and any(e.key == _EMBEDDED_KEY for e in t.external_data)
 
 
 def is_lazy(t: onnx.TensorProto) -> bool:
@@ -494,6 +560,49 @@ def write_external(model: onnx.ModelProto, model_path: Path, data_path: Path, lo
     return offset > 0
 
 
+def write_inline(model: onnx.ModelProto, path: Path) -> None:
+    """Save ``model`` as one file, fsynced.  Lazy initializers are copied from their file one at a
+    time into the bytes protobuf would write for them (their data as raw_data): the model is neither
+    copied nor changed, and the bytes copied are checked against those read at load (InputChanged)."""
+    if not any(is_lazy(t) for t in model.graph.initializer):
+        _write_synced(path, model.SerializeToString())
+        return
+    out = shell(model)
+    graph = out.graph.SerializeToString()
+    out.ClearField("graph")
+    parts = [_inline_parts(t) for t in model.graph.initializer]
+    size = len(graph) + sum(len(prefix) + body for prefix, _, body, _ in parts)
+    with open(path, "wb") as fh:
+        fh.write(out.SerializeToString())
+        fh.write(length_field(GRAPH_FIELD, size))
+        fh.write(graph)
+        for prefix, head, _, lazy in parts:
+            fh.write(prefix + head)
+            if lazy is not None:
+                raw = tensor_raw(lazy)
+                fh.write(length_field(RAW_DATA_FIELD, len(raw)))
+                fh.write(raw)
+                del raw
+        check_sources(model)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _inline_parts(t: onnx.TensorProto) -> tuple[bytes, bytes, int, onnx.TensorProto | None]:
+    """(the initializer field's tag and length, the tensor's bytes but a lazy one's data, the
+    tensor's length in all, the lazy tensor whose data follows or None)."""
+    if not is_lazy(t):
+        head = t.SerializeToString()
+        return length_field(INITIALIZER_FIELD, len(head)), head, len(head), None
+    plain = onnx.TensorProto()
+    plain.CopyFrom(t)
+    plain.ClearField("external_data")
+    plain.ClearField("data_location")
+    head, length = plain.SerializeToString(), _external_span(t)[2]
+    body = len(head) + len(length_field(RAW_DATA_FIELD, length)) + length
+    return length_field(INITIALIZER_FIELD, body), head, body, t
+
+
 # ----------------------------------------------------------------------------- saving
 #
 # A model with external data is a pair of files, and two files cannot be replaced together.  So the
@@ -559,7 +668,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool =
     if path.name == LOCK_NAME or path.name.startswith(TEMP_PREFIX):
         raise UsageError(f"{path}: names {LOCK_NAME} and {TEMP_PREFIX}* are uprewrite's own temporary files; "
                          "choose another output name")
-    external = external or any(is_lazy(t) for t in model.graph.initializer) or _likely_over_inline_limit(model)
+    external = (external or any(is_lazy(t) and not is_embedded(t) for t in model.graph.initializer)
+                or _likely_over_inline_limit(model))
     keep = {_resolved(Path(p)) for p in keep} | INPUT_FILES | {_resolved(Path(_external_span(t)[0]))
                                                                for t in model.graph.initializer if is_lazy(t)}
     try:
@@ -588,7 +698,7 @@ def _publish(model: onnx.ModelProto, path: Path, external: bool, lock: _FolderLo
             if write_external(model, model_tmp, data_tmp, name):
                 new = parent / name
         else:
-            _write_synced(model_tmp, model.SerializeToString())
+            write_inline(model, model_tmp)
         lock.note({"output": path.name, "new": new.name if new else None, "old": [p.name for p in old]})
         if new is not None:
             os.replace(data_tmp, new)

@@ -350,17 +350,10 @@ def upsample_conv_weight(conv_weight: np.ndarray, group: int, taps, dilations) -
     for ax, (t, dc) in enumerate(zip(taps, dilations)):
         axis = 2 + ax
         kc = v.shape[axis]
-        out = np.zeros(v.shape[:axis] + ((kc - 1) * dc + len(t),) + v.shape[axis + 1 :])
+        spread = np.zeros((kc, (kc - 1) * dc + len(t)))  # spread[j, j*dc + r] = taps[r]
         for j in range(kc):
-            for r, tap in enumerate(t):
-                if tap == 0:
-                    continue
-                idx = [slice(None)] * v.ndim
-                idx[axis] = j * dc + r
-                src = [slice(None)] * v.ndim
-                src[axis] = j
-                out[tuple(idx)] += tap * v[tuple(src)]
-        v = out
+            spread[j, j * dc:j * dc + len(t)] = t
+        v = np.moveaxis(np.tensordot(v, spread, axes=([axis], [0])), -1, axis)
     c_out, cig = v.shape[:2]
     cog = c_out // group
     w = v.reshape((group, cog, cig) + v.shape[2:]).swapaxes(1, 2)
