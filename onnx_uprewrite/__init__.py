@@ -56,7 +56,8 @@ _attach_source_passes()
 # The API loads on first use (PEP 562), so that ``onnx_uprewrite._entry`` can handle signals before
 # onnx and onnxruntime are imported.
 _LAZY = {
-    "convert": "api", "inspect": "api", "verify": "api", "ConvertResult": "api",
+    "convert": "api", "inspect": "api", "verify": "api", "compile_check": "api", "ConvertResult": "api",
+    "CompilerCheck": "compilers",
     "Inspection": "report", "Comparison": "report", "Report": "report", "SiteResult": "report",
     "UprewriteError": "errors", "UsageError": "errors", "InvalidModelError": "errors",
     "VerificationFailed": "errors", "VerificationImpossible": "errors", "ResourceLimit": "errors",

@@ -1177,6 +1177,23 @@ def exact_forms(site: Site, opset: int, budget: int | None = None) -> dict[str, 
 
 @cli_names
 @guard_memory
+def compile_check(model, compiler: str, shapes=None, seed: int = 0):
+    """Build ``model`` (a path: the compiler reads the file) with a real compiler, ``"name[:target]"``
+    (compilers.COMPILERS: ``rknn:rk3588``, ``vela:ethos-u85-256``, ``openvino``), on the inputs
+    convert would use, and compare its outputs with onnxruntime's: a ``compilers.CompilerCheck``
+    (``.ok``, ``.problems()``, ``.layers`` with NPU/CPU placement).  UsageError when the compiler is
+    not installed (the message gives the install command)."""
+    from .compilers import check_compiler, parse_spec
+
+    spec = parse_spec(compiler)
+    if not isinstance(model, (str, os.PathLike)):
+        raise UsageError("compile_check: pass the model's path (the compiler reads the file)")
+    loaded, label, _ = _open(model)
+    feeds, ref, _, _ = _measure(loaded, None, normalize_shapes(shapes), seed, required=True,
+                                budget=default_memory_budget())
+    return check_compiler(Path(model), loaded, label, *spec, feeds, ref)
+
+
 def verify(a, b, inputs=None, shapes=None, atol: float | None = None, rtol: float | None = None, seed: int = 0,
            memory_budget: int | None = None, time_budget: float | None = None):
     """Compare two models in onnxruntime on the same inputs: a ``Comparison`` (``.equivalent``,
@@ -1266,7 +1283,7 @@ def _versions() -> dict[str, str]:
     return {"onnx_uprewrite": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-__all__ = ["convert", "inspect", "verify", "find_sites", "ConvertResult", "session"]
+__all__ = ["convert", "inspect", "verify", "find_sites", "compile_check", "ConvertResult", "session"]
 
 
 def _publish() -> None:

@@ -389,35 +389,77 @@ def verify(a, b, inputs_file, shape, atol, rtol, seed, as_json, memory_budget, t
 
 @cli.command(epilog=_epilog(
     [("uprewrite check decoder.onnx --profile tidl", "does TIDL run every upsampling node?"),
-     ("uprewrite check decoder.onnx --profile my_npu.json --json", "your own profile, as JSON")],
-    [("0", "the target runs every upsampling node"), ("1", "it does not (each node and the reason printed)"),
-     ("2", "usage error (unknown profile), unreadable or invalid model"), INTERRUPTED]))
+     ("uprewrite check decoder.onnx --profile my_npu.json --json", "your own profile, as JSON"),
+     ("uprewrite check out.onnx --compiler rknn:rk3588", "ask the RKNN compiler itself (installed in its own venv)"),
+     ("uprewrite check out.onnx --compiler vela:ethos-u55-128 --profile ethos-u55", "the compiler and the profile")],
+    [("0", "the target runs every upsampling node (on the NPU, with onnxruntime's values: --compiler)"),
+     ("1", "it does not (each node and the reason printed)"),
+     ("2", "usage error (unknown profile or compiler, compiler not installed: the install command is printed), "
+           "unreadable or invalid model"), INTERRUPTED]))
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
-@click.option("--profile", "profile", required=True, metavar="NAME|FILE", shell_complete=_complete_profile,
+@click.option("--profile", "profile", default=None, metavar="NAME|FILE", shell_complete=_complete_profile,
               help="Built-in profile name (any case: tidl, ethos-u, rknn, ...) or a JSON/TOML profile file.")
+@click.option("--compiler", "compiler", default=None, metavar="NAME[:TARGET]",
+              help="Build MODEL with a real compiler: rknn[:rk3588|rk3576|rv1106...], vela[:ethos-u55-128|"
+                   "ethos-u85-256...], openvino[:CPU]; report where each upsampling layer runs, from the "
+                   "compiler's own report, and compare its outputs with onnxruntime's. The compiler lives in "
+                   "its own venv: UPREWRITE_<NAME>_PYTHON, or ~/.cache/onnx-uprewrite/<name>/bin/python.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=DIMS",
+              help="Input shape for the --compiler build, e.g. x=1x3x64x64 (symbolic dims: chosen as convert does).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print the verdict as JSON on stdout; a failure prints {"error", "exit_code", "file", "report"}.')
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def check(model, profile, as_json, debug):
-    """Check that the target of --profile runs every upsampling node of MODEL (exit 1 when not)."""
+def check(model, profile, compiler, shapes, as_json, debug):
+    """Check that the target of --profile (or the compiler of --compiler) runs every upsampling node of
+    MODEL (exit 1 when not)."""
     try:
-        prof = load_profile(profile)
+        if profile is None and compiler is None:
+            raise UsageError("give --profile NAME|FILE, --compiler NAME[:TARGET], or both")
+        prof = load_profile(profile) if profile is not None else None
         loaded, label, _ = api._open(model)
-        violations = check_model(loaded, prof, infer_static_shapes(loaded))
+        violations = check_model(loaded, prof, infer_static_shapes(loaded)) if prof is not None else []
+        built = api.compile_check(model, compiler, shapes=parse_shape_option(shapes)) if compiler else None
     except UprewriteError as exc:
-        _fail(exc, debug, as_json, _named_in(exc, model, profile))
+        _fail(exc, debug, as_json, _named_in(exc, model, profile or compiler))
         return
+    ok = not violations and (built is None or built.ok)
     if as_json:
-        click.echo(json.dumps({"model": label, "profile": prof.name, "ok": not violations,
-                               "violations": [{"node": v.node, "op": v.op, "reason": v.reason, "kind": v.kind}
-                                              for v in violations]},
-                              indent=2))
-    elif violations:
-        for v in violations:
-            click.echo(one_line(f"{label}: {prof.name} cannot run {v}"))
+        doc = {"model": label, "ok": ok}
+        if prof is not None:
+            doc.update(profile=prof.name, violations=[{"node": v.node, "op": v.op, "reason": v.reason,
+                                                       "kind": v.kind} for v in violations])
+        if built is not None:
+            doc["compiler"] = built.to_dict()
+        click.echo(json.dumps(doc, indent=2))
     else:
-        click.echo(f"{label}: {prof.name} runs every upsampling node")
-    sys.exit(EXIT_VERIFY_FAILED if violations else EXIT_OK)
+        if prof is not None:
+            for v in violations:
+                click.echo(one_line(f"{label}: {prof.name} cannot run {v}"))
+            if not violations:
+                click.echo(f"{label}: {prof.name} runs every upsampling node")
+        if built is not None:
+            _echo_compiler_check(built)
+    sys.exit(EXIT_OK if ok else EXIT_VERIFY_FAILED)
+
+
+def _echo_compiler_check(built) -> None:
+    versions = ", ".join(f"{k} {v}" for k, v in built.versions.items())
+    where = [layer.where for layer in built.layers]
+    counts = f"; {len(where)} layer(s), {where.count('CPU')} on the CPU" if where else ""
+    click.echo(one_line(f"{built.model}: {built.compiler} {built.target} ({versions}): {built.status}"
+                        + (f" ({built.message})" if built.message else "") + counts))
+    for layer in built.layers:
+        if layer.upsampling or layer.where == "CPU":
+            node = f"  <- '{layer.node}'" if layer.node else ""
+            tag = "upsampling" if layer.upsampling else "other"
+            click.echo(one_line(f"  {layer.where:4s} {layer.op:20s} {layer.name}{node}  [{tag}]"))
+    if built.max_abs_error is not None:
+        verdict = "wrong" if built.wrong else "ok"
+        click.echo(f"  numerics   max abs error {built.max_abs_error:.3g} against onnxruntime "
+                   f"(limit {built.error_limit:.3g}): {verdict}")
+    problems = built.problems()
+    click.echo(one_line(f"  verdict    {'; '.join(problems)}") if problems else
+               "  verdict    every upsampling layer compiles" + (" onto the NPU" if where else ""))
 
 
 def main() -> None:
