@@ -6,7 +6,8 @@ Install (its own venv, never the project's; it brings its own torch: about 5.5 G
     python3.11 -m venv /tmp/cc-rknn && /tmp/cc-rknn/bin/pip install rknn-toolkit2 numpy onnx
 Run, one chip a run (results/rknn-<chip>.json):
     RKNN_PLATFORM=rk3588 /tmp/cc-rknn/bin/python benchmarks/compilers/rknn_cc.py
-rv1106/rv1103 build only int8 (do_quantization=True with a dataset): not covered here.
+rv1106/rv1103 build only int8: the build quantizes then, calibrated on the case's input, and the
+simulator's int8 result is wrong above INT8_WRONG_ABOVE.
 """
 
 import os
@@ -18,6 +19,10 @@ from harness import main
 PLATFORM = os.environ.get("RKNN_PLATFORM", "rk3588")
 #: fp16 on the NPU: 11-bit mantissa, sums of up to a few hundred terms
 FP16_WRONG_ABOVE = 2e-2
+#: int8 activations and weights, per-tensor: a few quantization steps of the output's range
+INT8_WRONG_ABOVE = 0.1
+INT8_ONLY = ("rv1103", "rv1106", "rv1103b", "rv1106b")
+QUANTIZE = PLATFORM in INT8_ONLY
 _ROW = re.compile(r"^\s*(\d+)\s+(\S+)\s+\S+\s+(NPU|CPU)\b")
 
 
@@ -52,9 +57,15 @@ def compile_case(path, x, work):
 
             rknn = RKNN(verbose=True)
             rknn.config(target_platform=PLATFORM)
+            if QUANTIZE:
+                import numpy as np
+
+                np.save(work / "x.npy", x)
+                (work / "dataset.txt").write_text("x.npy\n")
             steps = [("load_onnx", lambda: rknn.load_onnx(model=str(path), inputs=["x"],
                                                           input_size_list=[list(x.shape)])),
-                     ("build", lambda: rknn.build(do_quantization=False)),
+                     ("build", lambda: rknn.build(do_quantization=QUANTIZE,
+                                                  dataset="dataset.txt" if QUANTIZE else None)),
                      ("init_runtime", lambda: rknn.init_runtime())]
             failed = next((name for name, step in steps if step() != 0), None)
             out = None if failed else rknn.inference(inputs=[x], data_format="nchw")[0]
@@ -73,4 +84,4 @@ def compile_case(path, x, work):
 
 
 if __name__ == "__main__":
-    main(f"rknn-{PLATFORM}", compile_case, versions, wrong_above=FP16_WRONG_ABOVE)
+    main(f"rknn-{PLATFORM}", compile_case, versions, wrong_above=INT8_WRONG_ABOVE if QUANTIZE else FP16_WRONG_ABOVE)
