@@ -23,6 +23,7 @@ from . import __version__, isolate
 from .passes import EMITTERS, FORM_OPS, FORMS, LAYOUTS, OP_FORMS, PARSERS, SITE_OPS, SOURCES  # noqa: F401 (API)
 from .budget import check_memory, default_memory_budget, guard_memory, release_memory
 from .budget import time_budget as budget_time
+from .compilers import check_compiler, parse_spec, runtime_timer
 from .profile import Profile, load_profile
 from .strategies import KEEP_SITE, REFUSE, Context, Decision, strategy_for
 from .errors import (InvalidModelError, ResourceLimit, UprewriteError, UsageError, VerificationFailed,
@@ -324,6 +325,7 @@ def convert(
     profile=None,
     lazy_weights: bool = False,
     d2s_mode: str = "auto",
+    runtime: str = "onnxruntime",
 ) -> ConvertResult:
     """Rewrite every upsampling site of ``model`` (a path, an ``onnx.ModelProto`` or an
     ``onnx_graphsurgeon.Graph``) into form ``to``; returns a ``ConvertResult`` (``.model``, ``.report``,
@@ -345,7 +347,8 @@ def convert(
     runs; ``time_budget`` (seconds) stops verification that runs longer (budget.py).  ``progress``,
     if given, is called as ``progress(stage, done, total)`` as work advances (the CLI's progress
     line).  ``to="fastest"`` times, per site, the original and every exact form alone on the site's
-    captured input with onnxruntime ``provider`` and keeps the fastest (fastest.py).  ``profile`` (a
+    captured input with onnxruntime ``provider`` (or ``runtime="openvino"``, installed in its own venv:
+    compilers.py) and keeps the fastest (fastest.py).  ``profile`` (a
     name, a file or a ``profile.Profile``; ``to`` is then ignored) rewrites only the sites the target
     cannot run, each into the cheapest exact form it can run, and checks the result (profile.py).
     ``lazy_weights`` (a path with external data): only the sites' weights are read, the others are
@@ -355,7 +358,7 @@ def convert(
     """
     t0 = time.perf_counter()
     opts = _options(to, output, only, sources, inputs, shapes, atol, rtol, verify, seed, also_writes, memory_budget,
-                    time_budget, provider, profile, lazy_weights, d2s_mode)
+                    time_budget, provider, profile, lazy_weights, d2s_mode, runtime)
     model, label, src = _open(model, lazy=opts.lazy_weights)
     external = src is not None and bool(src[1])
     if opts.output is not None or opts.also_writes:
@@ -404,8 +407,11 @@ class Options:
 
 
 def _options(to, output, only, sources, inputs, shapes, atol, rtol, verify, seed, also_writes, memory_budget,
-             time_budget, provider, profile, lazy_weights, d2s_mode) -> Options:
+             time_budget, provider, profile, lazy_weights, d2s_mode, runtime="onnxruntime") -> Options:
     """convert's parameters, checked: UsageError names the option at fault."""
+    if runtime != "onnxruntime" and to != "fastest":
+        raise UsageError(f"--runtime {runtime}: only --to fastest times the forms (in onnxruntime by default)")
+    timer = runtime_timer(runtime)
     if to not in TARGETS:
         raise UsageError(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
     if d2s_mode not in SUBPIXEL_LAYOUTS:
@@ -420,7 +426,7 @@ def _options(to, output, only, sources, inputs, shapes, atol, rtol, verify, seed
     if profile is not None and not isinstance(profile, Profile):
         profile = load_profile(profile)
     return Options(
-        strategy=strategy_for(to, profile, provider, d2s_mode), output=None if output is None else Path(output),
+        strategy=strategy_for(to, profile, provider, d2s_mode, timer), output=None if output is None else Path(output),
         only=frozenset(only) if only else None, sources=frozenset(sources) if sources else None, inputs=inputs,
         shapes=normalize_shapes(shapes), atol=atol, rtol=rtol, verify=bool(verify), seed=seed,
         also_writes=tuple(Path(p) for p in also_writes),
@@ -1183,8 +1189,6 @@ def compile_check(model, compiler: str, shapes=None, seed: int = 0):
     convert would use, and compare its outputs with onnxruntime's: a ``compilers.CompilerCheck``
     (``.ok``, ``.problems()``, ``.layers`` with NPU/CPU placement).  UsageError when the compiler is
     not installed (the message gives the install command)."""
-    from .compilers import check_compiler, parse_spec
-
     spec = parse_spec(compiler)
     if not isinstance(model, (str, os.PathLike)):
         raise UsageError("compile_check: pass the model's path (the compiler reads the file)")

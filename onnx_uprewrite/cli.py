@@ -143,6 +143,9 @@ def cli() -> None:
               "DepthToSpace DCR (TensorFlow's order).")
 @click.option("--provider", default="CPUExecutionProvider", show_default=True,
               help="onnxruntime execution provider that --to fastest times the forms with.")
+@click.option("--runtime", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "openvino"]),
+              help="The runtime --to fastest times the forms in: openvino (installed in its own venv, as for "
+                   "check --compiler) ranks them differently from onnxruntime.")
 @click.option("--only", multiple=True, metavar="NODE", help="Rewrite only these site nodes (repeatable).")
 @click.option("--from", "sources", multiple=True, type=click.Choice(api.SOURCES),
               help="Rewrite only sites of these source forms (repeatable).")
@@ -167,7 +170,7 @@ def cli() -> None:
 @click.option("-v", "--verbose", is_flag=True,
               help="Every site in detail: its per-site check, the forms timed, notes (default: a compact table).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def convert(model, output, to, profile, d2s_mode, provider, only, sources, inputs_file, shape, atol, rtol, no_verify, report_file,
+def convert(model, output, to, profile, d2s_mode, provider, runtime, only, sources, inputs_file, shape, atol, rtol, no_verify, report_file,
             as_json, seed, memory_budget, time_budget, quiet, verbose, debug):
     """Rewrite every upsampling site of MODEL into the form --to, verify, save."""
     if report_file is not None and str(report_file) == "-":
@@ -185,7 +188,7 @@ def convert(model, output, to, profile, d2s_mode, provider, only, sources, input
             shapes=parse_shape_option(shape), atol=atol, rtol=rtol, verify=not no_verify, seed=seed,
             also_writes=[report_file] if report_file is not None else [],
             memory_budget=_size(memory_budget), time_budget=time_budget,
-            progress=_saving_completes(progress), provider=provider, profile=profile, lazy_weights=True,
+            progress=_saving_completes(progress), provider=provider, runtime=runtime, profile=profile, lazy_weights=True,
             d2s_mode=d2s_mode,
         )
     except UprewriteError as exc:

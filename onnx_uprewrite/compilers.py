@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 
 from .errors import UsageError
-from .model_io import save_model
+from .model_io import save_model, write_inline
 from .profile import shuffle_nodes, upsampling_nodes
 
 RUNNERS = Path(__file__).with_name("runners")
@@ -264,3 +264,57 @@ def _attribute(model: onnx.ModelProto, layers: list[Layer]) -> list[Layer]:
         elif layer.node is None and shuffles and layer.op.upper() in ("RESHAPE", "TRANSPOSE"):
             layer.upsampling = True  # a sub-pixel form's Reshape/Transpose, by its type alone
     return layers
+
+
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+class OpenVinoTimer:
+    """Times the forms of a site in OpenVINO (``convert --to fastest --runtime openvino``), whose
+    ranking of the forms differs from onnxruntime's: each candidate compiled for one thread, f32, the
+    candidates run interleaved, in the openvino venv (runners/openvino_runner.py --time)."""
+
+    name = "openvino"
+
+    def __init__(self, python: str):
+        self.python = python
+
+    def time(self, models: dict[str, onnx.ModelProto], feeds: dict[str, dict], runs: int,
+             seconds: float) -> tuple[dict[str, float], dict[str, str]]:
+        """(median seconds per form, why each form OpenVINO cannot run was not timed); RuntimeError
+        with OpenVINO's last line where the runner fails as a whole."""
+        with tempfile.TemporaryDirectory(prefix="uprewrite-ov-") as work:
+            manifest = {"runs": runs, "seconds": seconds, "device": "CPU", "models": {}}
+            for i, (form, model) in enumerate(models.items()):
+                path, inputs = Path(work) / f"{i}.onnx", Path(work) / f"{i}.npz"
+                write_inline(model, path)  # weights still in the input's file are copied in
+                np.savez(inputs, **feeds[form])
+                manifest["models"][form] = [str(path), str(inputs)]
+            (Path(work) / "manifest.json").write_text(json.dumps(manifest))
+            try:
+                proc = subprocess.run([self.python, str(RUNNERS / "openvino_runner.py"), "--time",
+                                       str(Path(work) / "manifest.json")], capture_output=True, text=True,
+                                      timeout=TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"OpenVINO timing took over {TIMEOUT_S} s") from None
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if not line:
+            tail = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()][-1:]
+            raise RuntimeError(f"OpenVINO cannot run the forms: {' '.join(tail)[-300:]}")
+        result = json.loads(line[-1][len("RESULT "):])
+        return result["medians"], result.get("failed", {})
+
+
+def runtime_timer(runtime: str):
+    """None for onnxruntime (fastest.py times in-process), else the timer of ``runtime``; UsageError
+    for an unknown runtime, or one that is not installed (with its install command)."""
+    if runtime not in RUNTIMES:
+        raise UsageError(f"--runtime {runtime}: expected one of {', '.join(RUNTIMES)}")
+    if runtime == "onnxruntime":
+        return None
+    compiler = COMPILERS[runtime]
+    python = find_python(compiler)
+    if python is None:
+        raise UsageError(f"--runtime {runtime}: {compiler.name} is not installed for uprewrite: {compiler.install}; "
+                         f"or set UPREWRITE_{compiler.name.upper()}_PYTHON to a Python that has it")
+    return OpenVinoTimer(python)

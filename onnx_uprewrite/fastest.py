@@ -101,15 +101,24 @@ TOGETHER_BYTES = 64 << 20  # outputs only: a Conv's im2col or a ConvTranspose's 
 
 
 def pick(model: onnx.ModelProto, site: Site, captured: dict[str, np.ndarray], emissions: dict[str, Emission],
-         provider: str, runs: int = DEFAULT_RUNS) -> Choice:
+         provider: str, runs: int = DEFAULT_RUNS, timer=None) -> Choice:
     """Time the original and every emission of ``site`` on the activations ``captured`` at the site.
 
     Small sites: every candidate interleaved with the original in one round.  Big ones (a site's
     forms at full resolution can each hold hundreds of MB): one candidate at a time, interleaved with
     the original, its median taken as its ratio to the original's in that pairing times the original's
-    overall median."""
+    overall median.  ``timer`` (compilers.OpenVinoTimer): another runtime times the candidates, all
+    in one round, instead of onnxruntime."""
     candidates = {KEEP: original_emission(model, site), **emissions}
     feeds = {form: {n: captured[n] for n in outer_inputs(e) if n in captured} for form, e in candidates.items()}
+    if timer is not None:
+        models = {f: site_model(model, e, feeds[f], site.output) for f, e in candidates.items()}
+        medians, failed = timer.time(models, feeds, runs, SITE_SECONDS)
+        if KEEP not in medians:
+            raise RuntimeError(f"{timer.name} cannot run the original site: {failed.get(KEEP, '?')}")
+        form, why = choose(medians)
+        why += f" (timed in {timer.name}" + "".join(f"; {f} not: {m}" for f, m in failed.items()) + ")"
+        return Choice(form, {k: v * 1e3 for k, v in medians.items()}, why)
     out = captured.get(site.output)
     rounds = [list(emissions)] if out is None or out.nbytes * len(candidates) <= TOGETHER_BYTES else \
         [[form] for form in emissions]

@@ -112,8 +112,9 @@ class Fastest:
     stage = "timing the forms of sites"
     target = "fastest"
 
-    def __init__(self, provider: str):
+    def __init__(self, provider: str, timer=None):
         self.provider = provider
+        self.timer = timer  # another runtime than onnxruntime (compilers.runtime_timer)
 
     def decide(self, site: Site, ctx: Context) -> Decision:
         if site.input not in ctx.captured:
@@ -123,9 +124,14 @@ class Fastest:
         try:
             with ctx.deadline:
                 choice = pick_fastest(ctx.model, site, ctx.captured,
-                                      {label: b.emission for label, (_, b, _) in built.items()}, self.provider)
+                                      {label: b.emission for label, (_, b, _) in built.items()}, self.provider,
+                                      timer=self.timer)
         except ResourceLimit as exc:
             raise ResourceLimit(f"timing the forms of '{site.node}': {exc}") from None
+        except RuntimeError as exc:  # another runtime (self.timer) that fails
+            if self.timer is None:
+                raise
+            return refuse(site, f"its forms cannot be timed: {exc}")
         why = choice.why + (f"; not timed: {'; '.join(why_not)}" if why_not else "")
         if choice.form == KEEP:
             return Decision(KEEP_SITE, f"fastest: {why}", timings_ms=choice.medians_ms, chosen=choice.form)
@@ -187,12 +193,13 @@ class ForProfile:
         report.profile_violations = [str(v) for v in check_model(model, self.profile, measured)]
 
 
-def strategy_for(to: str, profile: Profile | None, provider: str, d2s_mode: str):
-    """The strategy of a convert call (``to`` and ``d2s_mode`` already checked)."""
+def strategy_for(to: str, profile: Profile | None, provider: str, d2s_mode: str, timer=None):
+    """The strategy of a convert call (``to`` and ``d2s_mode`` already checked; ``timer``: the runtime
+    that times --to fastest's forms when it is not onnxruntime)."""
     if profile is not None:
         return ForProfile(profile)
     if to == "fastest":
-        return Fastest(provider)
+        return Fastest(provider, timer)
     emitter = LAYOUTS[d2s_mode] if hasattr(EMITTERS[to], "LAYOUTS") else EMITTERS[to]
     return FixedForm(to, emitter)
 

@@ -181,3 +181,31 @@ def test_vela_u55_and_the_measured_profile(tmp_path):
     out = tmp_path / "f.onnx"
     api.convert(str(FSRCNN), profile="ethos-u55", output=out)
     assert api.compile_check(str(out), "vela:ethos-u55-128").ok
+
+
+# ----------------------------------------------------------------------------- --to fastest --runtime openvino
+
+
+def test_runtime_other_than_onnxruntime_needs_fastest():
+    result = invoke("convert", FSRCNN, "--runtime", "openvino", "-o", "unused.onnx")
+    assert_clean_exit(result, 2)
+    error_line(result.stderr, "--runtime openvino: only --to fastest times the forms")
+
+
+def test_runtime_not_installed_names_its_install_command(monkeypatch, tmp_path):
+    monkeypatch.delenv("UPREWRITE_OPENVINO_PYTHON", raising=False)
+    monkeypatch.setattr(compilers, "candidate_pythons", lambda compiler: [str(tmp_path / "none")])
+    with pytest.raises(UsageError, match="--runtime openvino: openvino is not installed for uprewrite: .*pip install "
+                                         "openvino"):
+        api.convert(str(FSRCNN), to="fastest", runtime="openvino")
+    with pytest.raises(UsageError, match="--runtime tensorrt: expected one of onnxruntime, openvino"):
+        api.convert(str(FSRCNN), to="fastest", runtime="tensorrt")
+
+
+@pytest.mark.skipif(not _installed("openvino"), reason="openvino not installed (benchmarks/compilers/README.md)")
+def test_fastest_in_openvino(tmp_path):
+    """FSRCNN's k9 s3 layer: a sub-pixel form is well under half the ConvTranspose's time in OpenVINO."""
+    result = api.convert(str(FSRCNN), to="fastest", runtime="openvino", output=tmp_path / "f.onnx")
+    site = result.report.sites[0]
+    assert site.target == "subpixel" and "(timed in openvino)" in site.notes[0], site.notes
+    assert set(site.timings_ms) >= {"original", "subpixel", "resize"}
