@@ -458,7 +458,7 @@ def _echo_compiler_check(built) -> None:
             click.echo(one_line(f"  {layer.where:4s} {layer.op:20s} {layer.name}{node}  [{tag}]"))
     if built.max_abs_error is not None:
         verdict = "wrong" if built.wrong else "ok"
-        click.echo(f"  numerics   max abs error {built.max_abs_error:.3g} against onnxruntime "
+        click.echo(f"  numerics   {built.numerics}: max abs error {built.max_abs_error:.3g} against onnxruntime "
                    f"(limit {built.error_limit:.3g}): {verdict}")
     problems = built.problems()
     click.echo(one_line(f"  verdict    {'; '.join(problems)}") if problems else

@@ -44,7 +44,7 @@ class Compiler:
     install: str
     #: a max abs error over this times max(1, max |onnxruntime output|) is a wrong result
     wrong_above: float
-    what: str  # what it builds, for the report line
+    numerics: str  # whose outputs are compared with onnxruntime's
 
 
 def _install(name: str, packages: str) -> str:
@@ -56,15 +56,15 @@ COMPILERS = {c.name: c for c in (
     Compiler("rknn", ("rknn.api",), "rk3588",
              ("rk3588", "rk3576", "rk3566", "rk3568", "rk3562", "rv1106", "rv1103", "rv1106b", "rv1103b"),
              _install("rknn", "rknn-toolkit2 numpy onnx") + "  (Python 3.8-3.12; about 5.6 GB)", 2e-2,
-             "fp16 build (int8 on rv110x) and x86 simulator"),
+             "the x86 simulator's outputs"),
     Compiler("vela", ("ethosu.vela", "onnx2tf", "tensorflow", "ai_edge_litert"), "ethos-u55-128",
              ("ethos-u55-128", "ethos-u55-256", "ethos-u55-64", "ethos-u55-32", "ethos-u65-256", "ethos-u65-512",
               "ethos-u85-256", "ethos-u85-512", "ethos-u85-128", "ethos-u85-1024", "ethos-u85-2048"),
              _install("vela", "onnx2tf tensorflow tf-keras ethos-u-vela onnx onnx-graphsurgeon sng4onnx psutil "
                               "numpy ai-edge-litert onnxruntime") + "  (about 2.6 GB)", 1e-3,
-             "onnx2tf int8 TFLite, Vela; numerics of the float32 TFLite"),
+             "onnx2tf's float32 TFLite (no Ethos-U simulator here)"),
     Compiler("openvino", ("openvino",), "CPU", ("CPU", "GPU", "NPU"),
-             _install("openvino", "openvino numpy"), 1e-3, "compile_model, f32"),
+             _install("openvino", "openvino numpy"), 1e-3, "OpenVINO's outputs"),
 )}
 
 
@@ -92,6 +92,7 @@ class CompilerCheck:
     max_abs_error: float | None = None  # against onnxruntime, on the same inputs
     error_limit: float | None = None
     shapes: dict = field(default_factory=dict)
+    numerics: str = "the compiler's outputs"  # what was compared with onnxruntime
 
     @property
     def cpu_upsampling(self) -> list[Layer]:
@@ -112,14 +113,14 @@ class CompilerCheck:
         found = [f"{layer.op} '{layer.name}' runs on the CPU" + (f" (ONNX node '{layer.node}')" if layer.node else "")
                  for layer in self.cpu_upsampling]
         if self.wrong:
-            found.append(f"wrong values: max abs error {self.max_abs_error:.3g} against onnxruntime, over "
-                         f"{self.error_limit:.3g}")
+            found.append(f"wrong values: {self.numerics} differ from onnxruntime's by up to "
+                         f"{self.max_abs_error:.3g}, over {self.error_limit:.3g}")
         return found
 
     def to_dict(self) -> dict:
         return {"model": self.model, "compiler": self.compiler, "target": self.target, "versions": self.versions,
                 "status": self.status, "message": self.message, "ok": self.ok, "shapes": self.shapes,
-                "max_abs_error": self.max_abs_error, "error_limit": self.error_limit,
+                "max_abs_error": self.max_abs_error, "error_limit": self.error_limit, "numerics": self.numerics,
                 "problems": self.problems(), "layers": [vars(layer) for layer in self.layers]}
 
 
@@ -182,7 +183,7 @@ def check_compiler(path: Path, model: onnx.ModelProto, label: str, compiler: Com
         outputs = [outputs[f"arr_{i}"] for i in range(len(outputs))] if outputs else None
     check = CompilerCheck(model=label, compiler=compiler.name, target=target, versions=result.get("versions", {}),
                           status=result.get("status", "crashed"), message=result.get("message", ""),
-                          shapes={k: list(v.shape) for k, v in feeds.items()})
+                          shapes={k: list(v.shape) for k, v in feeds.items()}, numerics=compiler.numerics)
     check.layers = _attribute(model, [Layer(**layer) for layer in result.get("layers", [])])
     if outputs is not None:
         check.max_abs_error, check.error_limit = _compare(list(reference.values()), outputs, compiler.wrong_above)

@@ -53,6 +53,22 @@ CONSERVATIVE.update({
 CONSERVATIVE[("rknn-rv1106", "linear2_conv3.source")] = (
     "rejected", "wrong", "int8 bilinear Resize computes wrong values; one violation kind per op, and the 3-D Resize "
     "crashes the build: rejected")
+CONSERVATIVE.update({
+    (vela, "linear2_conv3.subpixel/transpose"): ("wrong", "ok", "onnx2tf converts this one Reshape/Transpose chain "
+                                                 "right, 14 others wrong: the profile forbids them all")
+    for vela in ("vela-ethos-u55-128", "vela-ethos-u85-256")})
+#: (compiler, case) -> (predicted, measured, why): onnx2tf's mis-conversions that depend on a layer's
+#: shapes, which no profile predicts (check --compiler vela compares onnx2tf's output on the real model)
+UNPREDICTED = {
+    (vela, case): (predicted_kind, "wrong", "onnx2tf mis-converts this layer (shape-dependent); the profile "
+                                            "cannot predict it")
+    for vela in ("vela-ethos-u55-128", "vela-ethos-u85-256")
+    for case, predicted_kind in (("k2s2.subpixel/CRD", "ok"), ("k2s2.subpixel/DCR", "cpu"),
+                                 ("k2s2.subpixel/phases", "cpu"), ("k3s2p1op1.subpixel/phases", "cpu"),
+                                 ("k9s3p4op2.subpixel/phases", "cpu"), ("k9s3p4op2_c4.subpixel/phases", "cpu"),
+                                 ("dil2_k3s2p2op1.subpixel/CRD", "ok"), ("dil2_k3s2p2op1.subpixel/DCR", "cpu"),
+                                 ("g2dil2_k3s2p2op1.subpixel/CRD", "ok"), ("3d_k4s2p1.source", "cpu"),
+                                 ("nearest3_conv3.subpixel/phases", "cpu"))}
 _ORDER = ("ok", "cpu", "wrong", "rejected")
 
 
@@ -73,10 +89,12 @@ def cases():
 def measured(result: dict, compiler: str = "") -> str | None:
     """The outcome; None where a Vela case never reached Vela (onnx2tf failed)."""
     if compiler.startswith("vela-"):
-        # the numerics are onnx2tf's float32 TFLite (no Ethos-U simulator here): a converter
-        # property, not the NPU's; Vela's own placement is measured whenever it ran
+        # the numerics are onnx2tf's float32 TFLite (no Ethos-U simulator here): wrong values on the
+        # path the profile models (onnx2tf, then Vela); Vela's own placement whenever it ran
         if "placement" not in result:
             return None if "onnx2tf" in result.get("message", "") else "rejected"
+        if result["status"] == "wrong":
+            return "wrong"
         return "cpu" if "CPU" in result["placement"].values() else "ok"
     if result["status"] in ("rejected", "crashed"):
         return "rejected"
@@ -113,7 +131,7 @@ def test_profile_predicts_every_measured_case(cases, compiler):
             continue
         violations = pf.check_model(models[case], prof)
         got = predicted(violations)
-        known = CONSERVATIVE.get((compiler, case))
+        known = CONSERVATIVE.get((compiler, case)) or UNPREDICTED.get((compiler, case))
         if known is not None:
             assert (got, want) == known[:2], f"{case}: no longer conservative as noted ({got} vs {want})"
             conservative += 1
@@ -121,7 +139,7 @@ def test_profile_predicts_every_measured_case(cases, compiler):
             wrong.append(f"{case}: profile {prof.name} predicts {got} ({'; '.join(map(str, violations)) or '-'}), "
                          f"{compiler} measured {want} ({result.get('message', '')[:120]})")
     assert not wrong, "\n".join(wrong)
-    assert conservative == sum(1 for c, _ in CONSERVATIVE if c == compiler)
+    assert conservative == sum(1 for c, _ in [*CONSERVATIVE, *UNPREDICTED] if c == compiler)
 
 
 def test_every_profiled_compiler_was_measured():
