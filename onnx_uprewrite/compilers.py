@@ -177,7 +177,7 @@ def check_compiler(path: Path, model: onnx.ModelProto, label: str, compiler: Com
         np.savez(os.path.join(work, "inputs.npz"), **feeds)
         copy = Path(work) / "model" / path.name  # onnx2tf simplifies its input in place: never give it MODEL
         copy.parent.mkdir()
-        save_model(model, copy)
+        save_model(with_static_inputs(model, feeds), copy)
         result = _run_runner(python, compiler, str(copy), target, work)
         outputs = dict(np.load(result["outputs"])) if result.get("outputs") else None
         outputs = [outputs[f"arr_{i}"] for i in range(len(outputs))] if outputs else None
@@ -188,6 +188,25 @@ def check_compiler(path: Path, model: onnx.ModelProto, label: str, compiler: Com
     if outputs is not None:
         check.max_abs_error, check.error_limit = _compare(list(reference.values()), outputs, compiler.wrong_above)
     return check
+
+
+def with_static_inputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """``model`` with the inputs' symbolic dims set to the sizes of ``feeds`` (the compilers fix
+    them at build time, some to 1) and no declared intermediate or output shapes (each compiler
+    infers them from the inputs)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for vi in out.graph.input:
+        if vi.name in feeds and vi.type.HasField("tensor_type"):
+            dims = vi.type.tensor_type.shape.dim
+            del dims[:]
+            for n in feeds[vi.name].shape:
+                dims.add(dim_value=int(n))
+    del out.graph.value_info[:]
+    for vi in out.graph.output:
+        if vi.type.HasField("tensor_type"):
+            vi.type.tensor_type.ClearField("shape")
+    return out
 
 
 def _run_runner(python: str, compiler: Compiler, model: str, target: str, work: str) -> dict:
