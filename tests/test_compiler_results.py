@@ -25,7 +25,8 @@ RESULTS = json.loads((HERE / "RESULTS.json").read_text())
 #: compiler (results/<name>.json) -> the profile derived from it
 PROFILE_OF = {"openvino": "openvino", "mnn": "mnn", "iree": "iree", "ncnn": "ncnn", "tvm": "tvm",
               "rknn-rk3588": "rk3588", "rknn-rk3576": "rk3576", "vela-ethos-u55-128": "ethos-u55",
-              "vela-ethos-u85-256": "ethos-u85", "rknn-rv1106": "rv1106"}
+              "vela-ethos-u85-256": "ethos-u85", "rknn-rv1106": "rv1106",
+              "rknn-rk3566": "rk3566", "rknn-rk3562": "rk3562"}
 #: (compiler, case) -> (predicted, measured, why the profile is knowingly stricter than the compiler)
 CONSERVATIVE = {
     ("iree", "k4s2p1_c2.subpixel/CRD"): ("wrong", "ok", "CRD is right only when C/(b*b) == b (here 8/4 == 2); "
@@ -57,6 +58,8 @@ CONSERVATIVE.update({
     (vela, "linear2_conv3.subpixel/transpose"): ("wrong", "ok", "onnx2tf converts this one Reshape/Transpose chain "
                                                  "right, 14 others wrong: the profile forbids them all")
     for vela in ("vela-ethos-u55-128", "vela-ethos-u85-256")})
+CONSERVATIVE[("rknn-rk3566", "1d_k4s2p1.resize")] = (
+    "rejected", "cpu", "1-D Resize falls back to the CPU, 3-D Resize crashes the build: one violation kind per op")
 #: (compiler, case) -> (predicted, measured, why): onnx2tf's mis-conversions that depend on a layer's
 #: shapes, which no profile predicts (check --compiler vela compares onnx2tf's output on the real model)
 UNPREDICTED = {

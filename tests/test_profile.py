@@ -229,6 +229,8 @@ VIOLATORS = {
     "ethos-u85": lambda: _ct(kernel=3, stride=2, pad=1, output_padding=1),  # output_padding -> sub-pixel CRD
     "ncnn": lambda: up.convert(_ct(), to="subpixel", d2s_mode="DCR").model,  # no DCR layer -> CRD
     "rv1106": lambda: _nearest_conv(3, mode="linear"),  # int8 bilinear Resize wrong -> ConvTranspose
+    "rk3566": lambda: _ct(kernel=9, stride=3, pad=4, output_padding=2),  # as rk3588
+    "rk3562": lambda: up.convert(_ct(x_shape=(1, 4, 4, 4, 4)), to="subpixel", d2s_mode="CRD").model,  # as rk3576
 }
 #: measured profiles without a limit on upsampling: nothing to rewrite
 NO_LIMITS = {"cv18xx", "openvino", "tvm"}
