@@ -351,8 +351,9 @@ def convert(
     compilers.py) and keeps the fastest (fastest.py).  ``profile`` (a
     name, a file or a ``profile.Profile``; ``to`` is then ignored) rewrites only the sites the target
     cannot run, each into the cheapest exact form it can run, and checks the result (profile.py).
-    ``lazy_weights`` (a path with external data): only the sites' weights are read, the others are
-    copied file to file (model_io.is_lazy).  ``d2s_mode``: the sub-pixel layout (README, to_subpixel:
+    ``lazy_weights`` (a path): big weights stay in the input's files (its external data, or the model
+    file itself) and are read only when needed, then copied file to file when saved: memory holds
+    them once, in onnxruntime (model_io.is_lazy); ``.model`` then refers to those files.  ``d2s_mode``: the sub-pixel layout (README, to_subpixel:
     ``auto``, ``transpose``, ``CRD``, ``DCR``).  Raises UsageError, InvalidModelError,
     VerificationImpossible, ResourceLimit or VerificationFailed (with ``.report``).
     """

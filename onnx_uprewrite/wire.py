@@ -50,8 +50,10 @@ def _strip(buf, size: int, min_bytes: int) -> tuple[bytes, list[Span]] | None:
     _, _, graph_tag, graph_start, graph_end = graphs[0]
     pieces, spans, index = [], [], 0
     for number, wire, tag, start, end in _fields(buf, graph_start, graph_end):
-        if number != INITIALIZER_FIELD or wire != _LENGTH:
+        if number != INITIALIZER_FIELD or wire != _LENGTH or end - start < min_bytes:  # too small to strip
             pieces.append(buf[tag:end])
+            if number == INITIALIZER_FIELD:
+                index += 1
             continue
         raw = [f for f in _fields(buf, start, end) if f[0] == RAW_DATA_FIELD]
         if len(raw) == 1 and raw[0][1] == _LENGTH and raw[0][4] - raw[0][3] >= min_bytes:
