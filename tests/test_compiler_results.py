@@ -27,7 +27,8 @@ PROFILE_OF = {"openvino": "openvino", "mnn": "mnn", "iree": "iree", "ncnn": "ncn
               "rknn-rk3588": "rk3588", "rknn-rk3576": "rk3576", "vela-ethos-u55-128": "ethos-u55",
               "vela-ethos-u85-256": "ethos-u85", "rknn-rv1106": "rv1106",
               "rknn-rk3566": "rk3566", "rknn-rk3562": "rk3562"}
-#: (compiler, case) -> (predicted, measured, why the profile is knowingly stricter than the compiler)
+#: (compiler, case) -> (predicted, measured, why the profile knowingly differs: stricter than the compiler, or
+#: another kind of violation where the language has one kind per op)
 CONSERVATIVE = {
     ("iree", "k4s2p1_c2.subpixel/CRD"): ("wrong", "ok", "CRD is right only when C/(b*b) == b (here 8/4 == 2); "
                                          "the profile language cannot say that, so iree forbids CRD"),
@@ -60,6 +61,16 @@ CONSERVATIVE.update({
     for vela in ("vela-ethos-u55-128", "vela-ethos-u85-256")})
 CONSERVATIVE[("rknn-rk3566", "1d_k4s2p1.resize")] = (
     "rejected", "cpu", "1-D Resize falls back to the CPU, 3-D Resize crashes the build: one violation kind per op")
+for _chip in ("rk3588", "rk3576", "rk3562", "rv1106"):
+    CONSERVATIVE[(f"rknn-{_chip}", "3d_k4s2p1.source")] = (
+        "cpu" if _chip == "rk3588" else "rejected", "ok",
+        "a 3-D ConvTranspose with output_padding is rejected (3d_k3s2p1op1), one without builds; the profile language "
+        "cannot tie output_padding to the rank: ConvTranspose ranks [1, 2]")
+for _chip in ("rk3588", "rk3566"):
+    CONSERVATIVE[(f"rknn-{_chip}", "3d_k3s2p1op1.source")] = (
+        "cpu", "rejected", "ConvTranspose's violation kind is cpu (strides 3, 1-D/3-D on rk3566); this one is rejected: "
+        "either way convert rewrites or refuses it")
+CONSERVATIVE[("rknn-rv1106", "3d_k3s2p1op1.subpixel/DCR")] = ("cpu", "ok", "as 3d_k4s2p1.subpixel/DCR: Reshape max_rank 3")
 #: (compiler, case) -> (predicted, measured, why): onnx2tf's mis-conversions that depend on a layer's
 #: shapes, which no profile predicts (check --compiler vela compares onnx2tf's output on the real model)
 UNPREDICTED = {

@@ -78,6 +78,7 @@ LAYERS = (
     Layer("g2dil2_k3s2p2op1", "convtranspose", 2, 8, 8, 8, k=3, s=2, pad=2, op=1, group=2, dil=2),
     Layer("1d_k4s2p1", "convtranspose", 1, 8, 4, 16, k=4, s=2, pad=1),
     Layer("3d_k4s2p1", "convtranspose", 3, 4, 4, 4, k=4, s=2, pad=1),
+    Layer("3d_k3s2p1op1", "convtranspose", 3, 8, 4, 4, k=3, s=2, pad=1, op=1),
     Layer("nearest2_conv3", "resize_conv", 2, 8, 4, 8, k=3, s=2),
     Layer("nearest3_conv3", "resize_conv", 2, 8, 4, 8, k=3, s=3),
     Layer("linear2_conv3", "resize_conv", 2, 4, 4, 8, k=3, s=2, mode="linear"),
