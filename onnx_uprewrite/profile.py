@@ -9,7 +9,8 @@ Schema (every key but ``name`` optional; an op absent from ``ops`` is run withou
      "ops": {
        "ConvTranspose": {"supported": true, "strides": [2], "square_stride": true, "kernels": [2, 4],
                          "max_kernel": 31, "max_pad": 15, "dilation": false, "output_padding": false,
-                         "output_shape": false, "groups": "1" | "depthwise" | "1_or_depthwise" | "any"},
+                         "output_shape": false, "auto_pad": false,
+                         "groups": "1" | "depthwise" | "1_or_depthwise" | "any"},
        "Resize": {"supported": true, "modes": ["nearest", "linear"], "scales": [2, 4], "max_scale": 8},
        "DepthToSpace": {"supported": true, "modes": ["DCR"], "blocksizes": [2, 4, 8]},
        "Conv": {"supported": true, "max_kernel": 7, "strides": [1, 2], "dilation": true, "groups": "any"},
@@ -17,7 +18,8 @@ Schema (every key but ``name`` optional; an op absent from ``ops`` is run withou
      "notes": ["..."]}
 
 Lists are the allowed per-axis values (null or absent: any); ``max_*`` are inclusive bounds;
-``dilation`` / ``output_padding`` / ``output_shape`` false forbid a non-default value.  Resize
+``dilation`` / ``output_padding`` / ``output_shape`` false forbid a non-default value; ``auto_pad``
+false forbids SAME_UPPER / SAME_LOWER (pads the target must derive itself).  Resize
 covers Upsample too; ``scales`` are the spatial factors (integers).  ``ranks`` (ConvTranspose, Conv,
 Resize) are the allowed numbers of spatial axes (1, 2, 3); ``max_rank`` (Reshape, Transpose) bounds
 the tensor rank, batch included.  Reshape and Transpose are checked only when a profile limits them,
@@ -56,7 +58,7 @@ _KIND_TEXT = {"rejected": "", "cpu": "CPU fallback: ", "wrong": "wrong values: "
 
 _OP_KEYS = {
     "ConvTranspose": {"supported", "strides", "square_stride", "kernels", "max_kernel", "max_pad", "dilation",
-                      "output_padding", "output_shape", "groups", "ranks", "violation"},
+                      "output_padding", "output_shape", "auto_pad", "groups", "ranks", "violation"},
     "Resize": {"supported", "modes", "scales", "max_scale", "ranks", "violation"},
     "DepthToSpace": {"supported", "modes", "blocksizes", "violation"},
     "Conv": {"supported", "max_kernel", "strides", "kernels", "max_pad", "dilation", "groups", "ranks", "violation"},
@@ -149,7 +151,7 @@ def _check_value(where, op, key, value):
 
     if value is None:
         return
-    if key in ("supported", "square_stride", "dilation", "output_padding", "output_shape"):
+    if key in ("supported", "square_stride", "dilation", "output_padding", "output_shape", "auto_pad"):
         if not isinstance(value, bool):
             fail("true or false")
     elif key == "violation":
@@ -258,6 +260,8 @@ def _conv_problems(node, a, limits, constants, shapes):
         out.append(f"output_padding {list(a['output_padding'])}")
     if limits.get("output_shape") is False and "output_shape" in a:
         out.append("the output_shape attribute")
+    if limits.get("auto_pad") is False and _text(a.get("auto_pad", "NOTSET")) not in ("NOTSET", "VALID"):
+        out.append(f"auto_pad {_text(a['auto_pad'])} (implicit pads)")
     group = a.get("group", 1)
     rule = limits.get("groups") or "any"
     if rule != "any" and group != 1:
