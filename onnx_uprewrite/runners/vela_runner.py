@@ -43,20 +43,37 @@ def _layers(report: str):
     return layers, reasons
 
 
+def _run_float32(path, feeds):
+    """The float32 TFLite's outputs (NCHW again) on ``feeds``; its inputs are matched by name
+    (onnx2tf names them serving_default_<name>:0), else taken in order."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path))
+    interp.allocate_tensors()
+    details = interp.get_input_details()
+    for i, (name, x) in enumerate(feeds.items()):
+        clean = re.sub(r"\W", "_", name)
+        match = next((d for d in details if d["name"] in (name, f"serving_default_{name}:0",
+                                                           f"serving_default_{clean}:0")), details[i])
+        interp.set_tensor(match["index"], np.moveaxis(x, 1, -1))
+    interp.invoke()
+    return [np.moveaxis(interp.get_tensor(d["index"]), -1, 1) for d in interp.get_output_details()]
+
+
 def main(model, inputs, accelerator, work):
     from importlib.metadata import version
 
     feeds = dict(np.load(inputs))
     result = {"versions": {n: version(n) for n in ("ethos-u-vela", "onnx2tf", "tensorflow")}, "layers": []}
     try:
-        if len(feeds) != 1:
-            raise RuntimeError(f"the onnx2tf -> Vela path here takes a model with one input, not {len(feeds)}")
-        (name, x), = feeds.items()
-        nhwc = np.moveaxis(x, 1, -1)
-        np.save(os.path.join(work, "calib.npy"), np.concatenate([nhwc, nhwc * 0.5, -nhwc]))
-        nest = x.ndim
-        _run([str(BIN / "onnx2tf"), "-i", model, "-o", "tf", "-oiqt", "-cind", name, "calib.npy",
-              "[" * nest + "0.0" + "]" * nest, "[" * nest + "1.0" + "]" * nest, "-n"], work, "onnx2tf")
+        calibration = []
+        for i, (name, x) in enumerate(feeds.items()):
+            nhwc = np.moveaxis(x, 1, -1)
+            np.save(os.path.join(work, f"calib{i}.npy"), np.concatenate([nhwc, nhwc * 0.5, -nhwc]))
+            nest = x.ndim
+            calibration += ["-cind", name, f"calib{i}.npy", "[" * nest + "0.0" + "]" * nest,
+                            "[" * nest + "1.0" + "]" * nest]
+        _run([str(BIN / "onnx2tf"), "-i", model, "-o", "tf", "-oiqt", *calibration, "-n"], work, "onnx2tf")
         tflites = {p.name: p for p in (Path(work) / "tf").glob("*.tflite")}
         float32 = next((p for n, p in tflites.items() if n.endswith("_float32.tflite")), None)
         int8 = next((p for n, p in tflites.items() if n.endswith("_full_integer_quant.tflite")), None)
@@ -65,13 +82,7 @@ def main(model, inputs, accelerator, work):
         report = _run([str(BIN / "vela"), str(int8), "--accelerator-config", accelerator, "--output-dir", "vela",
                        "--show-cpu-operations"], work, "vela")
         result["layers"], reasons = _layers(report)
-        from ai_edge_litert.interpreter import Interpreter
-
-        interp = Interpreter(model_path=str(float32))
-        interp.allocate_tensors()
-        interp.set_tensor(interp.get_input_details()[0]["index"], nhwc)
-        interp.invoke()
-        outputs = [np.moveaxis(interp.get_tensor(d["index"]), -1, 1) for d in interp.get_output_details()]
+        outputs = _run_float32(float32, feeds)
     except Exception as exc:  # noqa: BLE001 - the converter's or compiler's refusal, in its own words
         result.update(status="rejected", message=f"{type(exc).__name__}: {exc}"[:500])
     else:
