@@ -28,7 +28,13 @@ ROOT = HERE.parent.parent
 PAIRS = ("rk3588=rknn:rk3588", "rk3576=rknn:rk3576", "rv1106=rknn:rv1106", "ethos-u55=vela:ethos-u55-128",
          "ethos-u85=vela:ethos-u85-256", "openvino=openvino")
 #: the shipped models (built by models/make_models.py) and real exports the profiles were not derived from
-MODELS = ("models/*.onnx", "models/exported/*.onnx")
+#: (one of each kind: models/exported has quantized and other-opset copies of most)
+MODELS = ("models/*.onnx", *(f"models/exported/{name}.onnx" for name in (
+    "dyn_bhw_decoder_op17", "dyn_bt_vocoder_op17", "dyn_bhw_espcn_op17", "keras_conv1dtranspose_op17",
+    "keras_conv2dtranspose_same", "keras_depth_to_space", "keras_upsampling2d_conv",
+    "keras_upsampling2d_bilinear_conv", "static_unet_interpolate_size_op17", "torch_convtranspose3d_op13",
+    "torch_fsrcnn_op13", "torch_grouped_dilated_op13", "torch_pixelshuffle_r3_op17", "torch_unet_decoder_op17",
+    "torch_upsample_bilinear_conv_op17", "torch_upsample_nearest_conv_op17", "torch_weightnorm_convtranspose_op13")))
 
 
 def _convert(model: Path, profile: str, out: Path) -> tuple[str, str]:
