@@ -392,9 +392,7 @@ def verify(a, b, inputs_file, shape, atol, rtol, seed, as_json, memory_budget, t
 
 @cli.command(epilog=_epilog(
     [("uprewrite check decoder.onnx --profile tidl", "does TIDL run every upsampling node?"),
-     ("uprewrite check decoder.onnx --profile my_npu.json --json", "your own profile, as JSON"),
-     ("uprewrite check out.onnx --compiler rknn:rk3588", "ask the RKNN compiler itself (installed in its own venv)"),
-     ("uprewrite check out.onnx --compiler vela:ethos-u55-128 --profile ethos-u55", "the compiler and the profile")],
+     ("uprewrite check out.onnx --compiler rknn:rk3588", "ask the RKNN compiler itself (installed in its own venv)")],
     [("0", "the target runs every upsampling node (on the NPU, with onnxruntime's values: --compiler)"),
      ("1", "it does not (each node and the reason printed)"),
      ("2", "usage error (unknown profile or compiler, compiler not installed: the install command is printed), "
