@@ -103,6 +103,7 @@ def _parse_file(path: Path) -> onnx.ModelProto:
 LAZY_FILE_MIN_BYTES, EMBEDDED_MIN_BYTES = 1 << 20, 1 << 16
 #: marks a lazy initializer whose file is the model file itself: saved inline unless asked otherwise
 _EMBEDDED_KEY = "uprewrite.embedded"
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
 
 
 def _parse_stripped(path: Path) -> tuple[onnx.ModelProto, list[Span]] | None:
@@ -135,7 +136,8 @@ def _point_at_file(model: onnx.ModelProto, path: Path, spans: list[Span]) -> Non
         for span in spans:
             t = model.graph.initializer[span.index]
             need = tensor_bytes(t.data_type, list(t.dims)) if t.data_type in NUMPY_RAW else None
-            if need != span.length or t.external_data or t.data_location == onnx.TensorProto.EXTERNAL:
+            typed = any(len(getattr(t, f)) for f in _TYPED_FIELDS)  # raw_data and float_data both: malformed
+            if need != span.length or typed or t.external_data or t.data_location == onnx.TensorProto.EXTERNAL:
                 fh.seek(span.offset)
                 t.raw_data = fh.read(span.length)
                 continue

@@ -231,3 +231,31 @@ def test_model_file_changed_during_the_run_is_refused(tmp_path, stage):
         api.convert(str(path), output=tmp_path / "o.onnx", lazy_weights=True, progress=progress)
     assert not (tmp_path / "o.onnx").exists()
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(flips=st.lists(st.tuples(st.floats(0, 1), st.integers(1, 255)), min_size=1, max_size=4),
+       in_raw=st.booleans())
+def test_a_damaged_big_file_loads_lazily_as_it_loads_whole(tmp_path_factory, flips, in_raw):
+    """Bytes changed anywhere (in the structure, or inside a big tensor's data): the lazy load raises
+    the same error as the whole load, or gives the same model."""
+    model = _big_model()
+    data = bytearray(model.SerializeToString())
+    start = data.index(model.graph.initializer[0].raw_data[:64])
+    lo, hi = (start, start + 64 * 64 * 8 * 8 * 4) if in_raw else (0, len(data))
+    for where, value in flips:
+        i = lo + int(where * (hi - lo - 1))
+        if in_raw or not start <= i < start + 64 * 64 * 8 * 8 * 4:
+            data[i] ^= value
+    path = tmp_path_factory.mktemp("damaged") / "m.onnx"
+    path.write_bytes(bytes(data))
+    outcomes = []
+    for lazy in (False, True):
+        try:
+            loaded, _ = load_model(path, lazy=lazy)
+        except InvalidModelError as exc:
+            outcomes.append(("error", str(exc)))
+        else:
+            outcomes.append(("model", [(t.name, tensor_array(t).tobytes()) for t in loaded.graph.initializer],
+                             [n.SerializeToString() for n in loaded.graph.node]))
+    assert outcomes[0] == outcomes[1]
