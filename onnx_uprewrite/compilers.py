@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -174,7 +175,7 @@ def check_compiler(path: Path, model: onnx.ModelProto, label: str, compiler: Com
         raise UsageError(f"{compiler.name} is not installed for uprewrite: {compiler.install}; or set "
                          f"UPREWRITE_{compiler.name.upper()}_PYTHON to a Python that has it")
     with tempfile.TemporaryDirectory(prefix="uprewrite-cc-") as work:
-        np.savez(os.path.join(work, "inputs.npz"), **feeds)
+        save_feeds(Path(work) / "inputs.npz", feeds)
         copy = Path(work) / "model" / path.name  # onnx2tf simplifies its input in place: never give it MODEL
         copy.parent.mkdir()
         save_model(with_static_inputs(model, feeds), copy)
@@ -188,6 +189,13 @@ def check_compiler(path: Path, model: onnx.ModelProto, label: str, compiler: Com
     if outputs is not None:
         check.max_abs_error, check.error_limit = _compare(list(reference.values()), outputs, compiler.wrong_above)
     return check
+
+
+def save_feeds(path: Path, feeds: dict[str, np.ndarray]) -> None:
+    """``feeds`` as ``path`` (arrays ``arr_0``, ...) and ``path.json`` (their names, in order): input
+    names are tensor names, not file or keyword names (runners read them with ``load_feeds``)."""
+    np.savez(path, *feeds.values())
+    Path(f"{path}.json").write_text(json.dumps(list(feeds)))
 
 
 def with_static_inputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
@@ -212,15 +220,35 @@ def with_static_inputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> 
 def _run_runner(python: str, compiler: Compiler, model: str, target: str, work: str) -> dict:
     args = [python, str(RUNNERS / f"{compiler.name}_runner.py"), model, os.path.join(work, "inputs.npz"), target, work]
     try:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=work,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        code, out, err = run_group(args, work)
     except subprocess.TimeoutExpired:
         return {"status": "crashed", "message": f"timed out after {TIMEOUT_S} s"}
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    except OSError as exc:
+        return {"status": "crashed", "message": f"cannot run {python}: {exc}"}
+    line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
     if not line:
-        tail = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()][-2:]
-        return {"status": "crashed", "message": f"exit {proc.returncode}: {' | '.join(tail)[-300:]}"}
+        tail = [ln.strip() for ln in (err + out).splitlines() if ln.strip()][-2:]
+        return {"status": "crashed", "message": f"exit {code}: {' | '.join(tail)[-300:]}"}
     return json.loads(line[-1][len("RESULT "):])
+
+
+def run_group(args: list[str], cwd: str, timeout: float = TIMEOUT_S) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``args`` in a process group of its own: on timeout the whole
+    group is killed (a runner's onnx2tf / vela children too) and TimeoutExpired raised; output that
+    is not UTF-8 is decoded with replacements."""
+    proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            errors="replace", start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    except BaseException:  # an interrupt: the compiler goes too
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return proc.returncode, out, err
 
 
 def _compare(reference: list[np.ndarray], outputs: list[np.ndarray], wrong_above: float) -> tuple[float, float]:
@@ -228,12 +256,19 @@ def _compare(reference: list[np.ndarray], outputs: list[np.ndarray], wrong_above
     compared as flat (a compiler that gives a 1-D result as N, C, L, 1), one of another size is
     infinitely wrong."""
     worst, limit = 0.0, wrong_above
+    if len(reference) != len(outputs):
+        return float("inf"), limit
     for ref, got in zip(reference, outputs):
-        ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
-        limit = max(limit, wrong_above * max(1.0, float(np.abs(ref).max()) if ref.size else 0.0))
+        ref, got = np.asarray(ref, np.float64).reshape(-1), np.asarray(got, np.float64).reshape(-1)
+        finite = np.abs(ref[np.isfinite(ref)])
+        limit = max(limit, wrong_above * max(1.0, float(finite.max()) if finite.size else 0.0))
         if ref.size != got.size:
             return float("inf"), limit
-        worst = max(worst, float(np.max(np.abs(ref.reshape(-1) - got.reshape(-1)))) if ref.size else 0.0)
+        same = (ref == got) | (np.isnan(ref) & np.isnan(got))  # equal infinities and NaNs where onnxruntime's are
+        with np.errstate(invalid="ignore"):
+            err = np.where(same, 0.0, np.abs(ref - got))
+        err[np.isnan(err)] = np.inf  # a NaN where onnxruntime has a number
+        worst = max(worst, float(err.max()) if err.size else 0.0)
     return worst, limit
 
 
@@ -308,21 +343,23 @@ class OpenVinoTimer:
             for i, (form, model) in enumerate(models.items()):
                 path, inputs = Path(work) / f"{i}.onnx", Path(work) / f"{i}.npz"
                 write_inline(model, path)  # weights still in the input's file are copied in
-                np.savez(inputs, **feeds[form])
+                save_feeds(inputs, feeds[form])
                 manifest["models"][form] = [str(path), str(inputs)]
             (Path(work) / "manifest.json").write_text(json.dumps(manifest))
             try:
-                proc = subprocess.run([self.python, str(RUNNERS / "openvino_runner.py"), "--time",
-                                       str(Path(work) / "manifest.json")], capture_output=True, text=True,
-                                      timeout=TIMEOUT_S)
+                _, out, err = run_group([self.python, str(RUNNERS / "openvino_runner.py"), "--time",
+                                         str(Path(work) / "manifest.json")], work)
             except subprocess.TimeoutExpired:
                 raise RuntimeError(f"OpenVINO timing took over {TIMEOUT_S} s") from None
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if not line:
-            tail = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()][-1:]
-            raise RuntimeError(f"OpenVINO cannot run the forms: {' '.join(tail)[-300:]}")
-        result = json.loads(line[-1][len("RESULT "):])
-        return result["medians"], result.get("failed", {})
+            except OSError as exc:
+                raise RuntimeError(f"cannot run {self.python}: {exc}") from None
+        line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+        try:
+            result = json.loads(line[-1][len("RESULT "):])
+            return dict(result["medians"]), dict(result.get("failed", {}))
+        except (IndexError, ValueError, KeyError, TypeError):
+            tail = [ln.strip() for ln in (err + out).splitlines() if ln.strip()][-1:]
+            raise RuntimeError(f"OpenVINO cannot run the forms: {' '.join(tail)[-300:]}") from None
 
 
 def runtime_timer(runtime: str):

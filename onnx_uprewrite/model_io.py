@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
+from google.protobuf.unknown_fields import UnknownFieldSet
 from onnx import external_data_helper, helper, numpy_helper
 
 from .errors import InputChanged, InvalidModelError, UsageError, WriteError
 from .isolate import announce_temp
-from .wire import GRAPH_FIELD, INITIALIZER_FIELD, RAW_DATA_FIELD, Span, length_field, strip_weights
+from .wire import GRAPH_FIELD, INITIALIZER_FIELD, RAW_DATA_FIELD, Span, length_field, strip_weights, unknown_field_bytes
 
 try:
     import fcntl
@@ -79,7 +80,7 @@ def load_model(path: str | os.PathLike, lazy: bool = False) -> tuple[onnx.ModelP
         except Exception as exc:  # onnx raises assorted errors for bad external data
             raise InvalidModelError(f"{path}: cannot read external data: {exc}") from None
     if stripped:
-        _point_at_file(model, path, stripped[1])
+        _point_at_file(model, path, *stripped[1:])
     return model, external
 
 
@@ -106,13 +107,14 @@ _EMBEDDED_KEY = "uprewrite.embedded"
 _TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
 
 
-def _parse_stripped(path: Path) -> tuple[onnx.ModelProto, list[Span]] | None:
-    """The model in ``path`` parsed without its big initializers' bytes, and where these lie in the
-    file; None when the file is small or not plainly laid out (it is then parsed as a whole, which
-    also gives the message for a corrupt one)."""
+def _parse_stripped(path: Path) -> tuple[onnx.ModelProto, list[Span], tuple] | None:
+    """The model in ``path`` parsed without its big initializers' bytes, where these lie in the
+    file, and the file's identity then; None when the file is small or not plainly laid out (it is
+    then parsed as a whole, which also gives the message for a corrupt one)."""
     try:
         with open(path, "rb") as fh:
-            if os.fstat(fh.fileno()).st_size < LAZY_FILE_MIN_BYTES:
+            st = os.fstat(fh.fileno())
+            if st.st_size < LAZY_FILE_MIN_BYTES:
                 return None
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 found = strip_weights(buf, EMBEDDED_MIN_BYTES)
@@ -125,14 +127,23 @@ def _parse_stripped(path: Path) -> tuple[onnx.ModelProto, list[Span]] | None:
         model.ParseFromString(found[0])
     except (DecodeError, RuntimeError, ValueError):
         return None
-    return model, found[1]
+    if len(model.graph.initializer) != found[2]:  # the scan and protobuf disagree: trust protobuf
+        return None
+    return model, found[1], _identity(st)
 
 
-def _point_at_file(model: onnx.ModelProto, path: Path, spans: list[Span]) -> None:
+def _identity(st: os.stat_result) -> tuple:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _point_at_file(model: onnx.ModelProto, path: Path, spans: list[Span], identity: tuple) -> None:
     """Make the stripped initializers lazy ones that live in the model file ``path`` itself; one whose
-    bytes do not fit its type and shape gets them back (validation then speaks of it as usual)."""
+    bytes do not fit its type and shape gets them back (validation then speaks of it as usual).
+    InputChanged if the file is not the one that was scanned."""
     location, lazy = str(path.resolve()), []
     with open(path, "rb") as fh:
+        if _identity(os.fstat(fh.fileno())) != identity:
+            raise InputChanged(f"{path}: {_CHANGED} (written to or replaced while it was read); nothing was written")
         for span in spans:
             t = model.graph.initializer[span.index]
             need = tensor_bytes(t.data_type, list(t.dims)) if t.data_type in NUMPY_RAW else None
@@ -141,9 +152,10 @@ def _point_at_file(model: onnx.ModelProto, path: Path, spans: list[Span]) -> Non
                 fh.seek(span.offset)
                 t.raw_data = fh.read(span.length)
                 continue
+            embedded = "location set" if t.HasField("data_location") else "1"  # written back as it was
             t.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", location), ("offset", str(span.offset)), ("length", str(span.length)),
-                               (_EMBEDDED_KEY, "1")):
+                               (_EMBEDDED_KEY, embedded)):
                 t.external_data.add(key=key, value=value)
             lazy.append(t)
     _record_sources(lazy)
@@ -199,7 +211,7 @@ def tensor_raw(t: onnx.TensorProto) -> bytes:
 
 #: lazy initializers carry, beside their location, what their file and bytes were at load time
 _CRC_KEY, _SOURCE_KEY = "uprewrite.crc32", "uprewrite.source"
-_CHANGED = "the input's external data changed while it was being converted"
+_CHANGED = "the input's weights changed while it was being converted"
 _CHUNK = 16 << 20
 
 
@@ -494,6 +506,8 @@ def shell(model: onnx.ModelProto) -> onnx.ModelProto:
         if fd.name != "initializer":
             _copy_field(out.graph, fd, value)
     out.graph.SetInParent()
+    out.MergeFromString(unknown_field_bytes(UnknownFieldSet(model)))  # fields of a newer onnx.proto
+    out.graph.MergeFromString(unknown_field_bytes(UnknownFieldSet(model.graph)))
     return out
 
 
@@ -600,6 +614,8 @@ def _inline_parts(t: onnx.TensorProto) -> tuple[bytes, bytes, int, onnx.TensorPr
     plain.CopyFrom(t)
     plain.ClearField("external_data")
     plain.ClearField("data_location")
+    if any(e.key == _EMBEDDED_KEY and e.value == "location set" for e in t.external_data):
+        plain.data_location = onnx.TensorProto.DEFAULT
     head, length = plain.SerializeToString(), _external_span(t)[2]
     body = len(head) + len(length_field(RAW_DATA_FIELD, length)) + length
     return length_field(INITIALIZER_FIELD, body), head, body, t

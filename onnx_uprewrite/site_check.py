@@ -90,7 +90,7 @@ def magnitude_emission(site: Site, namer: Namer, opset: int) -> tuple[Emission, 
         return None
     output = namer(f"{site.node}/magnitude_out")
     weight = np.abs(site.weight if site.magnitude_weight is None else site.magnitude_weight).astype(site.weight.dtype)
-    for form in MAGNITUDE_FORMS:
+    for form in _magnitude_forms(site):
         b = Builder(namer, f"{site.node}/magnitude")
         target = dataclasses.replace(
             site, input=b.node("Abs", [site.input], "abs"), output=output, magnitude_weight=None, bias=None,
@@ -107,6 +107,15 @@ def magnitude_emission(site: Site, namer: Namer, opset: int) -> tuple[Emission, 
 
 #: the forms that compute a magnitude model, fastest first: each rearranges W's taps without sums
 MAGNITUDE_FORMS = ("subpixel", "convtranspose")
+
+
+def _magnitude_forms(site: Site) -> list[str]:
+    """MAGNITUDE_FORMS, the sub-pixel form last where it has more weights than the ConvTranspose
+    (a kernel shorter than the stride: phases padded with zeros, up to stride^rank times the MACs)."""
+    counts = {form: EMITTERS[form].weight_count(site) for form in MAGNITUDE_FORMS}
+    if any(c is None for c in counts.values()):
+        return list(MAGNITUDE_FORMS)
+    return sorted(MAGNITUDE_FORMS, key=lambda form: (counts[form] > counts["convtranspose"], MAGNITUDE_FORMS.index(form)))
 
 
 def bias_magnitude(site: Site) -> float:

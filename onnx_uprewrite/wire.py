@@ -33,9 +33,10 @@ class Span:
     length: int
 
 
-def strip_weights(buf, min_bytes: int) -> tuple[bytes, list[Span]] | None:
+def strip_weights(buf, min_bytes: int) -> tuple[bytes, list[Span], int] | None:
     """(``buf`` without the raw_data of every main-graph initializer of at least ``min_bytes``
-    bytes, the spans removed) or None when nothing is that big or the bytes are not plainly laid out.
+    bytes, the spans removed, the number of initializers seen) or None when nothing is that big or
+    the bytes are not plainly laid out.
     ``buf``: the file's bytes, e.g. an ``mmap`` (indexing gives ints, slicing copies)."""
     try:
         return _strip(buf, len(buf), min_bytes)
@@ -43,14 +44,16 @@ def strip_weights(buf, min_bytes: int) -> tuple[bytes, list[Span]] | None:
         return None
 
 
-def _strip(buf, size: int, min_bytes: int) -> tuple[bytes, list[Span]] | None:
+def _strip(buf, size: int, min_bytes: int) -> tuple[bytes, list[Span], int] | None:
     graphs = [f for f in _fields(buf, 0, size) if f[0] == GRAPH_FIELD]
     if len(graphs) != 1 or graphs[0][1] != _LENGTH:
         return None
     _, _, graph_tag, graph_start, graph_end = graphs[0]
     pieces, spans, index = [], [], 0
     for number, wire, tag, start, end in _fields(buf, graph_start, graph_end):
-        if number != INITIALIZER_FIELD or wire != _LENGTH or end - start < min_bytes:  # too small to strip
+        if number == INITIALIZER_FIELD and wire != _LENGTH:  # an unknown field to protobuf: not counted there
+            raise _Malformed
+        if number != INITIALIZER_FIELD or end - start < min_bytes:  # too small to strip
             pieces.append(buf[tag:end])
             if number == INITIALIZER_FIELD:
                 index += 1
@@ -67,7 +70,8 @@ def _strip(buf, size: int, min_bytes: int) -> tuple[bytes, list[Span]] | None:
     if not spans:
         return None
     graph = b"".join(pieces)
-    return buf[:graph_tag] + _key(GRAPH_FIELD) + _varint_bytes(len(graph)) + graph + buf[graph_end:size], spans
+    stripped = buf[:graph_tag] + _key(GRAPH_FIELD) + _varint_bytes(len(graph)) + graph + buf[graph_end:size]
+    return stripped, spans, index
 
 
 def _fields(buf, start: int, end: int):
@@ -119,6 +123,23 @@ def _varint_bytes(value: int) -> bytes:
 
 def _key(number: int, wire: int = _LENGTH) -> bytes:
     return _varint_bytes(number << 3 | wire)
+
+
+def unknown_field_bytes(fields) -> bytes:
+    """The wire bytes of ``google.protobuf.unknown_fields.UnknownFieldSet`` entries (groups: none, as
+    onnx.proto has none), for MergeFromString into a message built field by field."""
+    out = bytearray()
+    for f in fields:
+        out += _key(f.field_number, f.wire_type)
+        if f.wire_type == _VARINT:
+            out += _varint_bytes(f.data)
+        elif f.wire_type == _FIXED64:
+            out += int(f.data).to_bytes(8, "little")
+        elif f.wire_type == _FIXED32:
+            out += int(f.data).to_bytes(4, "little")
+        elif f.wire_type == _LENGTH:
+            out += _varint_bytes(len(f.data)) + bytes(f.data)
+    return bytes(out)
 
 
 def length_field(number: int, length: int) -> bytes:

@@ -25,6 +25,8 @@ FSRCNN = ROOT / "models" / "fsrcnn_k9s3.onnx"
 
 
 def _runner(name: str):
+    if str(compilers.RUNNERS) not in sys.path:  # as when run as a script: its folder first on the path
+        sys.path.insert(0, str(compilers.RUNNERS))
     spec = importlib.util.spec_from_file_location(f"{name}_runner", compilers.RUNNERS / f"{name}_runner.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -131,13 +133,38 @@ def test_wrong_values_and_rejections_fail_the_check():
     assert fine.ok and fine.problems() == []
 
 
-def test_outputs_of_another_size_are_wrong():
+def test_outputs_of_another_size_or_count_or_nan_are_wrong():
     import numpy as np
 
     err, limit = compilers._compare([np.ones((1, 2, 3))], [np.ones((1, 2))], 1e-3)
     assert err == float("inf") and limit == 1e-3
     err, _ = compilers._compare([np.ones((1, 2, 3))], [np.ones((1, 2, 3, 1))], 1e-3)
     assert err == 0.0
+    assert compilers._compare([np.ones(3)], [np.full(3, np.nan)], 1e-3)[0] == float("inf")
+    assert compilers._compare([np.ones(3), np.ones(2)], [np.ones(3)], 1e-3)[0] == float("inf")
+    assert compilers._compare([np.array([np.nan, np.inf, 1.0])], [np.array([np.nan, np.inf, 1.0])], 1e-3)[0] == 0.0
+
+
+def test_inputs_named_like_keywords_or_paths_reach_the_runner(tmp_path):
+    """Input names are tensor names: 'file', 'allow_pickle' or 'a/b' are not file or keyword names."""
+    import numpy as np
+
+    feeds = {"file": np.ones(2), "allow_pickle": np.zeros(3), "a/b": np.arange(4.0)}
+    compilers.save_feeds(tmp_path / "in.npz", feeds)
+    got = _runner("rknn").load_feeds(str(tmp_path / "in.npz"))
+    assert list(got) == list(feeds) and all(np.array_equal(got[k], v) for k, v in feeds.items())
+
+
+def test_a_runner_that_hangs_is_killed_with_its_children(tmp_path):
+    import subprocess
+    import time
+
+    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
+             "print('started', flush=True); time.sleep(60)"
+    start = time.perf_counter()
+    with pytest.raises(subprocess.TimeoutExpired):
+        compilers.run_group([sys.executable, "-c", script], str(tmp_path), timeout=2)
+    assert time.perf_counter() - start < 20
 
 
 # ----------------------------------------------------------------------------- the compilers themselves

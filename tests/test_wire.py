@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_uprewrite import api
 from onnx_uprewrite.errors import InputChanged, InvalidModelError
 from onnx_uprewrite.model_io import is_embedded, is_lazy, load_model, save_model, tensor_array
-from onnx_uprewrite.wire import strip_weights
+from onnx_uprewrite.wire import GRAPH_FIELD, _fields, _key, _varint_bytes, strip_weights
 
 
 def _refill(stripped: bytes, spans, source: bytes) -> onnx.ModelProto:
@@ -61,8 +61,8 @@ X = np.random.default_rng(1).standard_normal((1, 64, 6, 5)).astype(np.float32)
 def test_strip_and_refill_gives_the_same_model():
     model = _big_model()
     data = model.SerializeToString()
-    stripped, spans = strip_weights(data, 1 << 16)
-    assert [s.index for s in spans] == [0] and spans[0].length == 64 * 64 * 8 * 8 * 4
+    stripped, spans, count = strip_weights(data, 1 << 16)
+    assert [s.index for s in spans] == [0] and spans[0].length == 64 * 64 * 8 * 8 * 4 and count == 3
     assert len(stripped) < 20_000
     assert _refill(stripped, spans, data) == model
 
@@ -115,8 +115,8 @@ def test_strip_refill_property(sizes, min_bytes, typed, doc, nodes):
     if not expect:
         assert found is None
         return
-    stripped, spans = found
-    assert [s.index for s in spans] == expect
+    stripped, spans, count = found
+    assert [s.index for s in spans] == expect and count == len(sizes)
     assert _refill(stripped, spans, data) == model
 
 
@@ -259,3 +259,63 @@ def test_a_damaged_big_file_loads_lazily_as_it_loads_whole(tmp_path_factory, fli
             outcomes.append(("model", [(t.name, tensor_array(t).tobytes()) for t in loaded.graph.initializer],
                              [n.SerializeToString() for n in loaded.graph.node]))
     assert outcomes[0] == outcomes[1]
+
+
+def test_an_initializer_field_of_another_wire_type_is_not_plainly_laid_out(tmp_path):
+    """protobuf keeps a field 5 that is not length-delimited as an unknown field, not an initializer:
+    counting it would point every later stripped initializer at the next one's bytes."""
+    n = 300_000
+    a, b, c = (numpy_helper.from_array(np.full((n,), v, np.float32), name) for name, v in (("A", 1), ("B", 2),
+                                                                                            ("C", 3)))
+    graph = helper.make_graph([helper.make_node("Add", ["A", "C"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])], [a])
+    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+    _, _, tag, start, end = [f for f in _fields(data, 0, len(data)) if f[0] == GRAPH_FIELD][0]
+    extra = b"".join(_key(5) + _varint_bytes(len(t.SerializeToString())) + t.SerializeToString() for t in (b, c))
+    body = data[start:end] + _key(5, 0) + _varint_bytes(7) + extra
+    data = data[:tag] + _key(GRAPH_FIELD) + _varint_bytes(len(body)) + body + data[end:]
+    assert strip_weights(data, 1 << 16) is None
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data)
+    lazy, _ = load_model(path, lazy=True)
+    assert [tensor_array(t)[0] for t in lazy.graph.initializer] == [1, 2, 3]
+
+
+def test_unknown_fields_survive_a_lazy_convert(tmp_path):
+    """Fields of a newer onnx.proto (unknown here) are kept as a whole parse keeps them."""
+    data = _big_model().SerializeToString() + _key(1000) + _varint_bytes(3) + b"new"
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data)
+    api.convert(str(path), output=tmp_path / "lazy.onnx", lazy_weights=True)
+    api.convert(str(path), output=tmp_path / "whole.onnx")
+    assert onnx.load(tmp_path / "lazy.onnx") == onnx.load(tmp_path / "whole.onnx")
+    assert b"\x03new" in (tmp_path / "lazy.onnx").read_bytes()
+
+
+def test_an_explicit_default_data_location_is_written_back(tmp_path):
+    model = _big_model()
+    model.graph.initializer[0].data_location = TensorProto.DEFAULT
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    loaded, _ = load_model(path, lazy=True)
+    save_model(loaded, tmp_path / "again.onnx")
+    assert onnx.load(tmp_path / "again.onnx") == model
+
+
+def test_a_file_replaced_between_scan_and_read_is_refused(tmp_path, monkeypatch):
+    from onnx_uprewrite import model_io
+
+    model = _big_model()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    real = model_io._point_at_file
+
+    def replace_first(*args):
+        other = tmp_path / "other.onnx"
+        onnx.save(_big_model(cout=65), other)
+        os.replace(other, path)
+        return real(*args)
+
+    monkeypatch.setattr(model_io, "_point_at_file", replace_first)
+    with pytest.raises(InputChanged, match="written to or replaced while it was read"):
+        load_model(path, lazy=True)

@@ -17,12 +17,13 @@ import sys
 import time
 
 import numpy as np
+from runner_io import load_feeds
 
 
 def main(model, inputs, device, work):
     import openvino as ov
 
-    feeds = dict(np.load(inputs))
+    feeds = load_feeds(inputs)
     result = {"versions": {"openvino": ov.__version__}, "layers": []}
     try:
         core = ov.Core()
@@ -48,7 +49,7 @@ def time_forms(manifest_path):
         try:
             compiled = core.compile_model(core.read_model(model), manifest.get("device", "CPU"), config)
             requests[form] = compiled.create_infer_request()
-            feeds[form] = dict(np.load(inputs))
+            feeds[form] = load_feeds(inputs)
             requests[form].infer(feeds[form])  # warm-up
         except Exception as exc:  # noqa: BLE001 - a form OpenVINO cannot run is not timed
             requests.pop(form, None)

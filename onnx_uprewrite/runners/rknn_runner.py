@@ -11,6 +11,7 @@ import os
 import sys
 
 import numpy as np
+from runner_io import load_feeds
 
 #: chips whose NPU runs int8 only: the build quantizes, calibrated on the given inputs
 INT8_ONLY = ("rv1103", "rv1106", "rv1103b", "rv1106b")
@@ -34,16 +35,16 @@ def _layers(log: str) -> list:
 
 
 def main(model, inputs, chip, work):
-    feeds = dict(np.load(inputs))
+    feeds = load_feeds(inputs)
     os.chdir(work)  # the toolkit writes check*.onnx debug models into the current directory
     quantize = chip in INT8_ONLY
     if quantize:
-        names = []
-        for name, value in feeds.items():
-            np.save(f"{name}.npy", value)
-            names.append(f"{name}.npy")
+        files = []
+        for i, value in enumerate(feeds.values()):  # file names of our own: input names are tensor names
+            np.save(f"input{i}.npy", value)
+            files.append(f"input{i}.npy")
         with open("dataset.txt", "w") as fh:
-            fh.write(" ".join(names) + "\n")
+            fh.write(" ".join(files) + "\n")
     saved = os.dup(1), os.dup(2)
     with open("build.log", "w") as log:  # the toolkit logs through fds 1/2
         os.dup2(log.fileno(), 1)

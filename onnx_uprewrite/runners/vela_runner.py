@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from runner_io import load_feeds
 
 BIN = Path(sys.executable).parent
 
@@ -63,7 +64,7 @@ def _run_float32(path, feeds):
 def main(model, inputs, accelerator, work):
     from importlib.metadata import version
 
-    feeds = dict(np.load(inputs))
+    feeds = load_feeds(inputs)
     result = {"versions": {n: version(n) for n in ("ethos-u-vela", "onnx2tf", "tensorflow")}, "layers": []}
     try:
         calibration = []
