@@ -115,7 +115,46 @@ def _magnitude_forms(site: Site) -> list[str]:
     counts = {form: EMITTERS[form].weight_count(site) for form in MAGNITUDE_FORMS}
     if any(c is None for c in counts.values()):
         return list(MAGNITUDE_FORMS)
-    return sorted(MAGNITUDE_FORMS, key=lambda form: (counts[form] > counts["convtranspose"], MAGNITUDE_FORMS.index(form)))
+    heavier = {form: counts[form] > counts["convtranspose"] for form in MAGNITUDE_FORMS}
+    return sorted(MAGNITUDE_FORMS, key=lambda form: (heavier[form], MAGNITUDE_FORMS.index(form)))
+
+
+#: how the report names the lower bound of |W|*|x| that ``magnitude_lower_bound`` computes
+LOWER_BOUND_TEXT = "max(|ref|/(1+g)-|b|, 0), a lower bound of |W|*|x|"
+
+
+#: sites with outputs this big are compared against ``magnitude_lower_bound`` first: their magnitude
+#: model costs as much as the replacement itself (the SD VAE decoder: 0.45 s of a 6 s convert); smaller
+#: ones run it at once, so that their error/tol is against |W|*|x| itself
+LOWER_BOUND_FROM_ELEMENTS = 1 << 20
+
+
+def lower_bound_applies(site: Site, ref: np.ndarray, quant) -> bool:
+    """Whether the site's check tries ``magnitude_lower_bound`` first: a big output
+    (LOWER_BOUND_FROM_ELEMENTS), and a bound that holds: not for quantized outputs (a step off),
+    integer outputs, or sums of so many terms that ``(T+1)*eps >= 1/2``."""
+    if quant is not None or site.requantize is not None or not np.issubdtype(ref.dtype, np.floating):
+        return False
+    small_sum = (site.terms_per_output + 1) * float(np.finfo(ref.dtype).eps) < 0.5
+    return ref.size >= LOWER_BOUND_FROM_ELEMENTS and small_sum
+
+
+@dataclasses.dataclass(frozen=True)
+class LowerBound:
+    """|W|*|x| >= max(|ref| * scale - |b|, 0) at every element (``magnitude_lower_bound``), computed
+    from the reference chunk by chunk in compare_site."""
+
+    scale: float
+
+
+def magnitude_lower_bound(site: Site, ref: np.ndarray) -> LowerBound:
+    """A lower bound of |W|*|x| at every element of the site's original output ``ref``, from ``ref``
+    alone (where ``lower_bound_applies``): ``ref`` is a sum of T products and the bias, rounded, so
+    ``|ref| <= (|W|*|x| + |b|) * (1 + g)`` with ``g = n*eps/(1-n*eps)``, n = T+1 (Higham's gamma),
+    and ``|W|*|x| >= max(|ref| / (1 + g) - |b|, 0)``.  A per-site check that passes with it passes
+    with |W|*|x| itself (its tolerance is no larger), so the magnitude model need not run."""
+    product = (site.terms_per_output + 1) * float(np.finfo(ref.dtype).eps)
+    return LowerBound(1.0 / (1.0 + product / (1.0 - product)))
 
 
 def bias_magnitude(site: Site) -> float:
@@ -166,11 +205,12 @@ def _finite_max(values: np.ndarray) -> float:
     return float(finite.max()) if finite.size else 0.0
 
 
-def compare_site(site: Site, ref: np.ndarray, got: np.ndarray, magnitude: np.ndarray | None,
-                 atol: float | None, rtol: float | None, quant=None) -> SiteCheck:
+def compare_site(site: Site, ref: np.ndarray, got: np.ndarray, magnitude: np.ndarray | LowerBound | None,
+                 atol: float | None, rtol: float | None, quant=None, magnitude_text: str = "|W|*|x|") -> SiteCheck:
     """``quant`` is ``output_quantization(site, emission)``: one step of it is allowed (a sum within
     rounding of a half step may round either way) and, where the original output is not quantized
-    yet, it is quantized the same way first."""
+    yet, it is quantized the same way first.  ``magnitude``: |W|*|x| per element, or a lower bound of
+    it (``magnitude_lower_bound``, named by ``magnitude_text``)."""
     if quant is not None and site.requantize is None:
         ref = fake_quantize(ref, *quant)
     dtype = ref.dtype if np.issubdtype(ref.dtype, np.floating) else np.dtype(np.float32)
@@ -179,7 +219,7 @@ def compare_site(site: Site, ref: np.ndarray, got: np.ndarray, magnitude: np.nda
     if got.shape != ref.shape:
         return SiteCheck(math.inf, math.inf, math.inf, f"shape {list(got.shape)} differs from {list(ref.shape)}")
     ref, got = ref.reshape(-1), got.reshape(-1)
-    mags = None if magnitude is None else magnitude.reshape(-1)
+    mags = magnitude.reshape(-1) if isinstance(magnitude, np.ndarray) else None
     max_ref = max((_finite_max(ref[i:i + CHUNK]) for i in range(0, ref.size, CHUNK)), default=0.0)
     step = float(np.max(np.abs(quant[0]))) if quant is not None else 0.0
     a = 0.0 if atol is None else float(atol)
@@ -188,20 +228,22 @@ def compare_site(site: Site, ref: np.ndarray, got: np.ndarray, magnitude: np.nda
         text = f"atol + rtol*max|ref|, rtol = {rel:.3g}" + (" (user)" if rtol is not None else
                                                            f" = 8*eps*sqrt(T) (eps={eps:.3g}, T={terms})")
     else:
-        text = f"8*eps*sqrt(T)*(|W|*|x|+|b|) per element (eps={eps:.3g} {np.dtype(dtype).name}, T={terms})"
+        text = f"8*eps*sqrt(T)*({magnitude_text}+|b|) per element (eps={eps:.3g} {np.dtype(dtype).name}, T={terms})"
     if step:
         text += f" + one quantization step ({step:.3g})"
     max_err = max_ratio = 0.0
+    bmag = bias_magnitude(site)
     for i in range(0, ref.size, CHUNK):  # float64 working copies of one chunk at a time: bounded memory
         r, g = ref[i:i + CHUNK].astype(np.float64), got[i:i + CHUNK].astype(np.float64)
         same = (np.isnan(r) & np.isnan(g)) | (np.isinf(r) & (r == g))
         err = np.where(same, 0.0, np.abs(r - g))
         err[np.isnan(err)] = np.inf
-        if rtol is not None or mags is None:
+        if rtol is not None or magnitude is None:
             tol = a + rel * max_ref + step
         else:
-            tol = a + FACTOR * eps * math.sqrt(terms) * (mags[i:i + CHUNK].astype(np.float64) + bias_magnitude(site)) \
-                + step
+            m = (np.maximum(np.abs(r) * magnitude.scale - bmag, 0) if mags is None
+                 else mags[i:i + CHUNK].astype(np.float64))
+            tol = a + FACTOR * eps * math.sqrt(terms) * (m + bmag) + step
         with np.errstate(divide="ignore", invalid="ignore"):
             ratios = np.where(err == 0, 0.0, err / tol)
         max_err = max(max_err, float(err.max()) if err.size else 0.0)

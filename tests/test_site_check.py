@@ -11,6 +11,8 @@ import random
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_uprewrite as up
@@ -210,3 +212,69 @@ def _emissions(model):
         api.emit_site(site, EMITTERS["subpixel"], b, 17)
         out.append((site, b.emission))
     return out
+
+
+# ----------------------------------------------------------------------------- big sites: a lower bound first
+
+
+def _big_ct(seed=0, cin=16, cout=16, size=128, bias=True):
+    """A ConvTranspose k4 s2 whose output has cout*(2*size)^2 >= LOWER_BOUND_FROM_ELEMENTS elements."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array((rng.standard_normal((cin, cout, 4, 4)) * 0.2).astype(np.float32), "W")]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), "B"))
+    node = helper.make_node("ConvTranspose", ["x", "W"] + (["B"] if bias else []), ["y"], name="up", strides=[2, 2],
+                            pads=[1, 1, 1, 1])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_big_site_passes_on_the_lower_bound_without_its_magnitude_model():
+    from onnx_uprewrite.site_check import LOWER_BOUND_FROM_ELEMENTS
+
+    assert 16 * 256 * 256 >= LOWER_BOUND_FROM_ELEMENTS
+    report = up.convert(_big_ct(), to="subpixel").report
+    site = report.sites[0]
+    assert report.verification == "passed" and "a lower bound of |W|*|x|" in site.tolerance, site.tolerance
+    assert 0 < site.ratio <= 1
+
+
+def test_where_the_lower_bound_is_not_enough_the_magnitude_model_decides(monkeypatch):
+    """A lower bound of zero (every error over it, no bias): the site is checked again with its magnitude
+    model, against |W|*|x| itself, and passes."""
+    from onnx_uprewrite import api
+
+    from onnx_uprewrite.site_check import LowerBound
+
+    monkeypatch.setattr(api, "magnitude_lower_bound", lambda site, ref: LowerBound(0.0))
+    report = up.convert(_big_ct(bias=False), to="subpixel").report
+    site = report.sites[0]
+    assert report.verification == "passed"
+    assert "(|W|*|x|+|b|) per element" in site.tolerance and site.ratio < 0.5, site.tolerance
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), cin=st.integers(1, 8), cout=st.integers(1, 6), bias=st.booleans())
+def test_the_lower_bound_is_below_the_magnitude(seed, cin, cout, bias):
+    """max(|ref| / (1 + g) - |b|, 0) <= |W| * |x| at every element, |W|*|x| computed in float64."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from onnx_uprewrite.site_check import magnitude_lower_bound
+    from onnx_uprewrite.weights import conv_transpose_reference
+
+    from onnx_uprewrite import api
+
+    model = _big_ct(seed, cin, cout, size=6, bias=bias)
+    x = np.random.default_rng(seed).standard_normal((1, cin, 6, 6)).astype(np.float32) * 3
+    ref = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    (site,), _ = api.find_sites(model)
+    w = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
+    mag = conv_transpose_reference(np.abs(x.astype(np.float64)), np.abs(w), None, site.axes, site.group)
+    assert mag.shape == ref.shape
+    bias = np.max(np.abs(numpy_helper.to_array(model.graph.initializer[1]))) if bias else 0.0
+    scale = magnitude_lower_bound(site, ref).scale
+    assert np.all(np.maximum(np.abs(ref.astype(np.float64)) * scale - bias, 0) <= mag)
