@@ -134,8 +134,8 @@ def cli() -> None:
                    "runs fastest in onnxruntime on the site's real input.")
 @click.option("--profile", "profile", metavar="NAME|FILE", shell_complete=_complete_profile,
               help="Target accelerator: rewrite only the sites it cannot run, each into the cheapest exact form "
-                   "it runs, and check the result (built-in: tidl, ethos-u, rknn, kl520, kl720, ax650, vitis-dpu, "
-                   "dla, cv18xx, any case; or a JSON/TOML file).")
+                   f"it runs, and check the result (built-in, any case: {', '.join(builtin_names())}; or a "
+                   "JSON/TOML file).")
 @click.option("--d2s-mode", "d2s_mode", type=click.Choice(list(api.SUBPIXEL_LAYOUTS)), default="auto", show_default=True,
               help="Layout of the sub-pixel form. auto: one Conv per output phase where that saves MACs, then "
               "DepthToSpace (2-D square strides) or single-axis Transposes; transpose: Transposes everywhere "
