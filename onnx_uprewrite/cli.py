@@ -417,9 +417,12 @@ def check(model, profile, compiler, shapes, as_json, debug):
         if profile is None and compiler is None:
             raise UsageError("give --profile NAME|FILE, --compiler NAME[:TARGET], or both")
         prof = load_profile(profile) if profile is not None else None
-        loaded, label, _ = api._open(model)
-        violations = check_model(loaded, prof, infer_static_shapes(loaded)) if prof is not None else []
+        violations, label = [], None
+        if prof is not None:  # (compile_check reads the model itself)
+            loaded, label, _ = api._open(model)
+            violations = check_model(loaded, prof, infer_static_shapes(loaded))
         built = api.compile_check(model, compiler, shapes=parse_shape_option(shapes)) if compiler else None
+        label = label or built.model
     except UprewriteError as exc:
         _fail(exc, debug, as_json, _named_in(exc, model, profile or compiler))
         return

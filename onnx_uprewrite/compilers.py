@@ -280,10 +280,13 @@ _UPSAMPLING_OP = re.compile(r"convtranspose|deconv|transpose_conv|depth_?to_?spa
 _FORM_GLUE = ("Slice", "Mul", "Pad", "Concat", "Add")
 
 
-def upsampling_related(model: onnx.ModelProto) -> set[str]:
+def upsampling_related(model: onnx.ModelProto, upsampling=None, shuffles=None) -> set[str]:
     """Names and output tensors of the nodes of ``model`` that are upsampling layers or part of one's
-    form (profile.upsampling_nodes, shuffle_nodes, and the glue ops next to them)."""
-    core = {id(n): n for n in upsampling_nodes(model) + shuffle_nodes(model)}
+    form (profile.upsampling_nodes, shuffle_nodes, and the glue ops next to them; ``upsampling`` /
+    ``shuffles``: those lists, where the caller has them)."""
+    upsampling = upsampling_nodes(model) if upsampling is None else upsampling
+    shuffles = shuffle_nodes(model) if shuffles is None else shuffles
+    core = {id(n): n for n in upsampling + shuffles}
     outputs = {o for n in core.values() for o in n.output}
     inputs = {i for n in core.values() for i in n.input}
     glue = [n for n in model.graph.node if n.op_type in _FORM_GLUE and id(n) not in core
@@ -298,9 +301,8 @@ def _attribute(model: onnx.ModelProto, layers: list[Layer]) -> list[Layer]:
     without a ``#n`` or ``_pad``-like suffix, as a node or output name) and whether it is upsampling."""
     by_name = {n.name: n for n in model.graph.node if n.name}
     by_output = {o: n for n in model.graph.node for o in n.output if o}
-    core = upsampling_nodes(model)
-    related = upsampling_related(model)
-    shuffles = bool(shuffle_nodes(model))
+    core, chains = upsampling_nodes(model), shuffle_nodes(model)
+    related = upsampling_related(model, core, chains)
     for layer in layers:
         base = re.sub(r"#\d+$", "", layer.name.split(":", 1)[-1])
         upsampling_op = bool(_UPSAMPLING_OP.search(layer.op))
@@ -316,7 +318,7 @@ def _attribute(model: onnx.ModelProto, layers: list[Layer]) -> list[Layer]:
             break
         if upsampling_op:
             layer.upsampling = True
-        elif layer.node is None and shuffles and layer.op.upper() in ("RESHAPE", "TRANSPOSE"):
+        elif layer.node is None and chains and layer.op.upper() in ("RESHAPE", "TRANSPOSE"):
             layer.upsampling = True  # a sub-pixel form's Reshape/Transpose, by its type alone
     return layers
 

@@ -86,7 +86,7 @@ def test_compile_check_reads_a_file():
 
 
 def test_rknn_layer_table_is_read():
-    layers = _runner("rknn")._layers((DATA / "rknn_rk3588_fsrcnn.log").read_text())
+    layers = _runner("rknn").layers((DATA / "rknn_rk3588_fsrcnn.log").read_text())
     assert layers == [
         {"id": "1", "op": "ConvRelu", "where": "NPU", "name": "Conv:feat"},
         {"id": "2", "op": "exConvTransposePad", "where": "CPU", "name": "exConvTransposePad:relu_out_pad"},
@@ -94,7 +94,7 @@ def test_rknn_layer_table_is_read():
 
 
 def test_vela_summary_is_read():
-    layers, reasons = _runner("vela")._layers((DATA / "vela_u55_fsrcnn.txt").read_text())
+    layers, reasons = _runner("vela").layers((DATA / "vela_u55_fsrcnn.txt").read_text())
     assert [(la["op"], la["where"]) for la in layers] == [("TRANSPOSE_CONV", "CPU"), ("Conv2D", "NPU"),
                                                           ("Relu", "NPU"), ("MemoryCopy", "NPU")]
     assert "conv2d_transpose" in layers[0]["name"]
@@ -105,7 +105,7 @@ def test_vela_summary_is_read():
 def test_rknn_layers_are_attributed_to_onnx_nodes():
     """The CPU layer RKNN names after the ConvTranspose's input tensor is the ConvTranspose's own pad:
     attributed to 'deconv', an upsampling layer on the CPU."""
-    layers = [Layer(**la) for la in _runner("rknn")._layers((DATA / "rknn_rk3588_fsrcnn.log").read_text())]
+    layers = [Layer(**la) for la in _runner("rknn").layers((DATA / "rknn_rk3588_fsrcnn.log").read_text())]
     got = compilers._attribute(onnx.load(FSRCNN), layers)
     assert [(la.node, la.upsampling) for la in got] == [("feat", False), ("deconv", True), ("deconv", True)]
     check = compilers.CompilerCheck(model="m", compiler="rknn", target="rk3588", versions={}, status="compiled",

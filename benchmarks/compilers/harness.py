@@ -27,6 +27,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).parent
+#: the runner scripts of ``uprewrite check --compiler`` (the compiler and numpy only): the compiler
+#: scripts read the compilers' reports with the same code
+sys.path.insert(0, str(HERE.resolve().parent.parent / "onnx_uprewrite" / "runners"))
 #: float32 compilers: a max abs error over WRONG_ABOVE * max(1, max |output|) is a wrong result
 #: (onnxruntime vs itself in another form: ~5e-6; a mis-laid channel: ~0.1-1)
 WRONG_ABOVE = 1e-3

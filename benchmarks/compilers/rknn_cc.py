@@ -11,38 +11,27 @@ simulator's int8 result is wrong above INT8_WRONG_ABOVE.
 """
 
 import os
-import re
 import sys
 
 from harness import main
+from rknn_runner import INT8_ONLY, layers
 
 PLATFORM = os.environ.get("RKNN_PLATFORM", "rk3588")
 #: fp16 on the NPU: 11-bit mantissa, sums of up to a few hundred terms
 FP16_WRONG_ABOVE = 2e-2
 #: int8 activations and weights, per-tensor: a few quantization steps of the output's range
 INT8_WRONG_ABOVE = 0.1
-INT8_ONLY = ("rv1103", "rv1106", "rv1103b", "rv1106b")
-QUANTIZE = PLATFORM in INT8_ONLY
-_ROW = re.compile(r"^\s*(\d+)\s+(\S+)\s+\S+\s+(NPU|CPU)\b")
 
+QUANTIZE = PLATFORM in INT8_ONLY
 
 def versions():
     from importlib.metadata import version
 
     return {"rknn-toolkit2": version("rknn-toolkit2"), "target_platform": PLATFORM}
 
-
 def _placement(log: str) -> dict:
-    """``{"<id> <OpType>": "NPU" | "CPU"}`` from the layer table (input/output operators left out)."""
-    found, table = {}, False
-    for line in log.splitlines():
-        text = re.sub(r"^.*?RKNN:\s*(\[[^\]]*\]\s*)?", "", line)
-        if "Network Layer Information Table" in text:
-            table = True
-        elif table and (m := _ROW.match(text)) and not m.group(2).endswith(("InputOperator", "OutputOperator")):
-            found[f"{m.group(1)} {m.group(2)}"] = m.group(3)
-    return found
-
+    """``{"<id> <OpType>": "NPU" | "CPU"}`` from the layer table (rknn_runner.layers)."""
+    return {f"{la['id']} {la['op']}": la["where"] for la in layers(log)}
 
 def compile_case(path, x, work):
     log_path = work / "build.log"
@@ -81,7 +70,6 @@ def compile_case(path, x, work):
     cpu = sorted(op for op, where in placement.items() if where == "CPU")
     return {"status": "compiled", "message": f"CPU: {', '.join(cpu)}" if cpu else "", "output": out,
             "placement": placement}
-
 
 if __name__ == "__main__":
     main(f"rknn-{PLATFORM}", compile_case, versions, wrong_above=INT8_WRONG_ABOVE if QUANTIZE else FP16_WRONG_ABOVE)

@@ -12,14 +12,13 @@ Run, one accelerator a run (results/vela-<accelerator>.json):
 """
 
 import os
-import re
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from harness import main
+from vela_runner import layers, run_tool
 
 BIN = Path(sys.executable).parent
 ACCELERATOR = os.environ.get("VELA_ACCELERATOR", "ethos-u55-128")
@@ -36,28 +35,11 @@ def _nhwc(x):
     return np.moveaxis(x, 1, -1)
 
 
-def _run(args, cwd, what):
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=150)
-    text = proc.stdout + proc.stderr
-    if proc.returncode:
-        errors = [ln.strip() for ln in text.splitlines() if "rror" in ln]
-        raise RuntimeError(f"{what} exit {proc.returncode}: {' | '.join(errors[-2:])[-400:] or text[-400:]}")
-    return text
-
-
 def _placement(report: str) -> tuple[dict, list[str]]:
-    """(``{"<n> <op>": "NPU" | "CPU"}`` from Vela's network summary, the op types and reasons of
-    its "Warning (supported operators)" lines).  A CPU op is a "Passthrough" in the summary: its
-    TFLite type comes from the warnings, in order."""
-    warned = re.findall(r"Warning \(supported operators\) operator: (\w+)", report)
-    reasons = [f"{op}: {why.strip()}" for op, why in
-               re.findall(r"operator: (\w+), ofm: '[^']*'\s*\nReason: ([^\n]*)", report)]
-    placement, cpu_seen = {}, 0
-    for where, op in re.findall(r"^\s*(CPU|NPU): (\w+) =", report, flags=re.M):
-        if where == "CPU" and op == "Passthrough" and cpu_seen < len(warned):
-            op, cpu_seen = warned[cpu_seen], cpu_seen + 1
-        placement[f"{len(placement) + 1} {op}"] = where
-    return placement, reasons
+    """(``{"<n> <op>": "NPU" | "CPU"}`` from Vela's network summary, the reasons it gives for its CPU
+    ops): vela_runner.layers, keyed as the results files have it."""
+    found, reasons = layers(report)
+    return {f"{la['id']} {la['op']}": la["where"] for la in found}, reasons
 
 
 def compile_case(path, x, work):
@@ -65,7 +47,7 @@ def compile_case(path, x, work):
     samples = np.concatenate([x, np.random.default_rng(1).standard_normal((7, *x.shape[1:])).astype(np.float32)])
     np.save(calib, _nhwc(samples))
     nest = x.ndim  # -cind mean and std: nested like the input (NHWC), broadcast
-    _run([str(BIN / "onnx2tf"), "-i", str(path), "-o", "tf", "-oiqt", "-cind", "x", str(calib),
+    run_tool([str(BIN / "onnx2tf"), "-i", str(path), "-o", "tf", "-oiqt", "-cind", "x", str(calib),
           "[" * nest + "0.0" + "]" * nest, "[" * nest + "1.0" + "]" * nest, "-n"], work, "onnx2tf")
     tflites = {p.name: p for p in (work / "tf").glob("*.tflite")}
     float32 = next((p for name, p in tflites.items() if name.endswith("_float32.tflite")), None)
@@ -79,7 +61,7 @@ def compile_case(path, x, work):
     interp.set_tensor(interp.get_input_details()[0]["index"], _nhwc(x))
     interp.invoke()
     out = np.moveaxis(interp.get_tensor(interp.get_output_details()[0]["index"]), -1, 1)
-    report = _run([str(BIN / "vela"), str(int8), "--accelerator-config", ACCELERATOR, "--output-dir", "vela",
+    report = run_tool([str(BIN / "vela"), str(int8), "--accelerator-config", ACCELERATOR, "--output-dir", "vela",
                    "--show-cpu-operations"], work, "vela")
     placement, reasons = _placement(report)
     return {"status": "compiled", "message": " | ".join(reasons)[:400], "output": out, "placement": placement}

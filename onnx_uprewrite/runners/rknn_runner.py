@@ -17,7 +17,9 @@ from runner_io import load_feeds
 INT8_ONLY = ("rv1103", "rv1106", "rv1103b", "rv1106b")
 
 
-def _layers(log: str) -> list:
+def layers(log: str) -> list:
+    """Each layer of the build log's "Network Layer Information Table" as {"id", "op", "where",
+    "name"} (input/output operators left out)."""
     layers, table = [], False
     for line in log.splitlines():
         text = line.split("RKNN: ", 1)[-1]
@@ -69,7 +71,7 @@ def main(model, inputs, chip, work):
     log = open("build.log", errors="replace").read()
     from importlib.metadata import version
 
-    result = {"versions": {"rknn-toolkit2": version("rknn-toolkit2")}, "layers": _layers(log)}
+    result = {"versions": {"rknn-toolkit2": version("rknn-toolkit2")}, "layers": layers(log)}
     if failed:
         errors = [ln.split("RKNN: ", 1)[-1] for ln in log.splitlines() if "E RKNN" in ln or "Error" in ln]
         result.update(status="rejected", message=f"{failed} failed: {' | '.join(errors[-3:])[-400:]}")

@@ -21,7 +21,8 @@ from runner_io import load_feeds
 BIN = Path(sys.executable).parent
 
 
-def _run(args, cwd, what):
+def run_tool(args, cwd, what):
+    """The output of a converter or compiler run; RuntimeError with its error lines if it fails."""
     proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600)
     text = proc.stdout + proc.stderr
     if proc.returncode:
@@ -30,7 +31,7 @@ def _run(args, cwd, what):
     return text
 
 
-def _layers(report: str):
+def layers(report: str):
     """Each op of Vela's network summary as {"id", "op", "where", "name"} (a CPU op is a
     "Passthrough" there: its TFLite type and output come from the warnings, in order) and the reasons."""
     warned = re.findall(r"Warning \(supported operators\) operator: (\w+), ofm: '([^']*)'", report)
@@ -74,15 +75,15 @@ def main(model, inputs, accelerator, work):
             nest = x.ndim
             calibration += ["-cind", name, f"calib{i}.npy", "[" * nest + "0.0" + "]" * nest,
                             "[" * nest + "1.0" + "]" * nest]
-        _run([str(BIN / "onnx2tf"), "-i", model, "-o", "tf", "-oiqt", *calibration, "-n"], work, "onnx2tf")
+        run_tool([str(BIN / "onnx2tf"), "-i", model, "-o", "tf", "-oiqt", *calibration, "-n"], work, "onnx2tf")
         tflites = {p.name: p for p in (Path(work) / "tf").glob("*.tflite")}
         float32 = next((p for n, p in tflites.items() if n.endswith("_float32.tflite")), None)
         int8 = next((p for n, p in tflites.items() if n.endswith("_full_integer_quant.tflite")), None)
         if float32 is None or int8 is None:
             raise RuntimeError(f"onnx2tf wrote no float32 / full-integer TFLite (wrote {sorted(tflites)})")
-        report = _run([str(BIN / "vela"), str(int8), "--accelerator-config", accelerator, "--output-dir", "vela",
+        report = run_tool([str(BIN / "vela"), str(int8), "--accelerator-config", accelerator, "--output-dir", "vela",
                        "--show-cpu-operations"], work, "vela")
-        result["layers"], reasons = _layers(report)
+        result["layers"], reasons = layers(report)
         outputs = _run_float32(float32, feeds)
     except Exception as exc:  # noqa: BLE001 - the converter's or compiler's refusal, in its own words
         result.update(status="rejected", message=f"{type(exc).__name__}: {exc}"[:500])
